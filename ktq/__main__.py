@@ -1,0 +1,3 @@
+from ktq.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""The Typer application and the one place where failures become exit codes.
+
+Every command raises KtqError for problems the user can fix; `main` turns that into one line on stderr and exit
+code 2. Anything else is a bug in ktq: one line and exit code 1, the traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ktq import __version__
+from ktq.errors import KtqError
+
+app = typer.Typer(
+    name="ktq",
+    help="Convert Mixture-of-Experts checkpoints for KTransformers: CPU experts to kt-kernel AMXINT4/AMXINT8, "
+    "GPU experts to GPTQ.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ktq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when something fails."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """ktq: one command for both halves of a KTransformers MoE deployment."""
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="ktq", standalone_mode=False)
+    except click.ClickException as exc:  # bad usage: click's own message, exit code 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("ktq: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except KtqError as exc:
+        if debug:
+            raise
+        print(f"ktq: error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug in ktq, not in the user's input
+        if debug:
+            raise
+        print(f"ktq: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

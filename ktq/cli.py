@@ -1,0 +1,6 @@
+"""Console entry point: the command list of `ktq`. Each command lives in ktq/commands/ and imports its heavy
+dependencies inside its body, so `ktq cpu` never pays for torch or transformers."""
+
+from ktq.app import app, main
+
+__all__ = ["app", "main"]
