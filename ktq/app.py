@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from ktq import __version__
@@ -48,12 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         result = app(args=args, prog_name="ktq", standalone_mode=False)
-    except click.ClickException as exc:  # bad usage: click's own message, exit code 2
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("ktq: interrupted", file=sys.stderr)
         sys.exit(130)
+    except typer.TyperException as exc:  # bad usage (Typer's vendored click): its own message, exit code 2
+        exc.show()
+        sys.exit(exc.exit_code)
     except KtqError as exc:
         if debug:
             raise

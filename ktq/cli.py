@@ -2,5 +2,9 @@
 dependencies inside its body, so `ktq cpu` never pays for torch or transformers."""
 
 from ktq.app import app, main
+from ktq.commands import cpu, sample
+
+app.command("cpu")(cpu.cpu)
+app.command("sample")(sample.sample)
 
 __all__ = ["app", "main"]

@@ -1,0 +1,82 @@
+"""A Hugging Face checkpoint folder seen through its config.json and safetensors headers (never its tensor data)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ktq.errors import KtqError
+from ktq.safetensors_io import TensorInfo, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict  # the full config.json
+    text_config: dict  # the language model's config (VL models keep it under text_config)
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+
+    def fingerprint(self) -> str:
+        """Identifies the input by its shard names, sizes and headers: cheap, and changes with any re-export."""
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+        for name in sorted(self.tensors):
+            info = self.tensors[name]
+            digest.update(f"{name}:{info.path.name}:{info.dtype}:{info.shape}:{info.offset}\n".encode())
+        return digest.hexdigest()[:32]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+
+def load_config(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise KtqError(f"no config.json in {path}: point --input-path at the model folder (the one holding "
+                       "config.json and the *.safetensors shards)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KtqError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise KtqError(f"{config_path} does not hold a JSON object")
+    return config
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The shards the index lists (each must exist), else every *.safetensors file of the folder."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise KtqError(f"{index} is not a valid safetensors index (no weight_map)") from exc
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise KtqError(f"shard {file.name} is listed in {INDEX_FILE} but missing from {path}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise KtqError(f"no *.safetensors files in {path}")
+    return files
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    if not path.is_dir():
+        raise KtqError(f"input path {path} is not a folder")
+    config = load_config(path)
+    text_config = config.get("text_config") or config
+    files = shard_files(path)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        found, _ = read_header(file)
+        tensors.update(found)
+    return Checkpoint(path, config, text_config, files, tensors)

@@ -1,0 +1,27 @@
+"""ktq sample: a small synthetic checkpoint with a real model's key layout, config and tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def sample(
+    out: Path = typer.Argument(..., help="Folder to create."),
+    arch: str = typer.Option("qwen3_moe", "--arch", help="Architecture whose layout to copy."),
+    layers: int = typer.Option(2, "--layers", help="Decoder layers."),
+    experts: int = typer.Option(8, "--experts", help="Routed experts per MoE layer."),
+    hidden: int = typer.Option(256, "--hidden", help="hidden_size."),
+    moe_intermediate: int = typer.Option(256, "--moe-intermediate", help="moe_intermediate_size."),
+    dense_layers: int = typer.Option(0, "--dense-layers", help="Leading layers with a dense MLP instead of experts."),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16 or fp16."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same bytes."),
+    shards: int = typer.Option(2, "--shards", help="Number of safetensors shards."),
+) -> None:
+    """Write a small random checkpoint (for demos, tests and benchmarks)."""
+    from ktq.sample import write_sample
+
+    write_sample(out, arch=arch, layers=layers, experts=experts, hidden=hidden, moe_intermediate=moe_intermediate,
+                 dense_layers=dense_layers, dtype=dtype, seed=seed, shards=shards)
+    typer.echo(f"wrote sample {arch} checkpoint to {out}")

@@ -1,0 +1,53 @@
+"""Shared fixtures: the golden vectors beside the repository and a way to run the CLI in-process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden"
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    assert GOLDEN.is_dir(), f"golden vectors missing: {GOLDEN} (CI clones the repository beside ../shared)"
+    return GOLDEN
+
+
+@pytest.fixture
+def ktq(capsys):
+    """Run `ktq ARGS` in this process; returns exit code, stdout and stderr."""
+    from ktq.cli import main
+
+    def run(*args: object) -> Run:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return Run(code, out.out, out.err)
+
+    return run
+
+
+def ktq_subprocess(*args: object, **kwargs) -> Run:
+    """Run the installed console script: the real process, exit code and streams a user sees."""
+    proc = subprocess.run([sys.executable, "-m", "ktq", *map(str, args)], capture_output=True, text=True, **kwargs)
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

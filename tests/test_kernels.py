@@ -1,0 +1,135 @@
+"""The Numba kernels against an independent numpy transcription of kt-format.md §2-3."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from ktq.kernels import ktformat as fmt
+from ktq.kernels.amx import quantize_pack, unpack_dequantize
+from ktq.kernels.decode import fp16_to_bf16
+from ktq.sample import encode
+
+
+def reference_pack(w: np.ndarray, method: fmt.Method) -> tuple[bytes, np.ndarray]:
+    """Straight from the spec: per-row scales, codes, then tiles in (nb, kb, ns, ks) order."""
+    n, k = w.shape
+    amax = np.abs(w).max(axis=1)
+    if method.bits == 8:
+        d = (amax * np.float32(1 / 127)).astype(np.float32)
+    else:
+        d = (amax.astype(np.float64) / 112.0).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.clip(np.rint((w * inv[:, None]).astype(np.float32)), -128, 127).astype(np.int32)
+    if method.bits == 4:
+        q = np.sign(q) * ((np.abs(q) + 8) >> 4)
+    tiles = []
+    for nb in range(0, n, method.n_block):
+        nbs = min(method.n_block, n - nb)
+        for kb in range(0, k, method.k_block):
+            kbs = min(method.k_block, k - kb)
+            for ns in range(0, nbs, 32):
+                for ks in range(0, kbs, method.k_step):
+                    r, c = nb + ns, kb + ks
+                    if method.bits == 8:
+                        tile = q[r:r + 32, c:c + 64] & 0xFF
+                    else:
+                        tile = (q[r:r + 32, c:c + 64] & 0xF) | ((q[r:r + 32, c + 64:c + 128] & 0xF) << 4)
+                    words = tile.astype(np.uint8).reshape(2, 16, 16, 4)  # half, row, word, byte
+                    tiles.append(words.transpose(0, 2, 1, 3).tobytes())
+    return b"".join(tiles), d
+
+
+def bf16_matrix(n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.05)
+    w[0] = 0  # all-zero row: scale 0, codes 0
+    w[1, 3] = 9.0  # one outlier
+    w[2, :] = np.float32(1.0)
+    w[2, ::5] = np.float32(127.0)  # INT8 amax 127 -> scale 1, exact .5 ties below
+    w[2, 1::7] = np.float32(0.5)
+    w[3, ::3] = np.float32(112.0)  # INT4 amax 112 -> q0 of 8, 24, 40 ... exactly
+    w[3, 1::3] = np.float32(8.0)
+    w[3, 2::3] = np.float32(-24.0)
+    return encode(w, "BF16")
+
+
+def widen(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def pack(bits: np.ndarray, method: fmt.Method, col0: int = 0, k: int | None = None):
+    k = bits.shape[1] - col0 if k is None else k
+    n = bits.shape[0]
+    body = np.full(method.body_bytes(n, k), 0xAA, np.uint8)  # poisoned: every byte must be written
+    scales = np.full(n, np.nan, np.float32)
+    bad = quantize_pack(bits, col0, k, method.bits, body, scales)
+    return bad, body, scales
+
+
+@pytest.mark.parametrize("method", [fmt.INT4, fmt.INT8], ids=lambda m: m.name)
+@pytest.mark.parametrize("shape", [(128, 256), (256, 4096), (384, 3712)], ids=str)
+def test_kernel_matches_reference(method, shape):
+    n, k = shape  # 3712 = 3584 + 128: a second, partial K block
+    bits = bf16_matrix(n, k, seed=n + k)
+    bad, body, scales = pack(bits, method)
+    ref_body, ref_scales = reference_pack(widen(bits), method)
+    assert bad == -1
+    assert body.tobytes() == ref_body
+    assert scales.tobytes() == ref_scales.tobytes()
+
+
+@pytest.mark.parametrize("method", [fmt.INT4, fmt.INT8], ids=lambda m: m.name)
+def test_column_window_equals_sliced_copy(method):
+    """down's NUMA parts are column windows of the full matrix: same bytes as packing a copy of the slice."""
+    bits = bf16_matrix(256, 1024, seed=7)
+    _, windowed, s1 = pack(bits, method, col0=512, k=512)
+    _, copied, s2 = pack(np.ascontiguousarray(bits[:, 512:]), method)
+    assert windowed.tobytes() == copied.tobytes() and s1.tobytes() == s2.tobytes()
+
+
+@pytest.mark.parametrize("method", [fmt.INT4, fmt.INT8], ids=lambda m: m.name)
+def test_round_trip_error_within_bound(method):
+    bits = bf16_matrix(256, 3712, seed=3)
+    _, body, scales = pack(bits, method)
+    back = unpack_dequantize(body, scales, 256, 3712, method.bits)
+    w = widen(bits)
+    # one rounding to the integer grid (half a step), plus for INT4 the rounding of q0 to a multiple of 16
+    bound = scales * (0.5 if method.bits == 8 else 8.5) * (1 + 1e-5)
+    err = np.abs(back - w).max(axis=1)
+    assert np.all(err <= bound + 1e-30)
+    assert np.abs(back - w).max() > 0  # it really quantised
+
+
+@pytest.mark.parametrize("method", [fmt.INT4, fmt.INT8], ids=lambda m: m.name)
+def test_thread_count_does_not_change_bytes(method):
+    bits = bf16_matrix(512, 2048, seed=11)
+    before = numba.get_num_threads()
+    try:
+        outputs = []
+        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            outputs.append(pack(bits, method)[1].tobytes())
+    finally:
+        numba.set_num_threads(before)
+    assert all(o == outputs[0] for o in outputs)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_nonfinite_row_is_reported(value):
+    bits = bf16_matrix(256, 256, seed=5)
+    bits[77, 100] = encode(np.array([value], np.float32), "BF16")[0]
+    bad, _, _ = pack(bits, fmt.INT8)
+    assert bad == 77
+
+
+def test_fp16_to_bf16_every_value():
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    out = np.empty_like(h)
+    fp16_to_bf16(h, out)
+    f = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(f)
+    assert np.array_equal(out[~nan], encode(f, "BF16")[~nan])
+    assert np.all(np.isnan(widen(out[nan])))
