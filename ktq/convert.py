@@ -10,6 +10,7 @@ re-run of the same command continues after the last committed layer.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from collections import deque
@@ -18,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
 
+import numba
 import numpy as np
 
 from ktq import __version__
 from ktq.checkpoint import Checkpoint, open_checkpoint
 from ktq.errors import KtqError
-from ktq.experts import MoeLayer, MoeModel, find_experts
+from ktq.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
 from ktq.kernels import ktformat as fmt
-from ktq.kernels.amx import quantize_pack
+from ktq.kernels.amx import quantize_pack_expert
 from ktq.manifest import FORMAT, identity_mismatch, load_manifest, save_manifest, write_json_atomic
 from ktq.progress import LayerProgress, gb
 from ktq.safetensors_io import TensorReader
@@ -64,39 +66,65 @@ class CpuResult:
 
 
 class _ExpertSlot:
-    """bf16 bits of one expert's three projections, plus a byte buffer for decoding other dtypes."""
+    """One expert in flight: its three bf16 matrices, mapped from the page cache when the checkpoint stores bf16,
+    else decoded into buffers this slot owns (allocated once; untouched pages cost nothing)."""
 
     def __init__(self, model: MoeModel) -> None:
         g = model.geometry
-        self.src = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16)
-                    for proj in fmt.PROJECTIONS}
+        self.owned = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16)
+                      for proj in fmt.PROJECTIONS}
         biggest = max(s.input_bytes for s in model.layers[0].experts[0].values())
         self.scratch = np.empty(0 if model.input_type == "bf16" else biggest, np.uint8)
+        self.matrices: dict[str, np.ndarray] = {}
+        self._mapped: list[ProjectionSource] = []
+
+    def fill(self, expert: dict[str, ProjectionSource], reader: TensorReader, stop: Event) -> None:
+        for proj, source in expert.items():
+            if stop.is_set():
+                return
+            matrix = source.map(reader)
+            if matrix is None:
+                matrix = source.read(reader, self.owned[proj], self.scratch)
+                matrix.flags.writeable = False  # one kernel signature for mapped and decoded matrices
+            else:
+                self._mapped.append(source)
+            self.matrices[proj] = matrix
+
+    def release(self, reader: TensorReader) -> None:
+        self.matrices.clear()
+        for source in self._mapped:
+            source.unmap(reader)
+        self._mapped.clear()
 
 
-def _packed_slot(model: MoeModel, method: fmt.Method, numa: int) -> list[PackedProjection]:
-    g = model.geometry
-    slot = []
-    for proj in fmt.PROJECTIONS:
-        n, k = fmt.projection_shape(proj, g.hidden, g.intermediate // numa)
-        for part in range(numa):
-            slot.append(PackedProjection(proj, part, n, k, np.empty(method.body_bytes(n, k), np.uint8),
-                                         np.empty(n, np.float32)))
-    return slot
+class PackedExpert:
+    """One expert's kernel output: every projection part's body and scales in one buffer, allocated once, and
+    the PackedProjection views of it that the sinks write, in the sinks' order (projection, then NUMA part)."""
+
+    def __init__(self, model: MoeModel, method: fmt.Method, numa: int) -> None:
+        g = model.geometry
+        places = []
+        size = 0
+        for proj in fmt.PROJECTIONS:
+            n, k = fmt.projection_shape(proj, g.hidden, g.intermediate // numa)
+            for part in range(numa):
+                places.append((proj, part, n, k, size, size + method.body_bytes(n, k)))
+                size += method.body_bytes(n, k) + fmt.scale_bytes(n)
+        buffer = np.empty(size, np.uint8)  # every offset is a multiple of 4: n is a multiple of 32
+        self.words, self.floats = buffer.view(np.uint32), buffer.view(np.float32)
+        self.offsets = np.array([(body // 4, scales // 4) for *_, body, scales in places], np.int64)
+        self.projections = [PackedProjection(proj, part, n, k, buffer[body:scales], self.floats[scales // 4:][:n])
+                            for proj, part, n, k, body, scales in places]
 
 
-def _quantise_expert(expert: dict, slot: _ExpertSlot, packed: list[PackedProjection], method: fmt.Method,
-                     per_part: int) -> None:
-    for p in packed:
-        full = slot.src[p.proj]
-        if p.proj == "down":  # NUMA parts split down's columns
-            view, col0, row0 = full, p.part * per_part, 0
-        else:  # and gate's / up's rows
-            view, col0, row0 = full[p.part * per_part:(p.part + 1) * per_part], 0, p.part * per_part
-        bad = quantize_pack(view, col0, p.k, method.bits, p.body, p.scales)
-        if bad >= 0:
-            raise KtqError(f"{expert[p.proj].name} holds Inf or NaN in row {row0 + bad}: the checkpoint is damaged "
-                           "(kt-kernel's result for such rows is undefined), re-download or repair that shard")
+def _quantise_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, packed: PackedExpert,
+                     method: fmt.Method, numa: int, threads: int) -> None:
+    m = slot.matrices
+    proj, row = quantize_pack_expert(m["gate"], m["up"], m["down"], numa, method.bits, packed.words, packed.floats,
+                                     packed.offsets, threads)
+    if proj >= 0:
+        raise KtqError(f"{expert[fmt.PROJECTIONS[proj]].name} holds Inf or NaN in row {row}: the checkpoint is "
+                       "damaged (kt-kernel's result for such rows is undefined), re-download or repair that shard")
 
 
 def _check_alignment(model: MoeModel, method: fmt.Method, numa: int) -> None:
@@ -184,27 +212,25 @@ class _Pipeline:
     """Runs the work items (layer, expert) through read -> quantise -> write with bounded buffers."""
 
     def __init__(self, job: CpuJob, model: MoeModel, sink, manifest: dict, progress: LayerProgress,
-                 reader) -> None:
+                 reader: TensorReader) -> None:
         self.job, self.model, self.sink, self.manifest, self.progress = job, model, sink, manifest, progress
         self.reader = reader
         self._stop = Event()
         self._layer_started = 0.0
 
     def _read(self, layer: MoeLayer, e: int, slot: _ExpertSlot) -> _ExpertSlot:
-        for proj, source in layer.experts[e].items():
-            if self._stop.is_set():
-                break
-            source.read(self.reader, slot.src[proj], slot.scratch)
+        slot.release(self.reader)  # here, not after quantising: unmapping stalls the thread that does it
+        slot.fill(layer.experts[e], self.reader, self._stop)
         return slot
 
-    def _write(self, layer: MoeLayer, e: int, packed: list[PackedProjection]) -> None:
+    def _write(self, layer: MoeLayer, e: int, packed: PackedExpert) -> None:
         if self._stop.is_set():
             return
         try:
             if e == 0:
                 self._layer_started = time.perf_counter()
                 self.sink.begin(layer.index)
-            self.sink.write_expert(e, packed)
+            self.sink.write_expert(e, packed.projections)
             if e == len(layer.experts) - 1:
                 self.manifest["layers"][str(layer.index)] = self.sink.commit()
                 save_manifest(self.job.output, self.manifest)
@@ -215,13 +241,24 @@ class _Pipeline:
             raise
 
     def run(self, layers: list[MoeLayer]) -> None:
+        # Each full pass of the cyclic garbage collector walks every object of Numba's compiler (50 ms, measured);
+        # the per-expert objects of the pipeline are freed by reference counting and need no such pass.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._run(layers)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, layers: list[MoeLayer]) -> None:
         items = [(layer, e) for layer in layers for e in range(len(layer.experts))]
         if not items:
             return
         in_slots = [_ExpertSlot(self.model) for _ in range(min(READ_AHEAD, len(items)))]
-        out_slots = [_packed_slot(self.model, self.job.method, self.job.numa)
+        out_slots = [PackedExpert(self.model, self.job.method, self.job.numa)
                      for _ in range(min(WRITE_BEHIND, len(items)))]
-        per_part = self.model.geometry.intermediate // self.job.numa
+        threads = numba.get_num_threads()
         reads: deque[Future] = deque()
         writes: deque[Future] = deque()
         failure: BaseException | None = None
@@ -234,7 +271,7 @@ class _Pipeline:
                     if len(writes) == len(out_slots):
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
-                    _quantise_expert(layer.experts[e], slot, packed, self.job.method, per_part)
+                    _quantise_expert(layer.experts[e], slot, packed, self.job.method, self.job.numa, threads)
                     self.progress.expert_done(sum(s.input_bytes for s in layer.experts[e].values()))
                     nxt = i + len(in_slots)
                     if nxt < len(items):
@@ -247,6 +284,8 @@ class _Pipeline:
                 self._stop.set()
                 for future in (*reads, *writes):
                     future.cancel()
+        for slot in in_slots:  # no view of the reader's maps may outlive the pipeline
+            slot.release(self.reader)
         if failure is not None:  # both threads have stopped: remove the unit in flight
             self.sink.abort()
             raise failure

@@ -44,12 +44,24 @@ class ProjectionSource:
     shape: tuple[int, int]
     input_bytes: int
     _decode: Callable[[TensorReader, np.ndarray, np.ndarray], None]
+    stored: TensorInfo | None = None  # set when the file holds exactly this bf16 matrix, 2-byte aligned
 
     def read(self, reader: TensorReader, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """Fill out (uint16, at least rows*cols) with bf16 bits; scratch is a byte buffer of input_bytes or more."""
         view = out.reshape(-1)[: self.shape[0] * self.shape[1]].reshape(self.shape)
         self._decode(reader, view, scratch)
         return view
+
+    def map(self, reader: TensorReader) -> np.ndarray | None:
+        """The bf16 matrix as a read-only view of the page cache (no copy), or None when it must be `read`.
+        Call `unmap` when done with it."""
+        if self.stored is None:
+            return None
+        return reader.map(self.stored).view(np.uint16).reshape(self.shape)
+
+    def unmap(self, reader: TensorReader) -> None:
+        if self.stored is not None:
+            reader.drop(self.stored)
 
 
 @dataclass(frozen=True)
@@ -167,7 +179,10 @@ def find_experts(ckpt: Checkpoint, requested_type: str | None = None) -> MoeMode
         layers.append((layer, experts))
     input_type = detect_input_type({i.dtype for i in infos}, requested_type, infos[0].name)
     decoder = _DECODERS[INPUT_DTYPES[input_type]]
-    moe_layers = [MoeLayer(layer, [{p: ProjectionSource(i.name, tuple(i.shape), i.nbytes, decoder(i))
-                                    for p, i in expert.items()} for expert in experts])
+    def source(info: TensorInfo) -> ProjectionSource:
+        mappable = input_type == "bf16" and info.offset % 2 == 0
+        return ProjectionSource(info.name, tuple(info.shape), info.nbytes, decoder(info), info if mappable else None)
+
+    moe_layers = [MoeLayer(layer, [{p: source(i) for p, i in expert.items()} for expert in experts])
                   for layer, experts in layers]
     return MoeModel(geometry, moe_layers, input_type)
