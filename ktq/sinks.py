@@ -18,7 +18,7 @@ import numpy as np
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.manifest import tree_digest
-from ktq.safetensors_io import ShardWriter
+from ktq.safetensors_io import ShardWriter, WriteBehind
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -116,6 +116,7 @@ class KtTreeSink:
         self._layer = -1
         self._digests: dict[str, str] = {}
         self._bytes = 0
+        self._behind = WriteBehind()  # closes the files, a few MB after they are written
 
     def begin(self, layer: int) -> None:
         self._layer = layer
@@ -133,10 +134,17 @@ class KtTreeSink:
         raw = memoryview(data.reshape(-1).view(np.uint8))
         path = self._partial / relpath
         try:
-            with open(path, "wb") as f:
-                f.write(raw)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise _write_error(path, exc) from exc
+        try:
+            done = 0
+            while done < raw.nbytes:
+                done += os.write(fd, raw[done:])
+        except OSError as exc:
+            os.close(fd)
+            raise _write_error(path, exc) from exc
+        self._behind.wrote(fd, 0, raw.nbytes, close=True)
         self._digests[relpath] = hashlib.sha256(raw).hexdigest()
         self._bytes += raw.nbytes
 
@@ -150,6 +158,7 @@ class KtTreeSink:
     def commit(self) -> dict:
         partial, self._partial = self._partial, None
         assert partial is not None
+        self._behind.drop_all()
         on_disk = sum(f.stat().st_size for f in partial.rglob("*.kt"))
         if on_disk != self._bytes:
             shutil.rmtree(partial, ignore_errors=True)
@@ -160,6 +169,7 @@ class KtTreeSink:
         return {"path": final.name, "bytes": self._bytes, "sha256": tree_digest(self._digests)}
 
     def abort(self) -> None:
+        self._behind.drop_all()
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
             self._partial = None
