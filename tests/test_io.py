@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -97,3 +98,18 @@ def test_unaligned_tensors_are_read_not_mapped(ktq, tmp_path):
         assert result.code == 0, result.stderr
         outputs.append({k: v for k, v in tree_files(tmp_path / f"out-{name}").items() if k != "ktq.json"})
     assert outputs[0] == outputs[1]
+
+
+def test_write_behind_closes_every_file_it_was_handed(tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "WRITEBACK_BYTES", 1000)
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    behind = st.WriteBehind()
+    for i in range(50):
+        fd = os.open(tmp_path / f"{i}.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, bytes(300))
+        behind.wrote(fd, 0, 300, close=True)
+    held = len(list(Path("/proc/self/fd").iterdir())) - before
+    assert 0 < held <= 5  # the last ~1000 bytes' files only
+    behind.drop_all()
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+    assert all((tmp_path / f"{i}.bin").stat().st_size == 300 for i in range(50))
