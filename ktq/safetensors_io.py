@@ -17,6 +17,7 @@ import mmap
 import os
 import struct
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,6 +259,26 @@ class WriteBehind:
             self._drop(self._ranges.popleft())
 
 
+# sha256 (1.8 GB/s here) and the page-cache write (5 GB/s) one after the other in the write thread made it the
+# slowest stage of the conversion (INT8: 3.5 s of a 4-layer sample, against 2.3 s without hashing). hashlib and
+# file writes release the GIL, so the writers hash on this thread while they write.
+_HASHER = ThreadPoolExecutor(1, thread_name_prefix="ktq-hash")
+
+
+def sha256_behind(blocks: list[memoryview]) -> Future:
+    """The sha256 hex digests of blocks, computed on the hashing thread; the blocks must not change meanwhile."""
+    return _HASHER.submit(lambda: [hashlib.sha256(block).hexdigest() for block in blocks])
+
+
+def _update(digest, blocks: list[memoryview]) -> None:
+    for block in blocks:
+        digest.update(block)
+
+
+def byte_view(data: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+
+
 class ShardWriter:
     """Writes one safetensors file whose tensors are all declared up front, then streamed in declaration order.
 
@@ -272,7 +293,7 @@ class ShardWriter:
         self._next = 0
         header = encode_header(entries, metadata)
         self.size = len(header) + sum(e[3] for e in entries)
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256(header)
         self._file = open(path, "wb")
         self._behind = WriteBehind()
         self._written = 0
@@ -280,7 +301,6 @@ class ShardWriter:
         self._put(header)
 
     def _put(self, data) -> None:
-        self._hash.update(data)
         self._file.write(data)
         self._written += len(data)
         if self._written - self._handed_over >= WRITEBACK_BYTES:
@@ -289,12 +309,24 @@ class ShardWriter:
             self._handed_over = self._written
 
     def write(self, name: str, data: np.ndarray) -> None:
-        expected_name, _, _, nbytes = self._entries[self._next]
-        if name != expected_name or data.nbytes != nbytes:
-            raise RuntimeError(f"shard {self.path.name}: got {name} ({data.nbytes} B), "
-                               f"expected {expected_name} ({nbytes} B)")
-        self._put(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
-        self._next += 1
+        self.write_all([(name, data)])
+
+    def write_all(self, tensors: list[tuple[str, np.ndarray]]) -> None:
+        """Write the next declared tensors, in order; they are hashed on another thread meanwhile."""
+        blocks = []
+        for name, data in tensors:
+            expected_name, _, _, nbytes = self._entries[self._next + len(blocks)]
+            if name != expected_name or data.nbytes != nbytes:
+                raise RuntimeError(f"shard {self.path.name}: got {name} ({data.nbytes} B), "
+                                   f"expected {expected_name} ({nbytes} B)")
+            blocks.append(byte_view(data))
+        hashed = _HASHER.submit(_update, self._hash, blocks)
+        try:
+            for block in blocks:
+                self._put(block)
+        finally:
+            hashed.result()  # the caller may reuse the arrays once this returns
+        self._next += len(blocks)
 
     def finish(self) -> str:
         """Flush, fsync and close; returns the sha256 hex digest. Raises when a tensor is missing or the size is off.

@@ -7,7 +7,6 @@ layer's manifest record: its path, its bytes and its sha256.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.manifest import tree_digest
-from ktq.safetensors_io import ShardWriter, WriteBehind
+from ktq.safetensors_io import ShardWriter, WriteBehind, byte_view, sha256_behind
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -80,10 +79,12 @@ class MergedSink:
 
     def write_expert(self, expert: int, packed: list[PackedProjection]) -> None:
         assert self._writer is not None
+        tensors = []
+        for p in packed:
+            tensors.append((fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "weight"), p.body))
+            tensors.append((fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "scale"), p.scales))
         try:
-            for p in packed:
-                self._writer.write(fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "weight"), p.body)
-                self._writer.write(fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "scale"), p.scales)
+            self._writer.write_all(tensors)
         except OSError as exc:
             raise _write_error(self._writer.path, exc) from exc
 
@@ -129,9 +130,8 @@ class KtTreeSink:
         except OSError as exc:
             raise _write_error(self._partial, exc) from exc
 
-    def _put(self, relpath: str, data: np.ndarray) -> None:
+    def _put(self, relpath: str, raw: memoryview) -> None:
         assert self._partial is not None
-        raw = memoryview(data.reshape(-1).view(np.uint8))
         path = self._partial / relpath
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -145,15 +145,21 @@ class KtTreeSink:
             os.close(fd)
             raise _write_error(path, exc) from exc
         self._behind.wrote(fd, 0, raw.nbytes, close=True)
-        self._digests[relpath] = hashlib.sha256(raw).hexdigest()
         self._bytes += raw.nbytes
 
     def write_expert(self, expert: int, packed: list[PackedProjection]) -> None:
+        files = {}
         for p in packed:
             body_name, scale_name = fmt.kt_file_names(self.method, p.proj, expert, p.n, p.k)
             folder = fmt.numa_dir_name(p.part)
-            self._put(f"{folder}/{body_name}", p.body)
-            self._put(f"{folder}/{scale_name}", p.scales)
+            files[f"{folder}/{body_name}"] = byte_view(p.body)
+            files[f"{folder}/{scale_name}"] = byte_view(p.scales)
+        digests = sha256_behind(list(files.values()))
+        try:
+            for relpath, raw in files.items():
+                self._put(relpath, raw)
+        finally:
+            self._digests.update(zip(files, digests.result()))  # the caller may reuse the arrays once this returns
 
     def commit(self) -> dict:
         partial, self._partial = self._partial, None
