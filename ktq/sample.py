@@ -2,11 +2,14 @@
 
 Each tensor's random values depend only on the seed and the tensor's name, so a sample is reproducible bit for
 bit, whatever its sharding. Tensors are generated and written one at a time: a multi-GB sample needs little RAM.
+A header-only sample has real headers and file sizes but no data (sparse files): it stands for a model of any size
+in tests of what must never read tensor data, such as `ktq cpu --dry-run`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ import numpy as np
 
 from ktq.checkpoint import INDEX_FILE
 from ktq.errors import KtqError
-from ktq.safetensors_io import ShardWriter
+from ktq.safetensors_io import ShardWriter, encode_header
 
 # name, shape, init ("normal": std 0.02 linear weight, "ones": norm weight)
 TensorSpec = tuple[str, tuple[int, ...], str]
@@ -145,6 +148,15 @@ def _shard_plan(tensors: list[TensorSpec], shards: int, width: int) -> list[list
     return [shard for shard in plan if shard]
 
 
+def _write_sparse_shard(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
+                        metadata: dict[str, str]) -> None:
+    """The shard's real header, then a hole up to its full size: the file looks complete and holds only zeros."""
+    header = encode_header(entries, metadata)
+    with open(path, "wb") as f:
+        f.write(header)
+    os.truncate(path, len(header) + sum(e[3] for e in entries))
+
+
 def write_tokenizer(out: Path) -> None:
     """A byte-level BPE tokenizer trained on a built-in text, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -175,7 +187,7 @@ def write_tokenizer(out: Path) -> None:
 
 def write_sample(out: Path, arch: str = "qwen3_moe", layers: int = 2, experts: int = 8, hidden: int = 256,
                  moe_intermediate: int = 256, dense_layers: int = 0, dtype: str = "bf16", seed: int = 0,
-                 shards: int = 2, on_tensor: Callable[[int], None] | None = None) -> Path:
+                 shards: int = 2, on_tensor: Callable[[int], None] | None = None, header_only: bool = False) -> Path:
     if arch not in ARCHS:
         raise KtqError(f"unknown sample arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if dtype not in SAMPLE_DTYPES:
@@ -197,14 +209,17 @@ def write_sample(out: Path, arch: str = "qwen3_moe", layers: int = 2, experts: i
     for k, shard in enumerate(plan, start=1):
         name = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
         entries = [(t, st_dtype, shape, width * int(np.prod(shape))) for t, shape, _ in shard]
+        weight_map.update((tensor, name) for tensor, _, _ in shard)
+        total += sum(e[3] for e in entries)
+        if header_only:
+            _write_sparse_shard(out / name, entries, {"format": "pt"})
+            continue
         writer = ShardWriter(out / name, entries, {"format": "pt"})
         for tensor, shape, init in shard:
             writer.write(tensor, encode(_values(tensor, shape, init, seed), st_dtype))
-            weight_map[tensor] = name
             if on_tensor:
                 on_tensor(width * int(np.prod(shape)))
         writer.finish()
-        total += sum(e[3] for e in entries)
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                              indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
