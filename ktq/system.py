@@ -28,17 +28,18 @@ def physical_cores() -> int | None:
     return psutil.cpu_count(logical=False)
 
 
-def numa_nodes(root: Path = NODE_ROOT) -> int:
+def numa_nodes(root: Path | None = None) -> int:
     """NUMA nodes with CPUs, from sysfs (memory-only nodes such as CXL or HBM do not count); 1 where sysfs does not
     say. psutil has no NUMA interface, and kt-kernel's thread pools are per node with CPUs."""
+    root = root or NODE_ROOT
     nodes = [p for p in root.glob("node[0-9]*") if (p / "cpulist").is_file() and (p / "cpulist").read_text().strip()]
     return max(1, len(nodes))
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
     """The feature flags of the first CPU in /proc/cpuinfo (x86 'flags', ARM 'Features'); empty when unreadable."""
     try:
-        text = cpuinfo.read_text()
+        text = (cpuinfo or CPUINFO).read_text()
     except OSError:
         return set()
     for line in text.splitlines():
@@ -48,9 +49,9 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
     return set()
 
 
-def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+def cpu_model(cpuinfo: Path | None = None) -> str:
     try:
-        for line in cpuinfo.read_text().splitlines():
+        for line in (cpuinfo or CPUINFO).read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() in ("model name", "Model", "Hardware"):
                 return value.strip()
