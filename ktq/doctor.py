@@ -60,8 +60,12 @@ def _normal(name: str) -> str:
 
 def pinned_versions() -> dict[str, str]:
     """name -> version for every `name==version` that ktq's own metadata declares (the gpu extra's pins)."""
+    try:
+        requirements = metadata.requires("ktq") or []
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return {}
     pins = {}
-    for requirement in metadata.requires("ktq") or []:
+    for requirement in requirements:
         match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^;\s]+)", requirement)
         if match:
             pins[_normal(match[1])] = match[2]

@@ -20,7 +20,8 @@ from ktq.safetensors_io import TensorReader, read_header
 SAMPLES = {
     "bf16-big": dict(layers=1, experts=3, hidden=4096, moe_intermediate=2048, dtype="bf16", shards=1),
     "fp16-big": dict(layers=1, experts=3, hidden=4096, moe_intermediate=2048, dtype="fp16", shards=1),
-    "bf16-small": dict(layers=2, experts=8, hidden=256, moe_intermediate=256, dtype="bf16"),
+    # MoE layers 1..11: shard headers of one- and two-digit layer indices differ in size
+    "bf16-small": dict(layers=12, dense_layers=1, experts=4, hidden=256, moe_intermediate=256, dtype="bf16"),
 }
 CASES = {
     "bf16-big-int4-merged": ("bf16-big", ["--quant-method", "int4", "--threadpool-count", "1"]),
@@ -66,6 +67,8 @@ def runs(samples, tmp_path_factory) -> dict[str, dict]:
         files = [p for p in out.rglob("*") if p.is_file()]
         results[case] = {"plan": json.loads(dry.stdout), "peak": peak,
                          "bytes": sum(p.stat().st_size for p in files if p.name != "ktq.json")}
+        print(f"\n{case}: peak RSS estimated {results[case]['plan']['peak_ram'] / 1e6:.1f} MB, "
+              f"measured {peak / 1e6:.1f} MB")
     return results
 
 
@@ -201,16 +204,16 @@ def test_the_plan_counts_only_the_layers_still_to_convert(ktq, small, tmp_path):
     out = tmp_path / "out"
     assert ktq("cpu", "-i", small, "-o", out, "--quiet", "--threadpool-count", "1").code == 0
     done = json.loads(ktq("cpu", "-i", small, "-o", out, "--dry-run", "--json", "--threadpool-count", "1").stdout)
-    assert done["moe_layers"] == [0, 1] and done["layers"] == [] and done["input_bytes"] == 0
+    assert done["moe_layers"] == list(range(1, 12)) and done["layers"] == [] and done["input_bytes"] == 0
     assert done["ram_read_buffers"] == done["ram_write_buffers"] == 0
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "ktq.json")
     assert done["output_bytes"] == written
     redo = json.loads(ktq("cpu", "-i", small, "-o", out, "--dry-run", "--json", "--threadpool-count", "1",
-                          "--resume-layer", "1").stdout)
-    assert redo["layers"] == [1] and redo["input_bytes"] == 8 * 3 * 256 * 256 * 2
+                          "--resume-layer", "10").stdout)
+    assert redo["layers"] == [10, 11] and redo["input_bytes"] == 2 * 4 * 3 * 256 * 256 * 2
     other = json.loads(ktq("cpu", "-i", small, "-o", out, "--dry-run", "--json", "--threadpool-count", "1",
                            "--quant-method", "int8").stdout)
-    assert other["layers"] == [0, 1]  # another method cannot continue this output
+    assert other["layers"] == done["moe_layers"]  # another method cannot continue this output
 
 
 def test_numa_count_defaults_to_the_machine_and_a_different_count_warns(ktq, small, tmp_path, monkeypatch):
