@@ -32,9 +32,15 @@ CASES = {
 
 
 @pytest.fixture(scope="session")
-def samples(tmp_path_factory) -> dict[str, Path]:
+def sample(tmp_path_factory):
+    """sample(name) -> the folder of SAMPLES[name], written on first use."""
     root = tmp_path_factory.mktemp("plan-samples")
-    return {name: write_sample(root / name, **options) for name, options in SAMPLES.items()}
+
+    def get(name: str) -> Path:
+        folder = root / name
+        return folder if folder.is_dir() else write_sample(folder, **SAMPLES[name])
+
+    return get
 
 
 # Runs `python -m ktq ARGS` from a small parent that prints its child's peak RSS: a child forked from pytest itself
@@ -52,13 +58,13 @@ def _ktq_process(args: list, log: Path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="session")
-def runs(samples, tmp_path_factory) -> dict[str, dict]:
+def runs(sample, tmp_path_factory) -> dict[str, dict]:
     """Per case: the dry run's plan, then a real run's peak RSS and the bytes of the files it wrote."""
     root = tmp_path_factory.mktemp("plan-runs")
     results = {}
-    for case, (sample, options) in CASES.items():
+    for case, (name, options) in CASES.items():
         out = root / case
-        args = ["cpu", "-i", samples[sample], "-o", out, *options]
+        args = ["cpu", "-i", sample(name), "-o", out, *options]
         dry = subprocess.run([sys.executable, "-m", "ktq", *map(str, args), "--dry-run", "--json"],
                              capture_output=True, text=True)
         assert dry.returncode == 0, dry.stderr
@@ -168,8 +174,8 @@ def test_dry_run_at_deepseek_v3_scale_reads_headers_only(ktq, deepseek_scale, sm
 # --- the guard, resume awareness and NUMA -------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def small(samples) -> Path:
-    return samples["bf16-small"]
+def small(sample) -> Path:
+    return sample("bf16-small")
 
 
 def test_a_run_that_does_not_fit_is_refused_and_force_overrides(ktq, small, tmp_path, monkeypatch):
@@ -183,6 +189,8 @@ def test_a_run_that_does_not_fit_is_refused_and_force_overrides(ktq, small, tmp_
     assert not out.exists()
     forced = ktq("cpu", "-i", small, "-o", out, "--quiet", "--force")
     assert forced.code == 0, forced.stderr
+    assert forced.stderr.startswith("ktq: warning: this conversion does not fit: peak RAM")
+    assert forced.stderr.rstrip().endswith("running anyway (--force)")
     assert json.loads((out / "ktq.json").read_text())["complete"]
 
 

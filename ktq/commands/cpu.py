@@ -71,11 +71,13 @@ def cpu(
         if plan.problems:
             raise KtqError(f"this conversion would not fit: {'; '.join(plan.problems)}")
         return
-    if not force:  # the plan's numbers only; its objects are dropped before the run allocates its own
-        problems = plan_cpu(job, threads, measure_time=False).problems
-        if problems:
-            raise KtqError(f"this conversion does not fit: {'; '.join(problems)}; free memory or disk, choose "
-                           "another --output, or pass --force to run anyway")
+    problems = plan_cpu(job, threads, measure_time=False).problems  # the plan's objects are dropped here,
+    if problems and not force:  # before the run allocates its own
+        raise KtqError(f"this conversion does not fit: {'; '.join(problems)}; free memory or disk, choose "
+                       "another --output, or pass --force to run anyway")
+    if problems:
+        typer.echo(f"ktq: warning: this conversion does not fit: {'; '.join(problems)}; running anyway (--force)",
+                   err=True)
     warning = numa_warning(job.numa, numa_nodes())
     if warning:
         typer.echo(f"ktq: warning: {warning}", err=True)
