@@ -44,6 +44,48 @@ def test_cpu_flags_and_model_from_cpuinfo(tmp_path):
     assert system.cpu_flags(tmp_path / "absent") == set()
 
 
+def _cgroups(tmp_path: Path, monkeypatch, membership: str, files: dict[str, str]) -> None:
+    """A fake /proc/self/cgroup and /sys/fs/cgroup tree."""
+    (tmp_path / "proc-cgroup").write_text(membership)
+    for rel, text in files.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(text + "\n")
+    monkeypatch.setattr(system, "PROC_CGROUP", tmp_path / "proc-cgroup")
+    monkeypatch.setattr(system, "CGROUP_ROOT", tmp_path / "fs")
+
+
+def test_cgroup_v2_limits_cap_cpus_and_memory(tmp_path, monkeypatch):
+    _cgroups(tmp_path, monkeypatch, "0::/user.slice/job\n", {
+        "user.slice/job/cpu.max": "50000 100000",
+        "user.slice/job/memory.max": str(4 << 30),
+        "user.slice/job/memory.current": str(1 << 30),
+        "user.slice/job/memory.stat": f"anon {1 << 29}\ninactive_file {1 << 29}\nactive_file {1 << 28}",
+    })
+    assert system.cgroup_cpu_limit() == 1 and system.cpu_cores() == 1
+    assert system.cgroup_memory_headroom() == (4 << 30) - (1 << 30) + (1 << 29)
+    assert system.ram_available() <= (3 << 30) + (1 << 29)  # whatever the machine has
+
+
+def test_cgroup_v1_limits_from_the_namespace_root(tmp_path, monkeypatch):
+    _cgroups(tmp_path, monkeypatch, "5:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n", {
+        "cpu/cpu.cfs_quota_us": "250000", "cpu/cpu.cfs_period_us": "100000",
+        "memory/memory.limit_in_bytes": str(8 << 30), "memory/memory.usage_in_bytes": str(9 << 30),
+        "memory/memory.stat": "cache 0\ntotal_inactive_file 0",
+    })
+    assert system.cgroup_cpu_limit() == 3
+    assert system.cgroup_memory_headroom() == 0 and system.ram_available() == 0
+
+
+def test_no_cgroup_limits(tmp_path, monkeypatch):
+    _cgroups(tmp_path, monkeypatch, "0::/\n", {"cpu.max": "max 100000", "memory.max": "max",
+                                                "memory.current": "123"})
+    assert system.cgroup_cpu_limit() is None and system.cgroup_memory_headroom() is None
+    assert system.cpu_cores() == len(os.sched_getaffinity(0))
+    _cgroups(tmp_path, monkeypatch, "4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712",
+                                                     "memory/memory.usage_in_bytes": "1"})
+    assert system.cgroup_memory_headroom() is None
+
+
 def test_disk_free_of_a_folder_not_created_yet(tmp_path):
     future = tmp_path / "a" / "b" / "out"
     assert system.existing_ancestor(future) == tmp_path
