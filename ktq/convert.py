@@ -294,7 +294,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         result = CpuResult(job.output, job.method, job.numa, sink.form, [layer.index for layer in todo], kept)
         result.input_bytes = sum(layer.input_bytes for layer in todo)
         for warning in model.warnings:
-            progress.note(f"warning: {warning}")
+            progress.note(f"ktq: warning: {warning}")
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
