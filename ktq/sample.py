@@ -175,10 +175,10 @@ def _frame(s: SampleShape, layer_tensors: list[TensorSpec], prefix: str = "model
 
 # ---- architectures -----------------------------------------------------------------------------------------
 
-def qwen3_moe(s: SampleShape) -> tuple[dict, list[TensorSpec]]:
+def _qwen3_moe_text(s: SampleShape, root: str, experts: Callable[[str], list[TensorSpec]]
+                    ) -> tuple[dict, list[TensorSpec]]:
+    """Qwen3-MoE's language model under root: dense MLPs in mlp_only_layers, else a router and experts(prefix)."""
     config = {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
         **_text_config(s),
         "intermediate_size": s.dense_intermediate,
         "moe_intermediate_size": s.moe_intermediate,
@@ -188,19 +188,24 @@ def qwen3_moe(s: SampleShape) -> tuple[dict, list[TensorSpec]]:
         "mlp_only_layers": list(range(s.dense_layers)),
         "norm_topk_prob": True,
         "attention_bias": False,
-        "rope_theta": 1000000.0,
         "output_router_logits": False,
         "router_aux_loss_coef": 0.001,
     }
     tensors: list[TensorSpec] = []
     for layer in range(s.layers):
-        prefix = f"model.layers.{layer}"
+        prefix = f"{root}.layers.{layer}"
         tensors += _attention(prefix, s)
         if layer < s.dense_layers:
             tensors += _mlp(f"{prefix}.mlp", s.dense_intermediate, s.hidden)
             continue
         tensors.append((f"{prefix}.mlp.gate.weight", (s.experts, s.hidden), "normal"))
-        tensors += _experts(f"{prefix}.mlp.experts", s)
+        tensors += experts(f"{prefix}.mlp.experts")
+    return config, tensors
+
+
+def qwen3_moe(s: SampleShape) -> tuple[dict, list[TensorSpec]]:
+    text, tensors = _qwen3_moe_text(s, "model", lambda prefix: _experts(prefix, s))
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **text, "rope_theta": 1000000.0}
     return config, _frame(s, tensors)
 
 
@@ -314,28 +319,10 @@ def _vl_wrapper(s: SampleShape, model_type: str, architecture: str, text: dict,
 
 def qwen3_vl_moe(s: SampleShape) -> tuple[dict, list[TensorSpec]]:
     """Qwen3-VL-MoE: fused experts stored in x out, [E, H, 2I] + [E, I, H]."""
-    text = {
-        "model_type": "qwen3_vl_moe_text",
-        **_text_config(s),
-        "intermediate_size": s.dense_intermediate,
-        "moe_intermediate_size": s.moe_intermediate,
-        "head_dim": s.head_dim,
-        "num_experts": s.experts,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": list(range(s.dense_layers)),
-        "attention_bias": False,
-        "rope_theta": 5000000.0,
-        "rope_scaling": {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True},
-    }
-    tensors: list[TensorSpec] = []
-    for layer in range(s.layers):
-        prefix = f"model.language_model.layers.{layer}"
-        tensors += _attention(prefix, s)
-        if layer < s.dense_layers:
-            tensors += _mlp(f"{prefix}.mlp", s.dense_intermediate, s.hidden)
-            continue
-        tensors.append((f"{prefix}.mlp.gate.weight", (s.experts, s.hidden), "normal"))
-        tensors += _fused_experts(f"{prefix}.mlp.experts", s, in_by_out=True)
+    text, tensors = _qwen3_moe_text(s, "model.language_model",
+                                    lambda prefix: _fused_experts(prefix, s, in_by_out=True))
+    text = {"model_type": "qwen3_vl_moe_text", **text, "rope_theta": 5000000.0,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True}}
     return _vl_wrapper(s, "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", text, tensors)
 
 

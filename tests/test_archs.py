@@ -39,7 +39,7 @@ def _main(*args: object) -> None:
 
 @pytest.fixture(scope="session")
 def samples(tmp_path_factory):
-    """(arch, dtype, dense layers) -> a small sample, written once per session."""
+    """(arch, dtype, dense layers, shape overrides) -> a small sample, written once per session."""
     from ktq.sample import write_sample
 
     root = tmp_path_factory.mktemp("archs")
@@ -460,3 +460,10 @@ def test_unknown_architecture(ktq, samples, tmp_path):
                              lambda c: {**c, "model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"]})
     fails(ktq, src, tmp_path, "model_type 'llama4'", "model.language_model.layers.0.feed_forward.experts.down_proj",
           "layout ktq does not know")
+
+
+def test_int4_weight_shape_contradicting_the_packed_tensor(ktq, samples, tmp_path):
+    src = broken(samples, tmp_path, "deepseek_v3", "int4")
+    name = "model.layers.0.mlp.experts.1.gate_proj.weight_shape"
+    poke(src, name, 8, np.array([128], np.int64).tobytes())  # records [256, 128] for a [256, 256] weight
+    fails(ktq, src, tmp_path, name, "records shape [256, 128]", "packs [256, 256]")
