@@ -1,8 +1,9 @@
 """Short measurements on this machine that the plan turns into estimates: this process's memory, how fast the input's
-disk reads, how fast the kernels quantise. Each takes a fraction of a second."""
+disk reads, how fast the pipeline decodes and quantises. Each takes a fraction of a second."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ import numpy as np
 import psutil
 
 from ktq.errors import KtqError
+from ktq.experts import ProjectionSource
 from ktq.kernels import ktformat as fmt
+from ktq.safetensors_io import TensorInfo, TensorReader
 
 READ_PROBE_BYTES = 256 * 1024 * 1024  # at most this much of a shard is read to time the disk
 READ_CHUNK = 8 * 1024 * 1024
-PROBE_SECONDS = 0.1  # each probe stops once it has run this long
+PROBE_SECONDS = 0.1  # each probe stops once it has run this long (after one full round)
 
 
 @dataclass(frozen=True)
@@ -42,56 +45,124 @@ def read_rate(path: Path, offset: int, length: int) -> Rate:
     What a run will see: the page cache counts when the data is cached, the disk otherwise.
     """
     length = min(length, READ_PROBE_BYTES)
-    buffer = np.empty(min(READ_CHUNK, max(length, 1)), np.uint8)
-    view = memoryview(buffer)
-    done = 0
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise KtqError(f"cannot open {path}: {exc.strerror}") from exc
-    started = time.perf_counter()
     try:
-        while done < length and time.perf_counter() - started < PROBE_SECONDS:
-            got = os.preadv(fd, [view[: min(len(view), length - done)]], offset + done)
-            if got == 0:
-                break
-            done += got
+        with mmap.mmap(-1, READ_CHUNK) as buffer:
+            view = memoryview(buffer)
+            done = 0
+            started = time.perf_counter()
+            while done < length and time.perf_counter() - started < PROBE_SECONDS:
+                got = os.preadv(fd, [view[: min(READ_CHUNK, length - done)]], offset + done)
+                if got == 0:
+                    break
+                done += got
+            seconds = time.perf_counter() - started
+            view.release()
     except OSError as exc:
         raise KtqError(f"cannot read {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    return Rate(done, time.perf_counter() - started)
+    return Rate(done, seconds)
 
 
-def _probe_matrix(rows: int, cols: int, input_type: str) -> np.ndarray:
-    """rows x cols of weight-like values (std 0.02) in the input's bits: a random stripe of 32 rows, repeated."""
-    from ktq.sample import encode
+class _SyntheticReader:
+    """Stands in for TensorReader when timing the decode: a tensor 'read' into a buffer is the synthetic bytes the
+    buffer already holds. Only the small tensors that decoders read whole (`read`, e.g. a weight_shape) come from
+    the checkpoint."""
 
-    stripe = np.random.default_rng(0).standard_normal((fmt.TILE_ROWS, cols), dtype=np.float32) * np.float32(0.02)
-    bits = encode(stripe, "F16" if input_type == "fp16" else "BF16")
-    return np.ascontiguousarray(np.tile(bits, (rows // fmt.TILE_ROWS, 1)))
+    def __init__(self) -> None:
+        self._reader = TensorReader()
+
+    def read_into(self, info: TensorInfo, out: np.ndarray) -> np.ndarray:
+        return out
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        return self._reader.read(info)
+
+    def close(self) -> None:
+        self._reader.close()
 
 
-def kernel_rate(method: fmt.Method, input_type: str, rows: int, cols: int, seconds: float = PROBE_SECONDS) -> Rate:
-    """Decode (fp16) and quantise + pack one [rows, cols] projection over and over for about `seconds`, with the
-    Numba threads as set: input bytes per second of the work the quantising stage does per expert."""
+def _fill_synthetic(buffer: np.ndarray, rng: np.random.Generator) -> None:
+    """Weight-like bytes that are finite whatever dtype reads them (bf16, fp16, fp8 e4m3, fp32, packed int):
+    every byte is 0x30-0x3F or 0xB0-0xBF, a moderate exponent of either sign."""
+    pattern = (rng.integers(0x30, 0x40, 1 << 16, dtype=np.uint8) | (rng.integers(0, 2, 1 << 16, dtype=np.uint8) << 7))
+    raw = buffer.reshape(-1).view(np.uint8)
+    whole = raw.size // pattern.size * pattern.size
+    raw[:whole].reshape(-1, pattern.size)[:] = pattern
+    raw[whole:] = pattern[: raw.size - whole]
+
+
+class _ProbeMemory:
+    """Buffers mapped straight from the OS and unmapped on exit: the probes leave no freed heap behind that would
+    inflate the resident memory measured after them."""
+
+    def __init__(self) -> None:
+        self._maps: list[mmap.mmap] = []
+
+    def array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        count = int(np.prod(shape))
+        self._maps.append(mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize)))
+        return np.frombuffer(self._maps[-1], dtype, count).reshape(shape)
+
+    def __enter__(self) -> "_ProbeMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # an array still refers to it (a traceback's frame): it goes with that array
+                pass
+
+
+def stage_rate(source: ProjectionSource, method: fmt.Method, numa: int, seconds: float = PROBE_SECONDS) -> Rate:
+    """Input bytes per second of the pipeline's middle stage on one gate projection [I, H]: decoded by its own
+    source (on synthetic bytes: nothing is read from the checkpoint but the small tensors some decoders need whole)
+    and quantised part by part, over and over (after one untimed round: once, then for about `seconds`), with the
+    Numba threads as set."""
+    with _ProbeMemory() as memory:
+        return _time_stage(memory, source, method, numa, seconds)
+
+
+def _time_stage(memory: _ProbeMemory, source: ProjectionSource, method: fmt.Method, numa: int,
+                seconds: float) -> Rate:
     from ktq.kernels.amx import quantize_pack
-    from ktq.kernels.decode import fp16_to_bf16
 
-    source = _probe_matrix(rows, cols, input_type)
-    bf16 = source if input_type == "bf16" else np.empty_like(source)
-    body = np.empty(method.body_bytes(rows, cols), np.uint8)
-    scales = np.empty(rows, np.float32)
-    done = 0
-    started = time.perf_counter()
-    while done == 0 or time.perf_counter() - started < seconds:
-        if input_type != "bf16":
-            fp16_to_bf16(source, bf16)
-        quantize_pack(bf16, 0, cols, method.bits, body, scales)
-        done += source.nbytes
-    return Rate(done, time.perf_counter() - started)
+    intermediate, hidden = source.shape
+    rows = intermediate // numa
+    bf16 = memory.array(source.shape, np.uint16)
+    scratch = memory.array((source.scratch_bytes,), np.uint8)
+    body, scales = memory.array((method.body_bytes(rows, hidden),), np.uint8), memory.array((rows,), np.float32)
+    rng = np.random.default_rng(0)
+    for buffer in (bf16, scratch, body, scales):
+        _fill_synthetic(buffer, rng)  # touched, as the run's reused buffers are
+    reader = _SyntheticReader()
+
+    def one_round() -> None:
+        source.read(reader, bf16, scratch)
+        for part in range(numa):  # gate's NUMA parts are row blocks
+            quantize_pack(bf16[part * rows:(part + 1) * rows], 0, hidden, method.bits, body, scales)
+
+    try:
+        one_round()  # untimed: loads the kernels from Numba's cache (or compiles them the first time)
+        done = 0
+        started = time.perf_counter()
+        while done == 0 or time.perf_counter() - started < seconds:
+            one_round()
+            done += source.input_bytes
+        return Rate(done, time.perf_counter() - started)
+    finally:
+        reader.close()
 
 
-def load_kernels(method: fmt.Method, input_type: str) -> None:
-    """Load the kernels a run uses (from Numba's cache, compiled the first time): part of its fixed memory."""
-    kernel_rate(method, input_type, fmt.TILE_ROWS, method.align, seconds=0.0)
+def load_kernels(method: fmt.Method) -> None:
+    """Load the quantising kernel (from Numba's cache, compiled the first time): part of a run's fixed memory."""
+    from ktq.kernels.amx import quantize_pack
+
+    rows, cols = fmt.TILE_ROWS, method.align
+    quantize_pack(np.zeros((rows, cols), np.uint16), 0, cols, method.bits, np.empty(method.body_bytes(rows, cols),
+                  np.uint8), np.empty(rows, np.float32))

@@ -4,11 +4,12 @@ safetensors headers only (tensor data is never read), plus a fraction of a secon
 - Output size is exact: the format fixes every byte (shard headers, bodies, scales, the index, the copied files);
   only ktq's own few-KB manifest ktq.json is left out.
 - Peak RAM is this process's resident memory once the checkpoint's headers and the kernels are loaded (measured,
-  not guessed) plus the buffers the pipeline allocates: READ_AHEAD expert slots of bf16 (and a decode buffer each for
-  other input types) and WRITE_BEHIND slots of packed output. Nothing else grows with the model.
-- Time is the expert bytes to read divided by the slower of two rates measured now: reading a slice of the input's
-  shards and decoding + quantising one projection of the model's shape with the run's threads. The stages overlap,
-  so the slower sets the pace; writing is not measured (the output is 1/4 to 1/2 of the input).
+  not guessed) plus the buffers the pipeline allocates (counted from its own slot objects): READ_AHEAD expert slots
+  of bf16 with their decode buffers and WRITE_BEHIND slots of packed output. Nothing else grows with the model.
+- Time is the expert bytes to read divided by the slower of two rates measured now: reading a slice of the largest
+  shard, and decoding + quantising one projection with the run's threads and the input's own decoder (on synthetic
+  bytes, so any input type's decode counts). The stages overlap, so the slower sets the pace; writing is not measured (the output is
+  1/4 to 1/2 of the input).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ktq.errors import KtqError
 from ktq.experts import Geometry, MoeModel, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.manifest import json_text, load_manifest
-from ktq.measure import Rate, kernel_rate, load_kernels, read_rate, rss
+from ktq.measure import Rate, load_kernels, read_rate, rss, stage_rate
 from ktq.progress import gb
 from ktq.safetensors_io import encode_header
 from ktq.sinks import KtTreeSink, MergedSink
@@ -44,7 +45,7 @@ class RamEstimate:
 @dataclass(frozen=True)
 class TimeEstimate:
     read: Rate  # the input's disk (or page cache)
-    kernel: Rate  # decode + quantise + pack, input bytes
+    kernel: Rate  # decode + quantise + pack, in input bytes
     input_bytes: int
 
     @property
@@ -157,27 +158,25 @@ def _extra_files_bytes(job: CpuJob, model: MoeModel, sink) -> int:
 
 
 def _buffers(model: MoeModel, method: fmt.Method, numa: int, items: int) -> tuple[int, int]:
-    """(read, write) buffer bytes of the pipeline for `items` experts, as convert._Pipeline allocates them."""
+    """(read, write) buffer bytes of the pipeline for `items` experts: its own slots, allocated and never touched
+    here (so they take no memory), counted."""
     if items == 0:
         return 0, 0
-    g = model.geometry
-    sources = model.layers[0].experts[0].values()
-    bf16 = sum(2 * n * k for n, k in (fmt.projection_shape(p, g.hidden, g.intermediate) for p in fmt.PROJECTIONS))
-    scratch = 0 if model.input_type == "bf16" else max(s.input_bytes for s in sources)
-    packed = numa * fmt.part_bytes(method, g.hidden, g.intermediate // numa)
-    return (min(convert.READ_AHEAD, items) * (bf16 + scratch), min(convert.WRITE_BEHIND, items) * packed)
+    slot = convert._ExpertSlot(model)
+    read = sum(a.nbytes for a in slot.src.values()) + slot.scratch.nbytes
+    write = sum(p.body.nbytes + p.scales.nbytes for p in convert._packed_slot(model, method, numa))
+    return min(convert.READ_AHEAD, items) * read, min(convert.WRITE_BEHIND, items) * write
 
 
 def _time(ckpt: Checkpoint, model: MoeModel, method: fmt.Method, numa: int, first_layer: int,
           input_bytes: int) -> TimeEstimate:
-    """Times reading where the run starts (the first expert of its first layer, onwards) and the kernels on the
-    shape of one NUMA part of gate / up."""
+    """Times reading the largest shard from its first tensor on, and decoding + quantising the first projection the
+    run converts."""
+    shard = max(ckpt.files, key=lambda path: path.stat().st_size)
+    start = min(info.offset for info in ckpt.tensors.values() if info.path == shard)
+    read = read_rate(shard, start, shard.stat().st_size - start)
     layer = next(layer for layer in model.layers if layer.index == first_layer)
-    start = ckpt.tensors[layer.experts[0]["gate"].name]
-    read = read_rate(start.path, start.offset, start.path.stat().st_size - start.offset)
-    g = model.geometry
-    kernel = kernel_rate(method, model.input_type, g.intermediate // numa, g.hidden)
-    return TimeEstimate(read, kernel, input_bytes)
+    return TimeEstimate(read, stage_rate(layer.experts[0]["gate"], method, numa), input_bytes)
 
 
 def plan_cpu(job: CpuJob, threads: int, measure_time: bool) -> CpuPlan:
@@ -202,7 +201,11 @@ def plan_cpu(job: CpuJob, threads: int, measure_time: bool) -> CpuPlan:
     extra = _extra_files_bytes(job, model, sink)
     input_bytes = sum(layer.input_bytes for layer in model.layers if layer.index in converting)
     read_buffers, write_buffers = _buffers(model, job.method, job.numa, len(todo) * g.experts)
-    load_kernels(job.method, model.input_type)
+    # The time probes load every kernel the run uses (their buffers are gone once they return); without them, the
+    # quantising kernel is loaded alone (the decoders' code, a few MB, then goes uncounted).
+    timing = _time(ckpt, model, job.method, job.numa, todo[0], input_bytes) if measure_time and todo else None
+    if timing is None:
+        load_kernels(job.method)
     ram = RamEstimate(rss(), read_buffers, write_buffers)
     machine_numa = numa_nodes()
     plan = CpuPlan(
@@ -212,12 +215,10 @@ def plan_cpu(job: CpuJob, threads: int, measure_time: bool) -> CpuPlan:
         output_bytes=sum(layer_bytes.values()) + extra,
         disk_needed=sum(layer_bytes[layer] for layer in todo) + extra,
         disk_free=disk_free(job.output), disk_path=existing_ancestor(job.output),
-        ram=ram, ram_available=ram_available())
+        ram=ram, ram_available=ram_available(), time=timing)
     warning = numa_warning(job.numa, machine_numa)
     if warning:
         plan.warnings.append(warning)
-    if measure_time and todo:
-        plan.time = _time(ckpt, model, job.method, job.numa, todo[0], input_bytes)
     return plan
 
 

@@ -115,10 +115,12 @@ def test_the_plan_describes_the_run(runs):
 
 @pytest.fixture(scope="session")
 def deepseek_scale(tmp_path_factory) -> Path:
-    """DeepSeek-V3's MoE geometry (61 layers, 3 dense, 256 experts, hidden 7168, moe_intermediate 2048) in BF16:
-    163 shards whose headers describe 1.3 TB, written as sparse files of zeros."""
-    return write_sample(tmp_path_factory.mktemp("ds") / "DeepSeek-V3-scale", layers=61, dense_layers=3,
-                        experts=256, hidden=7168, moe_intermediate=2048, shards=163, header_only=True)
+    """DeepSeek-V3 as published: its layout and MoE geometry (61 layers and the MTP layer 61, 3 dense, 256 experts,
+    hidden 7168, moe_intermediate 2048), block-scaled FP8, 163 shards whose headers describe 0.67 TB, written as
+    sparse files of zeros."""
+    return write_sample(tmp_path_factory.mktemp("ds") / "DeepSeek-V3-scale", arch="deepseek_v3", dtype="fp8",
+                        layers=61, dense_layers=3, experts=256, hidden=7168, moe_intermediate=2048, shards=163,
+                        header_only=True)
 
 
 def _bytes_read_by_this_process() -> int:
@@ -135,7 +137,7 @@ def test_dry_run_at_deepseek_v3_scale_reads_headers_only(ktq, deepseek_scale, sm
     for shard in shards:
         with open(shard, "rb") as f:
             metadata_bytes += 8 + int.from_bytes(f.read(8), "little")
-    assert described > 1.2e12 and len(shards) == 163
+    assert described > 0.65e12 and len(shards) == 163
     # a first dry run imports the modules and loads the kernels, so that the bytes counted below are the plan's
     assert ktq("cpu", "-i", small, "-o", tmp_path / "warm", "--dry-run", "--json").code == 0
 
@@ -160,14 +162,14 @@ def test_dry_run_at_deepseek_v3_scale_reads_headers_only(ktq, deepseek_scale, sm
           "speed probe)")
 
     plan = json.loads(result.stdout)
-    assert plan["layers"] == list(range(3, 61)) and plan["experts"] == 58 * 256
-    assert plan["input_bytes"] == 58 * 256 * 3 * 7168 * 2048 * 2
+    assert plan["input_type"] == "fp8" and plan["layers"] == list(range(3, 61)) and plan["experts"] == 58 * 256
+    assert plan["input_bytes"] == 58 * 256 * 3 * (7168 * 2048 + 4 * (7168 // 128) * (2048 // 128))  # + scale_inv
     assert plan["output_bytes"] > 58 * 256 * 3 * (7168 * 2048 // 2)  # INT4 bodies, plus scales and headers
     assert plan["fits"] == (plan["disk_needed"] <= plan["disk_free"] and plan["peak_ram"] <= plan["ram_available"])
     assert result.code == (0 if plan["fits"] else 2)
     assert len(probed) == 1 and probed[0] <= READ_PROBE_BYTES
     # Everything read besides the one bounded speed probe: the headers, config.json and the index, and a little
-    # more (/proc, sysfs), far less than one expert projection (29 MB) of the 1.3 TB described.
+    # more (/proc, sysfs), far less than one expert projection (15 MB) of the 0.67 TB described.
     assert read - probed[0] <= metadata_bytes + 2e6
 
 
