@@ -16,17 +16,17 @@ from ktq.sample import write_sample
 from ktq.safetensors_io import TensorReader, read_header
 
 # (sample, ktq cpu options): the big samples make the pipeline's buffers a large share of the peak, so a wrong
-# buffer model cannot hide inside the 20% tolerance; fp16 adds the decode buffers.
+# buffer model cannot hide inside the 20% tolerance; FP8 adds the decode buffers and the decoder's code.
 SAMPLES = {
     "bf16-big": dict(layers=1, experts=3, hidden=4096, moe_intermediate=2048, dtype="bf16", shards=1),
-    "fp16-big": dict(layers=1, experts=3, hidden=4096, moe_intermediate=2048, dtype="fp16", shards=1),
+    "fp8-big": dict(layers=1, experts=3, hidden=2048, moe_intermediate=2048, dtype="fp8", shards=1),
     # MoE layers 1..11: shard headers of one- and two-digit layer indices differ in size
     "bf16-small": dict(layers=12, dense_layers=1, experts=4, hidden=256, moe_intermediate=256, dtype="bf16"),
 }
 CASES = {
     "bf16-big-int4-merged": ("bf16-big", ["--quant-method", "int4", "--threadpool-count", "1"]),
-    "fp16-big-int8-kt-numa2": ("fp16-big", ["--quant-method", "int8", "--threadpool-count", "2",
-                                            "--no-merge-safetensor"]),
+    "fp8-big-int8-kt-numa2": ("fp8-big", ["--quant-method", "int8", "--threadpool-count", "2",
+                                          "--no-merge-safetensor"]),
     "bf16-small-int4-merged": ("bf16-small", ["--quant-method", "int4", "--threadpool-count", "1"]),
 }
 
@@ -93,7 +93,7 @@ def test_the_buffer_model_explains_how_the_peak_grows_with_the_model(runs):
     """The baseline is measured; the buffers are modelled. Their growth between a tiny and a big geometry must
     match the growth of the real peaks."""
     small = runs["bf16-small-int4-merged"]
-    for case in ("bf16-big-int4-merged", "fp16-big-int8-kt-numa2"):
+    for case in ("bf16-big-int4-merged", "fp8-big-int8-kt-numa2"):
         big = runs[case]
         modelled = sum(big["plan"][k] - small["plan"][k] for k in ("ram_read_buffers", "ram_write_buffers"))
         measured = big["peak"] - small["peak"]
@@ -102,10 +102,10 @@ def test_the_buffer_model_explains_how_the_peak_grows_with_the_model(runs):
 
 
 def test_the_plan_describes_the_run(runs):
-    plan = runs["fp16-big-int8-kt-numa2"]["plan"]
-    assert (plan["input_type"], plan["method"], plan["form"], plan["numa"]) == ("fp16", "int8", "kt", 2)
+    plan = runs["fp8-big-int8-kt-numa2"]["plan"]
+    assert (plan["input_type"], plan["method"], plan["form"], plan["numa"]) == ("fp8", "int8", "kt", 2)
     assert plan["layers"] == [0] and plan["experts"] == 3
-    assert plan["input_bytes"] == 3 * 3 * 4096 * 2048 * 2
+    assert plan["input_bytes"] == 3 * 3 * (2048 * 2048 + 4 * 16 * 16)  # e4m3 weights and fp32 128x128-block scales
     assert plan["fits"] and not plan["problems"]
     assert plan["seconds"] == pytest.approx(plan["input_bytes"] / min(plan["read_bytes_per_second"],
                                                                       plan["kernel_bytes_per_second"]))
