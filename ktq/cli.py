@@ -2,9 +2,10 @@
 dependencies inside its body, so `ktq cpu` never pays for torch or transformers."""
 
 from ktq.app import app, main
-from ktq.commands import cpu, sample
+from ktq.commands import cpu, doctor, sample
 
 app.command("cpu")(cpu.cpu)
 app.command("sample")(sample.sample)
+app.command("doctor")(doctor.doctor)
 
 __all__ = ["app", "main"]

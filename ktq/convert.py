@@ -251,7 +251,8 @@ class _Pipeline:
             raise failure
 
 
-def _write_index(out: Path, sink: MergedSink, model: MoeModel) -> None:
+def index_document(sink: MergedSink, model: MoeModel) -> dict:
+    """model.safetensors.index.json of a merged output: every tensor's shard, and their total size."""
     weight_map: dict[str, str] = {}
     total = 0
     for layer in model.layers:
@@ -261,16 +262,20 @@ def _write_index(out: Path, sink: MergedSink, model: MoeModel) -> None:
             total += nbytes
     metadata = {"total_size": total, "ktq_version": __version__, "kt_method": sink.method.kt_method,
                 "numa": sink.numa}
-    write_json_atomic(out / fmt.INDEX_NAME, {"metadata": metadata, "weight_map": weight_map})
+    return {"metadata": metadata, "weight_map": weight_map}
+
+
+def aux_files(source: Path) -> list[Path]:
+    """The source's files that a merged output carries beside the weights."""
+    return [path for pattern in AUX_PATTERNS for path in source.glob(pattern)
+            if path.is_file() and not path.name.endswith(".safetensors")]
 
 
 def _copy_aux_files(source: Path, out: Path) -> None:
-    for pattern in AUX_PATTERNS:
-        for path in source.glob(pattern):
-            if path.is_file() and not path.name.endswith(".safetensors"):
-                tmp = out / f".{path.name}{PARTIAL_SUFFIX}"
-                shutil.copyfile(path, tmp)
-                tmp.replace(out / path.name)
+    for path in aux_files(source):
+        tmp = out / f".{path.name}{PARTIAL_SUFFIX}"
+        shutil.copyfile(path, tmp)
+        tmp.replace(out / path.name)
 
 
 def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
@@ -306,7 +311,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         raise
     if job.merge:
         _copy_aux_files(job.input_path, job.output)
-        _write_index(job.output, sink, model)
+        write_json_atomic(job.output / fmt.INDEX_NAME, index_document(sink, model))
     manifest["complete"] = True
     save_manifest(job.output, manifest)
     result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
