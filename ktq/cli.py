@@ -2,10 +2,11 @@
 dependencies inside its body, so `ktq cpu` never pays for torch or transformers."""
 
 from ktq.app import app, main
-from ktq.commands import cpu, gpu, sample
+from ktq.commands import cpu, doctor, gpu, sample
 
 app.command("cpu")(cpu.cpu)
 app.command("gpu")(gpu.gpu)
 app.command("sample")(sample.sample)
+app.command("doctor")(doctor.doctor)
 
 __all__ = ["app", "main"]

@@ -64,14 +64,13 @@ class CpuResult:
 
 
 class _ExpertSlot:
-    """bf16 bits of one expert's three projections, plus a byte buffer for decoding other dtypes."""
+    """bf16 bits of one expert's three projections, plus the byte buffer its sources decode through."""
 
     def __init__(self, model: MoeModel) -> None:
         g = model.geometry
         self.src = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16)
                     for proj in fmt.PROJECTIONS}
-        biggest = max(s.input_bytes for s in model.layers[0].experts[0].values())
-        self.scratch = np.empty(0 if model.input_type == "bf16" else biggest, np.uint8)
+        self.scratch = np.empty(model.scratch_bytes, np.uint8)
 
 
 def _packed_slot(model: MoeModel, method: fmt.Method, numa: int) -> list[PackedProjection]:
@@ -252,7 +251,8 @@ class _Pipeline:
             raise failure
 
 
-def _write_index(out: Path, sink: MergedSink, model: MoeModel) -> None:
+def index_document(sink: MergedSink, model: MoeModel) -> dict:
+    """model.safetensors.index.json of a merged output: every tensor's shard, and their total size."""
     weight_map: dict[str, str] = {}
     total = 0
     for layer in model.layers:
@@ -262,16 +262,20 @@ def _write_index(out: Path, sink: MergedSink, model: MoeModel) -> None:
             total += nbytes
     metadata = {"total_size": total, "ktq_version": __version__, "kt_method": sink.method.kt_method,
                 "numa": sink.numa}
-    write_json_atomic(out / fmt.INDEX_NAME, {"metadata": metadata, "weight_map": weight_map})
+    return {"metadata": metadata, "weight_map": weight_map}
+
+
+def aux_files(source: Path) -> list[Path]:
+    """The source's files that a merged output carries beside the weights."""
+    return [path for pattern in AUX_PATTERNS for path in source.glob(pattern)
+            if path.is_file() and not path.name.endswith(".safetensors")]
 
 
 def _copy_aux_files(source: Path, out: Path) -> None:
-    for pattern in AUX_PATTERNS:
-        for path in source.glob(pattern):
-            if path.is_file() and not path.name.endswith(".safetensors"):
-                tmp = out / f".{path.name}{PARTIAL_SUFFIX}"
-                shutil.copyfile(path, tmp)
-                tmp.replace(out / path.name)
+    for path in aux_files(source):
+        tmp = out / f".{path.name}{PARTIAL_SUFFIX}"
+        shutil.copyfile(path, tmp)
+        tmp.replace(out / path.name)
 
 
 def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
@@ -294,6 +298,8 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         _check_disk(job.output, len(todo) * layer_output_bytes(model, job.method, job.numa))
         result = CpuResult(job.output, job.method, job.numa, sink.form, [layer.index for layer in todo], kept)
         result.input_bytes = sum(layer.input_bytes for layer in todo)
+        for warning in model.warnings:
+            progress.note(f"ktq: warning: {warning}")
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
@@ -305,7 +311,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         raise
     if job.merge:
         _copy_aux_files(job.input_path, job.output)
-        _write_index(job.output, sink, model)
+        write_json_atomic(job.output / fmt.INDEX_NAME, index_document(sink, model))
     manifest["complete"] = True
     save_manifest(job.output, manifest)
     result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())

@@ -51,3 +51,31 @@ def ktq_subprocess(*args: object, **kwargs) -> Run:
 
 def tree_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def rewrite_checkpoint(src: Path, dst: Path, transform, config_transform=None) -> Path:
+    """Copy checkpoint src to dst as one shard, passing every (name, array of raw bits, dtype) through transform,
+    which returns a list of (name, array, dtype) to write instead (an empty list drops the tensor)."""
+    import json
+    import shutil
+
+    from ktq.checkpoint import open_checkpoint
+    from ktq.safetensors_io import ShardWriter, TensorReader
+
+    ckpt = open_checkpoint(src)
+    dst.mkdir(parents=True)
+    with TensorReader() as reader:
+        tensors = []
+        for name, info in ckpt.tensors.items():
+            tensors += transform(name, reader.read(info), info.dtype)
+    writer = ShardWriter(dst / "model.safetensors", [(n, d, a.shape, a.nbytes) for n, a, d in tensors])
+    for name, array, _ in tensors:
+        writer.write(name, array)
+    writer.finish()
+    for aux in src.iterdir():
+        if aux.is_file() and not aux.name.startswith("model"):
+            shutil.copy(aux, dst / aux.name)
+    if config_transform:
+        config = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(config_transform(config)))
+    return dst
