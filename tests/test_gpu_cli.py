@@ -80,7 +80,7 @@ def test_bad_option_values(src, chat, tmp_path, option, value, fragment):
 def test_plan_refusal_names_what_to_change(src, chat, tmp_path, ktq):
     result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat,
                             "--max-cpu-memory", "1MB", "--quiet")
-    assert_one_line_error(result, "the CPU must hold", "--num_calibration_samples", "--no_memory_check")
+    assert_one_line_error(result, "the CPU must hold", "--num_calibration_samples", "--force runs anyway")
 
 
 def test_debug_shows_the_traceback(tmp_path, chat):

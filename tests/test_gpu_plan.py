@@ -11,7 +11,7 @@ from ktq.errors import KtqError
 from ktq.gpu.devices import Device
 from ktq.gpu.layout import MoeLayout, ignore_rules
 from ktq.gpu.options import GpuOptions, parse_size
-from ktq.gpu.plan import make_plan, meta_model, plan_table
+from ktq.gpu.plan import GPU_OVERHEAD, make_plan, meta_model, plan_table
 
 GB = 10**9
 
@@ -81,7 +81,10 @@ def test_whole_model_on_a_large_gpu(sample, parts, tmp_path):
     assert plan.fits
     assert plan.gpu_layers == 4 and plan.cpu_weight_bytes == 0 and plan.onload_bytes == 0
     assert plan.gptq_batch == 24  # every same-shape expert Linear of a layer in one GPTQ batch
-    assert plan.gpu_peak == plan.weight_bytes + plan.hessian_bytes + max(plan.activation_bytes, plan.gptq_batch_bytes)
+    assert plan.cache_on_gpu and plan.cache_device == "cuda:0"  # room to spare: no copies per sample and layer
+    assert plan.gpu_peak == (plan.weight_bytes + plan.hessian_bytes + max(plan.activation_bytes, plan.gptq_batch_bytes)
+                             + plan.cache_bytes + GPU_OVERHEAD)
+    assert plan.cpu_peak == plan.output_bytes  # only the save buffer is left on the CPU
 
 
 def test_small_gpu_offloads_layers_to_the_cpu(sample, parts, tmp_path):
@@ -89,13 +92,14 @@ def test_small_gpu_offloads_layers_to_the_cpu(sample, parts, tmp_path):
     at a time (accelerate keeps room for it)."""
     full = plan_for(sample, parts, tmp_path, CPU)
     module, group = full.target.largest_batch_group()
-    budget = full.hessian_bytes + group * module.gptq_bytes + 3 * full.target.weight_bytes + 300_000
+    budget = full.hessian_bytes + group * module.gptq_bytes + 3 * full.target.weight_bytes + GPU_OVERHEAD + 300_000
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "small", budget, budget), max_gpu_memory=budget,
-                    num_calibration_samples=4, max_sequence_length=32)
+                    num_calibration_samples=512, max_sequence_length=1024)
     assert plan.gptq_batch == group == 24
     assert 0 < plan.gpu_layers < 4
     assert plan.cpu_weight_bytes > 0 and plan.onload_bytes == full.target.weight_bytes
     assert set(plan.device_map.values()) == {0, "cpu"}
+    assert not plan.cache_on_gpu and plan.cache_bytes > budget  # 512 x 1024 tokens of activations stay on the CPU
     assert plan.gpu_peak <= budget and plan.fits
 
 

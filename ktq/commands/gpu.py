@@ -70,7 +70,8 @@ def gpu(
     dry_run: bool = _opt(False, "--dry_run", help="Show the plan and stop; nothing is loaded or written."),
     overwrite: bool = _opt(False, "--overwrite", help="Replace an existing --output_dir once the new one is "
                            "complete."),
-    no_memory_check: bool = _opt(False, "--no_memory_check", help="Run even when the plan says it will not fit."),
+    no_memory_check: bool = _opt(False, "--no_memory_check", "--force", help="Run even when the plan says it will "
+                                 "not fit (--force, as in ktq cpu)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan, progress or summary output."),
 ) -> None:
     """Quantise a MoE checkpoint's routed experts to GPTQ W4A16/W8A16 (compressed-tensors) for the GPU side."""

@@ -9,8 +9,10 @@ with `$` or a `\\.` so that `mlp.gate` never matches `mlp.gate_proj` and layer 1
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from ktq.errors import KtqError
@@ -137,3 +139,20 @@ def ignore_reason(rules: Iterable[Rule], name: str, class_names: Iterable[str] =
     """Why a module is kept in full precision, or None when it is quantised."""
     class_names = tuple(class_names)
     return next((rule.reason for rule in rules if rule.matches(name, class_names)), None)
+
+
+_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|up_proj|down_proj)$")
+
+
+def stores_fused_experts(model_id: str) -> bool:
+    """Whether a local checkpoint keeps each layer's experts in fused 3-D tensors (`experts.gate_up_proj`) rather
+    than one tensor per expert (`experts.7.gate_proj.weight`); False when it cannot tell (hub ids)."""
+    from ktq.safetensors_io import read_header
+
+    folder = Path(model_id).expanduser()
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = list(json.loads(index.read_text()).get("weight_map", {}))
+    else:
+        names = [name for shard in sorted(folder.glob("*.safetensors")) for name in read_header(shard)[0]]
+    return any(_FUSED_EXPERTS.search(name) for name in names)

@@ -26,9 +26,9 @@ from rich.console import Console
 from ktq.errors import KtqError
 from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
-from ktq.gpu.layout import MoeLayout, ignore_reason, ignore_rules
+from ktq.gpu.layout import MoeLayout, ignore_reason, ignore_rules, stores_fused_experts
 from ktq.gpu.options import GpuOptions
-from ktq.gpu.plan import SAVE_SHARD, Plan, auto_model_class, make_plan, meta_model, plan_table
+from ktq.gpu.plan import SAVE_SHARD, Plan, auto_model_class, decoder_layers, make_plan, meta_model, plan_table
 from ktq.gpu.recipe import build_recipe
 from ktq.gpu.report import LOG_FILE, Report
 
@@ -73,7 +73,7 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
         console.print(plan_table(plan, opts))
     if plan.problems:
         if not opts.no_memory_check:
-            raise KtqError(f"{plan.problems[0]} (--no_memory_check runs anyway)")
+            raise KtqError(f"{plan.problems[0]} (--force runs anyway)")
         if not quiet:
             console.print("[yellow]warning:[/] " + "; ".join(plan.problems), highlight=False)
     if opts.dry_run:
@@ -121,6 +121,12 @@ def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, repor
         report.routed_tokens = observer.routed
         report.unrouted_experts = observer.unrouted()
         report.count_modules(_linear_reasons(model, rules))
+        if stores_fused_experts(opts.model_id):
+            report.warnings.append(
+                "the source checkpoint stores each layer's experts fused in 3-D tensors; the output stores one "
+                "tensor per expert projection, as llm-compressor 0.14 saves quantised experts (compressed-tensors "
+                "0.19 cannot pack fused experts); transformers 5.17 reads that layout back only for architectures "
+                "with a per-expert loading rule (qwen2/3_moe, deepseek, ...), not e.g. qwen3_vl_moe")
         if world.is_main:
             with report.stage("save"):
                 save(model, tokenizer, opts, staging)
@@ -168,7 +174,7 @@ def quantize(model, tokenizer, dataset, opts: GpuOptions, plan: Plan, rules, obs
 
     recipe = build_recipe(opts.quant_method, opts.quant_type, rules, opts.dampening_frac,
                           plan.gptq_batch if plan.device.is_gpu else 1)
-    layers = _decoder_layers(model)
+    layers = [module for _, module in decoder_layers(model)]
     samples = len(dataset) if dataset is not None else 0
     progress.start(layers=len(layers) if samples else 0, samples=samples,
                    modules=plan.quantized if opts.calibrated else 0)
@@ -178,12 +184,8 @@ def quantize(model, tokenizer, dataset, opts: GpuOptions, plan: Plan, rules, obs
         oneshot(model=model, processor=tokenizer, recipe=recipe, dataset=dataset,
                 num_calibration_samples=max(samples, 1), max_seq_length=opts.max_sequence_length,
                 shuffle_calibration_samples=False, moe_calibrate_all_experts=True,
+                sequential_offload_device=plan.cache_device,
                 trust_remote_code_model=opts.trust_remote_code)
-
-
-def _decoder_layers(model) -> list:
-    classes = set(getattr(model, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if type(module).__name__ in classes]
 
 
 def _linear_reasons(model, rules) -> list[str | None]:
