@@ -121,7 +121,8 @@ def main() -> None:
         row = {
             "scheme": scheme, "ktq_seconds": ktq_seconds, "ktq_stages": report["stages"], "ktq_wall": ktq_wall,
             "bare_seconds": bare["seconds"], "bare_wall": bare_wall, "ratio": ktq_seconds / bare["seconds"],
-            "estimated_peak_gpu_bytes": report["plan"]["gpu_peak_bytes"], "ktq_peak_gpu_bytes": report["peak_gpu_bytes"],
+            "estimated_peak_gpu_bytes": report["plan"]["gpu_peak_bytes"],
+            "ktq_peak_gpu_bytes": report["peak_gpu_bytes"],
             "bare_peak_gpu_bytes": bare["peak_gpu_bytes"], "gptq_batch": report["plan"]["gptq_batch"],
             "plan": {k: report["plan"][k] for k in ("gpu_weight_bytes", "hessian_bytes", "activation_bytes",
                                                     "gptq_batch_bytes", "onload_bytes")},

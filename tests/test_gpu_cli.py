@@ -98,7 +98,8 @@ def test_force_cpu_hides_gpus_even_when_torch_was_imported_first(src, chat, tmp_
         f"    main(['gpu', '--model_id', {str(src)!r}, '--output_dir', {str(tmp_path / 'o')!r},\n"
         f"          '--dataset', {str(chat)!r}, '--force_cpu', '--dry_run'])\n"
         "except SystemExit as exc:\n"
-        "    print('exit', exc.code, 'cuda', torch.cuda.is_available(), repr(__import__('os').environ['CUDA_VISIBLE_DEVICES']))\n")
+        "    visible = __import__('os').environ['CUDA_VISIBLE_DEVICES']\n"
+        "    print('exit', exc.code, 'cuda', torch.cuda.is_available(), repr(visible))\n")
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     proc = subprocess.run(python_with_ktq(code), capture_output=True, text=True, env=env)
     assert proc.stdout.strip().endswith("exit 0 cuda False ''"), proc.stdout + proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_models import sample_moe  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
+import gpu_models  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 from ktq.errors import KtqError
 from ktq.gpu.layout import MoeLayout, dense_layer_rule, ignore_reason, ignore_rules, match_target
 
@@ -113,7 +113,8 @@ def test_real_module_names_with_language_model_prefix():
     linears = _linears_of(config)
     quantized = {lin.name for lin in linears if lin.ignored is None}
     expected = {f"model.language_model.layers.{layer}.mlp.experts.{e}.{proj}"
-                for layer in range(12) if layer != 1 for e in range(4) for proj in ("gate_proj", "up_proj", "down_proj")}
+                for layer in range(12) if layer != 1 for e in range(4)
+                for proj in ("gate_proj", "up_proj", "down_proj")}
     assert quantized == expected
     reasons = {lin.ignored for lin in linears if lin.ignored}
     assert {"dense MLP layer", "attention", "vision/audio tower", "lm_head"} <= reasons

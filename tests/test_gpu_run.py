@@ -126,7 +126,8 @@ def test_transformers_loads_the_output_offline_and_logits_stay_close(scheme, min
             a = getattr(original.model.layers[layer].mlp.experts, fused)
             b = getattr(quantized.model.layers[layer].mlp.experts, fused)
             assert 0 < relative_error(a, b) < max_error
-    assert torch.equal(original.model.layers[1].self_attn.q_proj.weight, quantized.model.layers[1].self_attn.q_proj.weight)
+    attention = original.model.layers[1].self_attn.q_proj.weight, quantized.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(*attention)
 
 
 def test_report_of_a_gptq_run(gptq_w8):

@@ -24,7 +24,6 @@ import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ktq.gpu.devices import Device
 from ktq.gpu.layout import MoeLayout, Rule, ignore_reason, text_config
@@ -176,7 +175,8 @@ def auto_model_class(config):
     former does not know; remote-code models resolve through their own auto_map in AutoModelForCausalLM."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    if type(config) not in AutoModelForCausalLM._model_mapping and type(config) in AutoModelForImageTextToText._model_mapping:
+    kind = type(config)
+    if kind not in AutoModelForCausalLM._model_mapping and kind in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 

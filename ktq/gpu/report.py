@@ -58,9 +58,11 @@ class Report:
 
     def summary_lines(self) -> list[str]:
         total = sum(self.stages.values())
-        lines = [f"stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()) + f" (total {total:.1f} s)"]
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items())
+        lines = [f"stages: {stages} (total {total:.1f} s)"]
         kept = ", ".join(f"{n} {reason}" for reason, n in self.ignored_modules.items()) or "none"
-        lines.append(f"modules: {self.quantized_modules} quantised ({self.quant_method} {self.quant_type}); kept: {kept}")
+        lines.append(f"modules: {self.quantized_modules} quantised ({self.quant_method} {self.quant_type}); "
+                     f"kept: {kept}")
         if self.calibration_samples:
             lines.append(f"calibration: {self.calibration_samples} samples, {self.calibration_tokens} tokens")
         if self.gptq_loss:

@@ -12,7 +12,6 @@ splits it between ranks.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -96,8 +95,8 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     return report
 
 
-def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, report: Report, staging: Path | None, console: Console,
-                       quiet: bool, debug: bool, world: World) -> None:
+def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, report: Report, staging: Path | None,
+                       console: Console, quiet: bool, debug: bool, world: World) -> None:
     from ktq.gpu.observe import CalibrationObserver, GpuProgress  # imports llm-compressor: not needed for a plan
 
     with _llmcompressor_logs(staging, report, debug), GpuProgress(quiet, console) as progress:
