@@ -36,6 +36,9 @@ def cpu(
                                help="Merged safetensors shards, or the low-memory .kt tree."),
     resume_layer: int = typer.Option(None, "--resume-layer", help="Reconvert from this layer on; earlier layers "
                                      "must already be in --output."),
+    force: bool = typer.Option(False, "--force", help="Proceed anyway: start over an output made with other "
+                               "settings (deleting only what ktq wrote there) and start even when the disk looks "
+                               "too small."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Convert routed experts to kt-kernel's AMXINT4 / AMXINT8 CPU format."""
@@ -51,7 +54,7 @@ def cpu(
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     job = CpuJob(input_path=input_path, output=output, method=METHODS[quant_method.value],
                  numa=threadpool_count or numa_nodes(), merge=merge,
-                 input_type=input_type.value if input_type else None, resume_layer=resume_layer)
+                 input_type=input_type.value if input_type else None, resume_layer=resume_layer, force=force)
     with LayerProgress(quiet=quiet) as progress:
         result = convert_cpu(job, progress)
     if not quiet:
