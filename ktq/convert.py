@@ -166,6 +166,8 @@ class _Pipeline:
                     reads.append(read_pool.submit(self._read, *items[i], in_slots[i]))
                 for i, (layer, e) in enumerate(items):
                     slot = reads.popleft().result()
+                    if self._stop.is_set():  # the writer failed, the slot may be half read: report its error
+                        break
                     if len(writes) == len(out_slots):
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
@@ -212,11 +214,11 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     if plan.restarted:
         progress.note(f"starting {job.output} over (--force): deleting the {len(plan.remove)} files and folders "
                       "ktq wrote there with other settings")
-    plan.apply()
     sink = MergedSink(job.output, layout) if job.merge else KtTreeSink(job.output, layout)
     result = CpuResult(job.output, job.method, job.numa, layout.form, [layer.index for layer in todo], kept)
     result.input_bytes = sum(layer.input_bytes for layer in todo)
     try:
+        plan.apply()
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)

@@ -81,11 +81,12 @@ class MergedSink:
                 raise KtqError(f"{writer.path}: {writer.size} bytes, the layout needs "
                                f"{self.layout.layer_bytes(self._layer)} (a bug in ktq)")
             os.replace(writer.path, final)
+            self._writer = None  # renamed: nothing left to remove
             fsync_dir(self.out)
         except OSError as exc:
             raise write_error(writer.path, exc) from exc
         finally:
-            self.abort()  # after the rename there is nothing left to remove
+            self.abort()
         return {"path": final.name, "bytes": writer.size, "sha256": digest}
 
     def abort(self) -> None:
