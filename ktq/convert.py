@@ -10,7 +10,6 @@ re-run of the same command continues after the last committed layer.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -217,17 +216,11 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     sink = MergedSink(job.output, layout) if job.merge else KtTreeSink(job.output, layout)
     result = CpuResult(job.output, job.method, job.numa, layout.form, [layer.index for layer in todo], kept)
     result.input_bytes = sum(layer.input_bytes for layer in todo)
-    try:
-        plan.apply()
+    with plan.writing(), TensorReader() as reader:
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
-        with TensorReader() as reader:
-            _Pipeline(job, model, sink, manifest, progress, reader).run(todo)
-    except BaseException:
-        if plan.created and not manifest["layers"]:
-            shutil.rmtree(job.output, ignore_errors=True)  # nothing of value was written: leave no trace
-        raise
+        _Pipeline(job, model, sink, manifest, progress, reader).run(todo)
     finish_output(job.output, layout, manifest, source)
     result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
     result.seconds = time.perf_counter() - started

@@ -10,6 +10,8 @@ too little disk) leaves the folder as it was; `OutputPlan.apply` then acts.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,18 @@ class OutputPlan:
         except OSError as exc:
             raise write_error(self.out, exc) from exc
         save_manifest(self.out, self.manifest)  # last: until here a killed run leaves the old ktq.json in charge
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """apply(), then the caller writes; if it fails before a layer is committed into a folder this run
+        created, the folder goes: nothing of value was written, leave no trace."""
+        try:
+            self.apply()
+            yield
+        except BaseException:
+            if self.created and not self.manifest["layers"]:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
 
 
 def _size(path: Path) -> int:
