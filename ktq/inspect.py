@@ -232,9 +232,10 @@ def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
                     cut = slice(p.part * per_part, (p.part + 1) * per_part)
                     w = full[:, cut] if p.proj == "down" else full[cut]
                     err = unpack_dequantize(p.body, p.scales, p.n, p.k, layout.method.bits) - w
+                    w64, err64 = w.astype(np.float64).ravel(), err.astype(np.float64).ravel()  # BLAS dots
                     s = sums[p.proj]
-                    s[0] += float(np.dot(w.ravel().astype(np.float64), w.ravel()))
-                    s[1] += float(np.dot(err.ravel().astype(np.float64), err.ravel()))
+                    s[0] += float(np.dot(w64, w64))
+                    s[1] += float(np.dot(err64, err64))
                     s[2] = max(s[2], float(np.abs(err).max()))
                     limit = np.abs(w).max(axis=1, keepdims=True) * np.float32(bound)
                     s[3] += int(np.count_nonzero(~(np.abs(err) <= limit)))  # NaN counts as beyond

@@ -118,12 +118,17 @@ def _check_kt_tree(found: Found) -> None:
 
 # --- merged shards ----------------------------------------------------------------------------------------------
 
-def _read_tensors(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor of every *.safetensors below path (kt-kernel indexes them recursively)."""
+def _read_tensors(path: Path) -> tuple[dict[str, TensorInfo], list[str]]:
+    """Every tensor of every *.safetensors below path (kt-kernel indexes them recursively), and the files that
+    could not be read (truncated, not safetensors)."""
     tensors: dict[str, TensorInfo] = {}
+    unreadable = []
     for file in sorted(path.rglob("*.safetensors")):
-        tensors.update(read_header(file)[0])
-    return tensors
+        try:
+            tensors.update(read_header(file)[0])
+        except KtqError as exc:
+            unreadable.append(str(exc))
+    return tensors, unreadable
 
 
 def _infer_merged_layout(found: Found) -> Layout:
@@ -217,11 +222,11 @@ def recognise(path: Path) -> Found:
     if manifest is not None:
         found = Found(path, "ktq-output", layout_from_manifest(manifest), manifest)
     elif top_safetensors:
-        tensors = _read_tensors(path)
+        tensors, unreadable = _read_tensors(path)
         if not any(MERGED_TENSOR.match(name) for name in tensors) and (path / "config.json").is_file():
             ckpt = open_checkpoint(path)
             return Found(path, "checkpoint", checkpoint=ckpt)
-        found = Found(path, "kt-output", tensors=tensors)
+        found = Found(path, "kt-output", tensors=tensors, problems=unreadable)
         found.layout = _infer_merged_layout(found)
     elif _kt_layer_dirs(path):
         found = Found(path, "kt-output", layout=_infer_kt_layout(path))
@@ -229,8 +234,8 @@ def recognise(path: Path) -> Found:
         hint = " (config.json but no *.safetensors)" if (path / "config.json").is_file() else ""
         raise KtqError(f"{path} is neither a ktq / kt-kernel output nor a safetensors checkpoint{hint}")
     if found.layout.form == "merged":
-        if not found.tensors:
-            found.tensors = _read_tensors(path)
+        if manifest is not None:
+            found.tensors, found.problems = _read_tensors(path)
         _check_merged(found)
     else:
         _check_kt_tree(found)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Idle OpenMP workers of the Numba kernels sleep instead of spinning: tests alternate small kernels with Python
+# work on a shared 2-core machine, where spinning workers cost a third of the suite's CPU time. Set before any
+# kernel runs (the OpenMP runtime reads it once); the subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden"

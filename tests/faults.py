@@ -144,10 +144,15 @@ class ForkServer:
 
 
 def _serve() -> None:
-    import ktq.cli  # noqa: F401  everything a run needs, imported once
-    import ktq.convert  # noqa: F401
+    import contextlib
+    import io
+
+    import ktq.convert  # noqa: F401  everything a run needs, imported once
+    from ktq.cli import main
     from numba.core.registry import cpu_target
 
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(["cpu", "--help"])  # what Typer imports on first use
     # Numba's lowering and typing registries (most of the time a child would spend loading the kernels from
     # Numba's cache); this compiles and runs nothing, so no OpenMP thread exists when the server forks
     cpu_target.target_context.refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -19,6 +20,9 @@ def inspect(
                                  "error against the source checkpoint SRC per layer and projection."),
 ) -> None:
     """Show what a folder holds and how to serve it; check it byte by byte (--verify) or against its source."""
+    # --compare alternates small parallel kernels with numpy work on this thread: idle OpenMP workers must sleep,
+    # not spin (spinning made it 10-30x slower on a 2-core machine); set before Numba starts its threads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ktq.inspect import inspect as run_inspect
 
     result = run_inspect(path, verify, compare)
@@ -98,9 +102,9 @@ def _render(report: dict) -> None:
                            f"{row['max_abs']:.3g}", snr)
         console.print(errors)
     for note in report["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", soft_wrap=True)
     for problem in report["problems"]:
-        console.print(f"[red]problem:[/red] {problem}")
+        console.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
     if report.get("verified"):
         if report["kind"] == "checkpoint":
             checked = "every header, expert tensor and shape"
