@@ -76,10 +76,8 @@ def _is_partial(path: Path) -> bool:
 def ktq_files(out: Path, manifest: dict) -> list[Path]:
     """Everything in out that ktq wrote for this manifest, or would have: layers, index, copied files,
     temporaries. ktq.json itself is not listed."""
-    layout = layout_from_manifest(manifest)
-    names = {layout.layer_path(layer) for layer in layout.layers}
-    names |= {str(record.get("path")) for record in manifest["layers"].values()}
-    names.add(fmt.INDEX_NAME)
+    layout = layout_from_manifest(manifest)  # its layer paths are those of every record too
+    names = {layout.layer_path(layer) for layer in layout.layers} | {fmt.INDEX_NAME}
     found = [out / name for name in sorted(names) if (out / name).exists()]
     found += sorted(p for pattern in AUX_PATTERNS for p in out.glob(pattern) if p.is_file())
     found += sorted(p for p in out.iterdir() if _is_partial(p))

@@ -192,7 +192,8 @@ def _check_merged(found: Found) -> None:
                                 f"{layout.layer_bytes(layer)} (truncated or damaged)")
     stray = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.safetensors") if p.name not in shards)
     if stray:
-        found.problems.append(f"safetensors files ktq did not write, which kt-kernel would also load: {_examples(stray)}")
+        found.problems.append(f"safetensors files ktq did not write, which kt-kernel would also load: "
+                              f"{_examples(stray)}")
 
 
 def _span(layers: tuple[int, ...]) -> str:

@@ -65,7 +65,8 @@ def _render(report: dict) -> None:
         console.print(table)
     else:
         kind = {"ktq-output": "ktq output", "kt-output": "kt-kernel output without ktq.json"}[report["kind"]]
-        table.add_row("kind", f"{kind}, {'merged safetensors' if report['form'] == 'merged' else 'low-memory .kt tree'}")
+        form = "merged safetensors" if report["form"] == "merged" else "low-memory .kt tree"
+        table.add_row("kind", f"{kind}, {form}")
         table.add_row("method", f"{report['method']} ({report['kt_method']})")
         table.add_row("NUMA parts", str(report["numa"]))
         table.add_row("MoE layers", span)
