@@ -14,36 +14,11 @@ from conftest import GOLDEN
 from test_cli_errors import assert_one_line_error
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    from ktq.sample import write_sample
-
-    return write_sample(tmp_path_factory.mktemp("inspect") / "src", layers=4, experts=4, hidden=256,
-                        moe_intermediate=256, dense_layers=1)
-
-
-def convert(out: Path, source: Path, *extra: str) -> Path:
-    from ktq.cli import main
-
-    with pytest.raises(SystemExit) as done:
-        main(["cpu", "-i", str(source), "-o", str(out), "--threadpool-count", "2", "--quiet", *extra])
-    assert done.value.code == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory, source) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("outputs")
-    return {"merged": convert(base / "merged", source),
-            "kt": convert(base / "kt", source, "--no-merge-safetensor"),
-            "int8": convert(base / "int8", source, "--quant-method", "int8", "--no-merge-safetensor")}
-
-
 @pytest.fixture(params=["merged", "kt"])
-def output(request, outputs, tmp_path) -> tuple[str, Path]:
+def output(request, converted, tmp_path) -> tuple[str, Path]:
     """A private copy of a clean output, to damage."""
     copy = tmp_path / request.param
-    shutil.copytree(outputs[request.param], copy)
+    shutil.copytree(converted[request.param], copy)
     return request.param, copy
 
 
@@ -137,20 +112,20 @@ def test_without_manifest_verify_checks_sizes_and_scales(ktq, output, tmp_path):
     assert_one_line_error(ktq("inspect", out, "--verify"), "Inf or NaN scales", "layer 3 expert 2 gate part 0")
 
 
-def test_files_that_would_confuse_kt_kernel_are_problems(ktq, outputs, tmp_path):
+def test_files_that_would_confuse_kt_kernel_are_problems(ktq, converted, tmp_path):
     tree = tmp_path / "kt"
-    shutil.copytree(outputs["kt"], tree)
+    shutil.copytree(converted["kt"], tree)
     (tree / "extra.safetensors").write_bytes((8).to_bytes(8, "little") + b"{}      ")
     assert_one_line_error(ktq("inspect", tree), "switch kt-kernel to the merged form")
     merged = tmp_path / "merged"
-    shutil.copytree(outputs["merged"], merged)
+    shutil.copytree(converted["merged"], merged)
     (merged / "old").mkdir()
     shutil.copy(merged / "model-00001-of-00003.safetensors", merged / "old" / "stray.safetensors")
     assert_one_line_error(ktq("inspect", merged), "safetensors files ktq did not write", "old/stray.safetensors")
 
 
-def test_a_checkpoint_is_described_with_what_it_converts_to(ktq, source):
-    data = report(ktq, source, "--verify")
+def test_a_checkpoint_is_described_with_what_it_converts_to(ktq, moe_sample):
+    data = report(ktq, moe_sample, "--verify")
     assert (data["kind"], data["layers"], data["experts"], data["hidden"], data["intermediate"]) == \
         ("checkpoint", [1, 2, 3], 4, 256, 256)
     assert data["input_type"] == "bf16" and data["expert_shapes"]["down"] == [256, 256]
@@ -190,27 +165,27 @@ def _reference_error(source: Path, layer: int, proj: str, bits: int, numa: int) 
 
 
 @pytest.mark.parametrize("name,bits", [("kt", 4), ("merged", 4), ("int8", 8)])
-def test_compare_measures_the_error_against_the_source(ktq, source, outputs, name, bits):
-    data = report(ktq, outputs[name], "--compare", source)
+def test_compare_measures_the_error_against_the_source(ktq, moe_sample, converted, name, bits):
+    data = report(ktq, converted[name], "--compare", moe_sample)
     rows = data["compare"]["rows"]
     assert [(r["layer"], r["projection"]) for r in rows] == [(L, p) for L in (1, 2, 3) for p in ("gate", "up", "down")]
     for row in rows:
-        rel, worst = _reference_error(source, row["layer"], row["projection"], bits, 2)
+        rel, worst = _reference_error(moe_sample, row["layer"], row["projection"], bits, 2)
         assert row["relative_rms"] == pytest.approx(rel, rel=1e-5)
         assert row["max_abs"] == pytest.approx(worst, rel=1e-5)
         assert row["snr_db"] == pytest.approx(-20 * math.log10(rel), rel=1e-5)
 
 
-def test_compare_against_another_source_fails(ktq, outputs, tmp_path):
+def test_compare_against_another_source_fails(ktq, converted, tmp_path):
     from ktq.sample import write_sample
 
     other = write_sample(tmp_path / "other", layers=4, experts=4, hidden=256, moe_intermediate=256, dense_layers=1,
                          seed=5)
-    result = ktq("inspect", outputs["kt"], "--compare", other)
+    result = ktq("inspect", converted["kt"], "--compare", other)
     assert_one_line_error(result, "is not the checkpoint this output was converted from")
     assert "more than the format's rounding allows" in result.stdout  # every layer and projection is off
     tree = tmp_path / "no-manifest"
-    shutil.copytree(outputs["kt"], tree)
+    shutil.copytree(converted["kt"], tree)
     (tree / "ktq.json").unlink()
     assert_one_line_error(ktq("inspect", tree, "--compare", other), "layer 1 gate",
                           "more than the format's rounding allows")
