@@ -61,14 +61,13 @@ class CpuResult:
 
 
 class _ExpertSlot:
-    """bf16 bits of one expert's three projections, plus a byte buffer for decoding other dtypes."""
+    """bf16 bits of one expert's three projections, plus the byte buffer its sources decode through."""
 
     def __init__(self, model: MoeModel) -> None:
         g = model.geometry
         self.src = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16)
                     for proj in fmt.PROJECTIONS}
-        biggest = max(s.input_bytes for s in model.layers[0].experts[0].values())
-        self.scratch = np.empty(0 if model.input_type == "bf16" else biggest, np.uint8)
+        self.scratch = np.empty(model.scratch_bytes, np.uint8)
 
 
 def _packed_slot(model: MoeModel, method: fmt.Method, numa: int) -> list[PackedProjection]:
@@ -217,6 +216,8 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     result = CpuResult(job.output, job.method, job.numa, layout.form, [layer.index for layer in todo], kept)
     result.input_bytes = sum(layer.input_bytes for layer in todo)
     with plan.writing(), TensorReader() as reader:
+        for warning in model.warnings:
+            progress.note(f"ktq: warning: {warning}")
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)

@@ -15,6 +15,7 @@ class InputType(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     fp8 = "fp8"
+    int4 = "int4"
 
 
 class QuantMethod(str, Enum):
@@ -26,7 +27,8 @@ def cpu(
     input_path: Path = typer.Option(..., "--input-path", "-i", help="Folder of the source checkpoint."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write (created; an unfinished ktq output "
                                 "there is continued)."),
-    input_type: InputType = typer.Option(None, "--input-type", help="Expert weight dtype; detected when omitted."),
+    input_type: InputType = typer.Option(None, "--input-type", help="How the expert weights are stored (int4: "
+                                         "compressed-tensors pack-quantized); detected when omitted."),
     quant_method: QuantMethod = typer.Option(QuantMethod.int4, "--quant-method", help="AMXINT4 or AMXINT8."),
     cpuinfer_threads: int = typer.Option(None, "--cpuinfer-threads", help="Threads for quantisation "
                                          "[default: all cores]."),
