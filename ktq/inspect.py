@@ -216,7 +216,7 @@ def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
     per_part = layout.intermediate // layout.numa
     slot = packed_slot(layout.pieces)
     src = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16) for proj in fmt.PROJECTIONS}
-    scratch = np.empty(max(s.input_bytes for s in model.layers[0].experts[0].values()), np.uint8)
+    scratch = np.empty(model.scratch_bytes, np.uint8)
     rows = []
     with TensorReader() as tensors, PieceReader(found) as pieces:
         for layer in layout.layers:
