@@ -4,11 +4,13 @@ A folder is a ktq output when it holds ktq.json. ktq writes into a new or empty 
 with the same settings (keeping every committed layer whose files are intact), and refuses anything else. --force
 starts over a ktq output made with other settings by deleting what ktq wrote there, and nothing else; a folder that
 is not a ktq output is never touched. `plan_output` decides without writing, so that a refusal (other settings,
-too little disk) leaves the folder as it was; `OutputPlan.apply` then acts.
+too little disk) leaves the folder as it was; `OutputPlan.writing` then acts.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,27 +42,49 @@ class OutputPlan:
     def freed_bytes(self) -> int:
         return sum(_size(path) for path in self.remove)
 
-    def apply(self) -> None:
-        """Delete what is to be deleted, create the folder, write the starting manifest."""
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Create and lock the folder, delete what is to be deleted, write the starting manifest; then the caller
+        writes. If it fails before a layer is committed into a folder this run created, the folder goes: nothing of
+        value was written, leave no trace."""
         try:
-            for path in self.remove:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(self.out, exc) from exc
-        save_manifest(self.out, self.manifest)  # last: until here a killed run leaves the old ktq.json in charge
+        with _exclusive(self.out):
+            try:
+                _delete(self.remove)
+                save_manifest(self.out, self.manifest)  # last: until here a killed run leaves the old one in charge
+                yield
+            except BaseException:
+                if self.created and not self.manifest["layers"]:
+                    shutil.rmtree(self.out, ignore_errors=True)
+                raise
 
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        """apply(), then the caller writes; if it fails before a layer is committed into a folder this run
-        created, the folder goes: nothing of value was written, leave no trace."""
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One ktq process at a time writes into a folder: a second one would delete the first one's layer in flight
+    as a leftover. The lock is on the folder itself (no lock file to clean up); the kernel drops it when the
+    process ends, however it ends."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         try:
-            self.apply()
-            yield
-        except BaseException:
-            if self.created and not self.manifest["layers"]:
-                shutil.rmtree(self.out, ignore_errors=True)
-            raise
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KtqError(f"another ktq process is writing into {out}: wait until it ends (or stop it), then "
+                           "re-run this command") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _delete(paths: list[Path]) -> None:
+    try:
+        for path in paths:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise write_error(exc.filename, exc) from exc
 
 
 def _size(path: Path) -> int:

@@ -34,9 +34,10 @@ class IoFaults:
 
     def _under_root(self, path: object) -> bool:
         try:
-            return os.path.abspath(os.fspath(path)).startswith(self.root)
+            absolute = os.path.abspath(os.fspath(path))
         except TypeError:  # a file descriptor
             return False
+        return absolute == self.root or absolute.startswith(self.root + os.sep)
 
     def event(self, write=None) -> None:
         self.events += 1

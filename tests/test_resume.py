@@ -211,3 +211,22 @@ def test_disk_check_counts_what_the_run_writes(moe_sample, converted):
         written = sum(len(data) for data in tree_files(out).values())
         estimate = needed_bytes(layout, list(layout.layers), moe_sample if layout.form == "merged" else None)
         assert written <= estimate <= written + (2 << 20), (name, written, estimate)
+
+
+def test_a_second_process_cannot_write_into_the_same_output(ktq, moe_sample, converted, tmp_path):
+    """While one ktq writes into a folder (it holds the lock), another one touches nothing there."""
+    import fcntl
+
+    out = tmp_path / "out"
+    shutil.copytree(converted["kt"], out)
+    shutil.copytree(out / "_layer_3", out / "_layer_3.partial")  # the first process's layer in flight
+    before = tree_files(out)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_one_line_error(ktq(*cpu_args(moe_sample, out, "kt")), "another ktq process is writing into")
+        assert tree_files(out) == before
+    finally:
+        os.close(fd)
+    assert ktq(*cpu_args(moe_sample, out, "kt")).code == 0
+    assert tree_files(out) == tree_files(converted["kt"])
