@@ -12,7 +12,7 @@ from ktq.errors import KtqError
 from ktq.safetensors_io import TensorInfo, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
-FINGERPRINT_SAMPLE = 1 << 16  # bytes read at each end of every shard for the fingerprint
+FINGERPRINT_SAMPLE = 4096  # bytes read in the middle and at the end of every shard for the fingerprint
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack
 from ktq.layout import Layout, expert_pieces
 from ktq.manifest import identity, save_manifest
-from ktq.output import check_disk, finish_output, needed_bytes, plan_output
+from ktq.output import finish_output, plan_output
 from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
 from ktq.sinks import KtTreeSink, MergedSink, PackedProjection, packed_slot
@@ -188,7 +188,8 @@ class _Pipeline:
 
 
 
-def _layout(job: CpuJob, model: MoeModel) -> Layout:
+def layout_of(job: CpuJob, model: MoeModel) -> Layout:
+    """What the job's output holds when it is complete."""
     g = model.geometry
     return Layout("merged" if job.merge else "kt", job.method, job.numa, g.hidden, g.intermediate, g.experts,
                   tuple(layer.index for layer in model.layers))
@@ -202,13 +203,11 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     if job.resume_layer is not None and job.resume_layer not in {layer.index for layer in model.layers}:
         raise KtqError(f"--resume-layer {job.resume_layer} is not a MoE layer of this model "
                        f"(MoE layers: {model.layers[0].index}..{model.layers[-1].index})")
-    layout = _layout(job, model)
+    layout = layout_of(job, model)
     plan = plan_output(job.output, identity(layout, model.input_type, ckpt.fingerprint()), layout, job.force)
     manifest = plan.manifest
-    todo, kept = _layers_to_convert(job, model, manifest)
+    todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.plan
     source = job.input_path if job.merge else None
-    check_disk(job.output, needed_bytes(layout, [layer.index for layer in todo], source), plan.freed_bytes(),
-               job.force, progress.note)
     if plan.restarted:
         progress.note(f"starting {job.output} over (--force): deleting the {len(plan.remove)} files and folders "
                       "ktq wrote there with other settings")

@@ -46,11 +46,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def json_text(data: object) -> str:
+    """How ktq writes every JSON file (so its size can be known before writing)."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
+            f.write(json_text(data))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -21,14 +21,14 @@ from ktq import __version__
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout, layout_from_manifest
-from ktq.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, identity_mismatch, load_manifest, new_manifest,
-                          save_manifest, write_json_atomic)
+from ktq.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, identity_mismatch, json_text, load_manifest,
+                          new_manifest, save_manifest, write_json_atomic)
 from ktq.progress import gb
 
 # Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
 AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*")
-METADATA_RESERVE = 1 << 20  # ktq.json and the index of a small model; large models get their index estimated
+METADATA_RESERVE = 1 << 20  # room for ktq.json (a few hundred bytes per layer)
 
 
 @dataclass
@@ -164,15 +164,6 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def index_bytes(layout: Layout) -> int:
-    """About the size of model.safetensors.index.json (each entry is a name and a shard name on one line)."""
-    if layout.form != "merged":
-        return 0
-    per_layer = sum(len(name) + len(layout.shard_name(layout.layers[0])) + 12
-                    for name, *_ in layout.tensor_entries(layout.layers[0]))
-    return per_layer * len(layout.layers)
-
-
 def aux_files(source: Path | None) -> list[Path]:
     if source is None:
         return []
@@ -192,12 +183,18 @@ def check_disk(out: Path, needed: int, freed: int, force: bool, note) -> None:
     note(f"warning: {message}; starting anyway (--force)")
 
 
+def extra_files_bytes(layout: Layout, source: Path | None) -> int:
+    """Exact bytes of the merged form's index and of the files copied from source (ktq.json aside)."""
+    if layout.form != "merged":
+        return 0
+    index = len(json_text(index_data(layout)).encode())
+    return index + sum(path.stat().st_size for path in aux_files(source))
+
+
 def needed_bytes(layout: Layout, layers: list[int], source: Path | None) -> int:
-    """Bytes a run still writes: the layers to convert, the index and the copied files when merged, ktq.json."""
-    needed = layout.disk_bytes(layers) + METADATA_RESERVE
-    if layout.form == "merged":
-        needed += index_bytes(layout) + sum(p.stat().st_size for p in aux_files(source))
-    return needed
+    """Disk space a run still takes: the layers to convert (whole blocks), the index and the copied files when
+    merged, and room for ktq.json."""
+    return layout.disk_bytes(layers) + extra_files_bytes(layout, source) + METADATA_RESERVE
 
 
 def index_data(layout: Layout) -> dict:

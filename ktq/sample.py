@@ -5,12 +5,15 @@ bit, whatever its sharding. Tensors are generated and written one at a time: a m
 
 Architectures (`--arch`) copy the key layout and config of a real model family; storage (`--dtype`) is bf16, fp16,
 fp8 (block-scaled float8_e4m3fn + weight_scale_inv, as DeepSeek-V3 / MiniMax-M2 / Qwen3-FP8 publish) or int4
-(compressed-tensors pack-quantized routed experts, as Kimi-K2-Thinking publishes).
+(compressed-tensors pack-quantized routed experts, as Kimi-K2-Thinking publishes). A header-only sample has real
+headers and file sizes but no data (sparse files): it stands for a model of any size in tests of what must never
+read tensor data, such as `ktq cpu --dry-run`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ import numpy as np
 from ktq.checkpoint import INDEX_FILE
 from ktq.errors import KtqError
 from ktq.kernels.decode import E4M3_VALUES
-from ktq.safetensors_io import ShardWriter
+from ktq.safetensors_io import ShardWriter, encode_header
 
 # name, shape, role. Roles: "ones" (norm weight), "normal" (other weight, kept in the float dtype), "linear"
 # (a Linear weight: FP8 in FP8 checkpoints), "expert" (a routed expert's Linear weight: FP8 or packed INT4),
@@ -506,6 +509,15 @@ def _shard_plan(tensors: list[list[Entry]], shards: int) -> list[list[list[Entry
     return [shard for shard in plan if shard]
 
 
+def _write_sparse_shard(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
+                        metadata: dict[str, str]) -> None:
+    """The shard's real header, then a hole up to its full size: the file looks complete and holds only zeros."""
+    header = encode_header(entries, metadata)
+    with open(path, "wb") as f:
+        f.write(header)
+    os.truncate(path, len(header) + sum(e[3] for e in entries))
+
+
 def write_tokenizer(out: Path) -> None:
     """A byte-level BPE tokenizer trained on a built-in text, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -552,7 +564,7 @@ def _build(arch: str, shape: SampleShape, dtype: str) -> tuple[dict, list[Tensor
 
 def write_sample(out: Path, arch: str = "qwen3_moe", layers: int = 2, experts: int = 8, hidden: int = 256,
                  moe_intermediate: int = 256, dense_layers: int = 0, dtype: str = "bf16", seed: int = 0,
-                 shards: int = 2, on_tensor: Callable[[int], None] | None = None) -> Path:
+                 shards: int = 2, on_tensor: Callable[[int], None] | None = None, header_only: bool = False) -> Path:
     if not 0 <= dense_layers < layers:
         raise KtqError(f"--dense-layers must be between 0 and {layers - 1} (at least one MoE layer)")
     if min(layers, experts, hidden, moe_intermediate, shards) < 1:
@@ -569,13 +581,17 @@ def write_sample(out: Path, arch: str = "qwen3_moe", layers: int = 2, experts: i
     total = 0
     for k, shard in enumerate(plan, start=1):
         name = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
-        writer = ShardWriter(out / name, [entry for entries in shard for entry in entries], {"format": "pt"})
+        stored = [entry for entries in shard for entry in entries]
+        weight_map.update((entry[0], name) for entry in stored)
+        total += sum(entry[3] for entry in stored)
+        if header_only:
+            _write_sparse_shard(out / name, stored, {"format": "pt"})
+            continue
+        writer = ShardWriter(out / name, stored, {"format": "pt"})
         for entries in shard:
             (tensor, shape, role), storage = next(specs)
             for entry, array in zip(entries, _arrays(_values(tensor, shape, role, seed), storage)):
                 writer.write(entry[0], array)
-                weight_map[entry[0]] = name
-                total += entry[3]
                 if on_tensor:
                     on_tensor(entry[3])
         writer.finish()

@@ -113,3 +113,12 @@ def converted(tmp_path_factory, moe_sample) -> dict[str, Path]:
     return {"merged": convert_in_process(moe_sample, base / "merged"),
             "kt": convert_in_process(moe_sample, base / "kt", "--no-merge-safetensor"),
             "int8": convert_in_process(moe_sample, base / "int8", "--quant-method", "int8", "--no-merge-safetensor")}
+
+
+@pytest.fixture
+def two_numa_nodes(monkeypatch):
+    """This machine looks like one of 2 NUMA nodes to `ktq cpu`, so that converting into 2 parts (the shared sample
+    conversions) brings no warning into the streams a test checks."""
+    import ktq.commands.cpu
+
+    monkeypatch.setattr(ktq.commands.cpu, "numa_nodes", lambda: 2)

@@ -13,6 +13,8 @@ import pytest
 from conftest import GOLDEN
 from test_cli_errors import assert_one_line_error
 
+pytestmark = pytest.mark.usefixtures("two_numa_nodes")
+
 
 @pytest.fixture(params=["merged", "kt"])
 def output(request, converted, tmp_path) -> tuple[str, Path]:

@@ -12,6 +12,8 @@ from conftest import GOLDEN, convert_in_process, tree_files
 from faults import IoFaults
 from test_cli_errors import assert_one_line_error
 
+pytestmark = pytest.mark.usefixtures("two_numa_nodes")
+
 
 def test_merge_equals_the_direct_merged_conversion(ktq, moe_sample, converted, tmp_path):
     result = ktq("merge", converted["kt"], tmp_path / "out", "--original-path", moe_sample, "--quiet")

@@ -15,6 +15,8 @@ from conftest import tree_files
 from faults import ForkServer, IoFaults
 from test_cli_errors import assert_one_line_error
 
+pytestmark = pytest.mark.usefixtures("two_numa_nodes")
+
 FORMS = {"merged": (), "kt": ("--no-merge-safetensor",)}
 KILL_POINTS = 12  # per form, spread over every file-system event of a clean run
 
@@ -122,7 +124,9 @@ def test_real_full_disk(ktq, moe_sample, converted, small_disk):
     assert_one_line_error(refused, "needs", "free", "--force")
     assert not out.exists()  # refused before writing anything
     full = ktq(*cpu_args(moe_sample, out, "kt", "--force"))  # started anyway: the disk fills up during the run
-    assert_one_line_error(full, "disk is full")
+    warning, error = full.stderr.splitlines()
+    assert warning.startswith("ktq: warning: this conversion does not fit") and warning.endswith("(--force)")
+    assert full.code == 2 and error.startswith("ktq: error: cannot write") and "disk is full" in error
     assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]
     kept = json.loads((out / "ktq.json").read_text())["layers"]
     assert len(kept) == 1  # one layer (480 KiB on the disk) fits, the second does not
@@ -134,17 +138,22 @@ def test_real_full_disk(ktq, moe_sample, converted, small_disk):
 @pytest.mark.parametrize("change,mismatch", [(("--threadpool-count", "1"), "numa 2 -> 1"),
                                              (("--quant-method", "int8"), "method 'int4' -> 'int8'"),
                                              (("--no-merge-safetensor",), "form 'merged' -> 'kt'")])
-def test_other_settings_are_refused_and_force_starts_over(ktq, moe_sample, converted, tmp_path, change, mismatch):
+def test_other_settings_are_refused_and_force_starts_over(ktq, moe_sample, converted, tmp_path, change, mismatch,
+                                                          monkeypatch):
+    from ktq.commands import cpu as cpu_command
+
+    numa = change[1] if change[0] == "--threadpool-count" else "2"
+    monkeypatch.setattr(cpu_command, "numa_nodes", lambda: int(numa))  # no warning about the count
     out = tmp_path / "out"
     shutil.copytree(converted["merged"], out)
     (out / "notes.txt").write_text("mine")
-    args = ["cpu", "-i", moe_sample, "-o", out, "--quiet", "--threadpool-count", "2", *change]
+    args = ["cpu", "-i", moe_sample, "-o", out, "--quiet", "--threadpool-count", numa, *change]
     before = tree_files(out)
     assert_one_line_error(ktq(*args), "other settings", mismatch, "--force")
     assert tree_files(out) == before
     assert ktq(*args, "--force").code == 0
     direct = tmp_path / "direct"
-    assert ktq("cpu", "-i", moe_sample, "-o", direct, "--quiet", "--threadpool-count", "2", *change).code == 0
+    assert ktq("cpu", "-i", moe_sample, "-o", direct, "--quiet", "--threadpool-count", numa, *change).code == 0
     assert tree_files(out) == {**tree_files(direct), "notes.txt": b"mine"}  # only ktq's files were replaced
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from ktq.errors import KtqError
 from ktq.system import cpu_cores, numa_nodes
@@ -38,18 +40,24 @@ def cpu(
                                help="Merged safetensors shards, or the low-memory .kt tree."),
     resume_layer: int = typer.Option(None, "--resume-layer", help="Reconvert from this layer on; earlier layers "
                                      "must already be in --output."),
-    force: bool = typer.Option(False, "--force", help="Proceed anyway: start over an output made with other "
-                               "settings (deleting only what ktq wrote there) and start even when the disk looks "
-                               "too small."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan: layers, output size, peak RAM, disk, "
+                                 "time; reads headers only. Exit code 2 when it would not fit."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON on stdout."),
+    force: bool = typer.Option(False, "--force", help="Proceed anyway: run when the plan says it does not fit in "
+                               "RAM or on the disk, and start over an output made with other settings (deleting "
+                               "only what ktq wrote there)."),
 ) -> None:
     """Convert routed experts to kt-kernel's AMXINT4 / AMXINT8 CPU format."""
     import numba
 
     from ktq.convert import CpuJob, convert_cpu
     from ktq.kernels.ktformat import METHODS
+    from ktq.plan import numa_warning, plan_cpu, plan_table
     from ktq.progress import LayerProgress, gb
 
+    if as_json and not dry_run:
+        raise KtqError("--json prints the plan of --dry-run: add --dry-run")
     threads = cpuinfer_threads or cpu_cores()
     if threads < 1:
         raise KtqError("--cpuinfer-threads must be at least 1")
@@ -57,6 +65,25 @@ def cpu(
     job = CpuJob(input_path=input_path, output=output, method=METHODS[quant_method.value],
                  numa=threadpool_count or numa_nodes(), merge=merge,
                  input_type=input_type.value if input_type else None, resume_layer=resume_layer, force=force)
+    if dry_run:
+        plan = plan_cpu(job, threads, measure_time=True)
+        if as_json:
+            typer.echo(json.dumps(plan.to_json(), indent=2))
+        else:
+            Console().print(plan_table(plan))
+        if plan.problems:
+            raise KtqError(f"this conversion would not fit: {'; '.join(plan.problems)}")
+        return
+    problems = plan_cpu(job, threads, measure_time=False).problems  # the plan's objects are dropped here,
+    if problems and not force:  # before the run allocates its own
+        raise KtqError(f"this conversion does not fit: {'; '.join(problems)}; free memory or disk, choose "
+                       "another --output, or pass --force to run anyway")
+    if problems:
+        typer.echo(f"ktq: warning: this conversion does not fit: {'; '.join(problems)}; running anyway (--force)",
+                   err=True)
+    warning = numa_warning(job.numa, numa_nodes())
+    if warning:
+        typer.echo(f"ktq: warning: {warning}", err=True)
     with LayerProgress(quiet=quiet) as progress:
         result = convert_cpu(job, progress)
     if not quiet:

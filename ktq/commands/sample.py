@@ -21,10 +21,12 @@ def sample(
                               "(compressed-tensors pack-quantized experts, as Kimi-K2-Thinking)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same bytes."),
     shards: int = typer.Option(2, "--shards", help="Number of safetensors shards."),
+    header_only: bool = typer.Option(False, "--header-only", help="Real headers and file sizes, no data (sparse "
+                                     "files): a stand-in for a huge model in `ktq cpu --dry-run`."),
 ) -> None:
     """Write a small random checkpoint (for demos, tests and benchmarks)."""
     from ktq.sample import write_sample
 
     write_sample(out, arch=arch, layers=layers, experts=experts, hidden=hidden, moe_intermediate=moe_intermediate,
-                 dense_layers=dense_layers, dtype=dtype, seed=seed, shards=shards)
-    typer.echo(f"wrote sample {arch} checkpoint to {out}")
+                 dense_layers=dense_layers, dtype=dtype, seed=seed, shards=shards, header_only=header_only)
+    typer.echo(f"wrote {'header-only ' if header_only else ''}sample {arch} checkpoint to {out}")
