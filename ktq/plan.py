@@ -25,7 +25,7 @@ from ktq.errors import KtqError
 from ktq.experts import Geometry, MoeModel, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout
-from ktq.manifest import MANIFEST_NAME, identity
+from ktq.manifest import identity, identity_mismatch, load_manifest
 from ktq.measure import Rate, load_kernels, read_rate, rss, stage_rate
 from ktq.progress import gb
 from ktq.output import extra_files_bytes, needed_bytes, plan_output
@@ -126,12 +126,15 @@ def numa_warning(numa: int, machine_numa: int) -> str | None:
 
 
 def _layers_done(job: CpuJob, ckpt: Checkpoint, model: MoeModel, layout: Layout) -> set[int]:
-    """Layers an existing output already holds and the run keeps (unless --resume-layer): as the run itself
-    decides, with other settings counting as a fresh start. A folder the run would refuse is refused here."""
-    if not (job.output / MANIFEST_NAME).is_file():
-        return set()  # nothing to continue (the fingerprint, which reads a little of every shard, is not needed)
+    """Layers an existing output already holds and the run keeps (unless --resume-layer), as the run decides;
+    an output of other settings keeps nothing (the run refuses it, or starts it over with --force)."""
+    existing = load_manifest(job.output) if job.output.is_dir() else None
+    if existing is None:
+        return set()
     ident = identity(layout, model.input_type, ckpt.fingerprint())
-    return {int(layer) for layer in plan_output(job.output, ident, layout, force=True).manifest["layers"]}
+    if identity_mismatch(existing, ident):
+        return set()
+    return {int(layer) for layer in plan_output(job.output, ident, layout, force=False).manifest["layers"]}
 
 
 def _buffers(model: MoeModel, method: fmt.Method, numa: int, items: int) -> tuple[int, int]:
