@@ -10,7 +10,6 @@ re-run of the same command continues after the last committed layer.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,23 +19,20 @@ from threading import Event
 
 import numpy as np
 
-from ktq import __version__
-from ktq.checkpoint import Checkpoint, open_checkpoint
+from ktq.checkpoint import open_checkpoint
 from ktq.errors import KtqError
 from ktq.experts import MoeLayer, MoeModel, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack
-from ktq.manifest import FORMAT, identity_mismatch, load_manifest, save_manifest, write_json_atomic
-from ktq.progress import LayerProgress, gb
+from ktq.layout import Layout, expert_pieces
+from ktq.manifest import identity, save_manifest
+from ktq.output import finish_output, plan_output
+from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
-from ktq.sinks import PARTIAL_SUFFIX, KtTreeSink, MergedSink, PackedProjection
+from ktq.sinks import KtTreeSink, MergedSink, PackedProjection, packed_slot
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
 WRITE_BEHIND = 2  # quantised experts waiting to be written
-
-# Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
-AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*")
 
 
 @dataclass(frozen=True)
@@ -48,6 +44,7 @@ class CpuJob:
     merge: bool = True
     input_type: str | None = None
     resume_layer: int | None = None
+    force: bool = False  # start over an output made with other settings; start even when the disk looks too small
 
 
 @dataclass
@@ -75,13 +72,7 @@ class _ExpertSlot:
 
 def _packed_slot(model: MoeModel, method: fmt.Method, numa: int) -> list[PackedProjection]:
     g = model.geometry
-    slot = []
-    for proj in fmt.PROJECTIONS:
-        n, k = fmt.projection_shape(proj, g.hidden, g.intermediate // numa)
-        for part in range(numa):
-            slot.append(PackedProjection(proj, part, n, k, np.empty(method.body_bytes(n, k), np.uint8),
-                                         np.empty(n, np.float32)))
-    return slot
+    return packed_slot(expert_pieces(method, numa, g.hidden, g.intermediate))
 
 
 def _quantise_expert(expert: dict, slot: _ExpertSlot, packed: list[PackedProjection], method: fmt.Method,
@@ -104,53 +95,8 @@ def _check_alignment(model: MoeModel, method: fmt.Method, numa: int) -> None:
         raise KtqError(problem)
 
 
-def _identity(job: CpuJob, ckpt: Checkpoint, model: MoeModel, form: str) -> dict:
-    g = model.geometry
-    return {"format": FORMAT, "form": form, "method": job.method.name, "kt_method": job.method.kt_method,
-            "numa": job.numa, "hidden": g.hidden, "intermediate": g.intermediate, "experts": g.experts,
-            "input_type": model.input_type, "input_fingerprint": ckpt.fingerprint(),
-            "moe_layers": [layer.index for layer in model.layers]}
-
-
-def _record_intact(out: Path, record: dict) -> bool:
-    path = out / record["path"]
-    if path.is_file():
-        return path.stat().st_size == record["bytes"]
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*.kt")) == record["bytes"]
-    return False
-
-
-def _prepare_output(job: CpuJob, identity: dict) -> tuple[dict, bool]:
-    """The manifest to continue from (fresh or resumed) and whether this run created the folder."""
-    out = job.output
-    if out.exists() and not out.is_dir():
-        raise KtqError(f"--output {out} is a file, not a folder")
-    existing = load_manifest(out) if out.is_dir() else None
-    created = not out.exists()
-    if existing is None:
-        if out.is_dir() and any(out.iterdir()):
-            names = ", ".join(sorted(p.name for p in out.iterdir())[:3])
-            raise KtqError(f"--output {out} already holds files ktq did not write ({names}, ...): "
-                           "choose a new or empty folder")
-        manifest = {**identity, "ktq_version": __version__, "complete": False, "layers": {}}
-    else:
-        mismatch = identity_mismatch(existing, identity)
-        if mismatch:
-            raise KtqError(f"--output {out} holds a ktq conversion with other settings ({mismatch}); "
-                           "choose another --output or delete that folder")
-        manifest = {**existing, **identity, "ktq_version": __version__, "complete": False}
-        manifest["layers"] = {k: r for k, r in existing.get("layers", {}).items() if _record_intact(out, r)}
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"*{PARTIAL_SUFFIX}"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    for stale in out.glob(f".*{PARTIAL_SUFFIX}"):
-        stale.unlink()
-    save_manifest(out, manifest)
-    return manifest, created
-
-
 def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: dict) -> tuple[list[MoeLayer], list[int]]:
+    """The layers to convert now and those kept; --resume-layer N drops N and later ones from the manifest."""
     done = manifest["layers"]
     if job.resume_layer is None:
         todo = [layer for layer in model.layers if str(layer.index) not in done]
@@ -165,18 +111,6 @@ def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: dict) -> tuple[li
             done.pop(str(layer.index), None)
     kept = [layer.index for layer in model.layers if str(layer.index) in done]
     return todo, kept
-
-
-def _check_disk(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out).free
-    if needed > free:
-        raise KtqError(f"the output needs {gb(needed)} more on the disk of {out}, which has {gb(free)} free; "
-                       "free some space or choose another --output")
-
-
-def layer_output_bytes(model: MoeModel, method: fmt.Method, numa: int) -> int:
-    g = model.geometry
-    return g.experts * numa * fmt.part_bytes(method, g.hidden, g.intermediate // numa)
 
 
 class _Pipeline:
@@ -230,6 +164,8 @@ class _Pipeline:
                     reads.append(read_pool.submit(self._read, *items[i], in_slots[i]))
                 for i, (layer, e) in enumerate(items):
                     slot = reads.popleft().result()
+                    if self._stop.is_set():  # the writer failed, the slot may be half read: report its error
+                        break
                     if len(writes) == len(out_slots):
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
@@ -251,31 +187,12 @@ class _Pipeline:
             raise failure
 
 
-def index_document(sink: MergedSink, model: MoeModel) -> dict:
-    """model.safetensors.index.json of a merged output: every tensor's shard, and their total size."""
-    weight_map: dict[str, str] = {}
-    total = 0
-    for layer in model.layers:
-        shard = sink.shard_name(layer.index)
-        for name, _, _, nbytes in sink.tensor_entries(layer.index):
-            weight_map[name] = shard
-            total += nbytes
-    metadata = {"total_size": total, "ktq_version": __version__, "kt_method": sink.method.kt_method,
-                "numa": sink.numa}
-    return {"metadata": metadata, "weight_map": weight_map}
 
-
-def aux_files(source: Path) -> list[Path]:
-    """The source's files that a merged output carries beside the weights."""
-    return [path for pattern in AUX_PATTERNS for path in source.glob(pattern)
-            if path.is_file() and not path.name.endswith(".safetensors")]
-
-
-def _copy_aux_files(source: Path, out: Path) -> None:
-    for path in aux_files(source):
-        tmp = out / f".{path.name}{PARTIAL_SUFFIX}"
-        shutil.copyfile(path, tmp)
-        tmp.replace(out / path.name)
+def layout_of(job: CpuJob, model: MoeModel) -> Layout:
+    """What the job's output holds when it is complete."""
+    g = model.geometry
+    return Layout("merged" if job.merge else "kt", job.method, job.numa, g.hidden, g.intermediate, g.experts,
+                  tuple(layer.index for layer in model.layers))
 
 
 def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
@@ -286,34 +203,25 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     if job.resume_layer is not None and job.resume_layer not in {layer.index for layer in model.layers}:
         raise KtqError(f"--resume-layer {job.resume_layer} is not a MoE layer of this model "
                        f"(MoE layers: {model.layers[0].index}..{model.layers[-1].index})")
-    g = model.geometry
-    if job.merge:
-        sink = MergedSink(job.output, job.method, job.numa, g.hidden, g.intermediate, g.experts,
-                          [layer.index for layer in model.layers])
-    else:
-        sink = KtTreeSink(job.output, job.method, job.numa)
-    manifest, created = _prepare_output(job, _identity(job, ckpt, model, sink.form))
-    try:
-        todo, kept = _layers_to_convert(job, model, manifest)
-        _check_disk(job.output, len(todo) * layer_output_bytes(model, job.method, job.numa))
-        result = CpuResult(job.output, job.method, job.numa, sink.form, [layer.index for layer in todo], kept)
-        result.input_bytes = sum(layer.input_bytes for layer in todo)
+    layout = layout_of(job, model)
+    plan = plan_output(job.output, identity(layout, model.input_type, ckpt.fingerprint()), layout, job.force)
+    manifest = plan.manifest
+    todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.plan
+    source = job.input_path if job.merge else None
+    if plan.restarted:
+        progress.note(f"starting {job.output} over (--force): deleting the {len(plan.remove)} files and folders "
+                      "ktq wrote there with other settings")
+    sink = MergedSink(job.output, layout) if job.merge else KtTreeSink(job.output, layout)
+    result = CpuResult(job.output, job.method, job.numa, layout.form, [layer.index for layer in todo], kept)
+    result.input_bytes = sum(layer.input_bytes for layer in todo)
+    with plan.writing(), TensorReader() as reader:
         for warning in model.warnings:
             progress.note(f"ktq: warning: {warning}")
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
-        with TensorReader() as reader:
-            _Pipeline(job, model, sink, manifest, progress, reader).run(todo)
-    except BaseException:
-        if created and not manifest["layers"]:
-            shutil.rmtree(job.output, ignore_errors=True)  # nothing of value was written: leave no trace
-        raise
-    if job.merge:
-        _copy_aux_files(job.input_path, job.output)
-        write_json_atomic(job.output / fmt.INDEX_NAME, index_document(sink, model))
-    manifest["complete"] = True
-    save_manifest(job.output, manifest)
+        _Pipeline(job, model, sink, manifest, progress, reader).run(todo)
+    finish_output(job.output, layout, manifest, source)
     result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
     result.seconds = time.perf_counter() - started
     return result

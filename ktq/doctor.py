@@ -20,6 +20,8 @@ PACKAGES = ("numpy", "numba", "tokenizers", "torch", "transformers", "accelerate
 REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "cpu": ("numpy", "numba"),
     "sample": ("numpy", "tokenizers"),
+    "merge": ("numpy", "numba"),
+    "inspect": ("numpy", "numba"),
     "gpu": ("torch", "transformers", "accelerate", "llmcompressor", "compressed-tensors", "datasets"),
 }
 GPU_COMMANDS = ("gpu",)  # commands that run on a CUDA GPU and fall back to the CPU without one

@@ -2,7 +2,8 @@
 safetensors headers only (tensor data is never read), plus a fraction of a second of measurement.
 
 - Output size is exact: the format fixes every byte (shard headers, bodies, scales, the index, the copied files);
-  only ktq's own few-KB manifest ktq.json is left out.
+  only ktq's own few-KB manifest ktq.json is left out. The disk it needs counts every file in whole 4 KiB blocks
+  and room for ktq.json.
 - Peak RAM is this process's resident memory once the checkpoint's headers and the kernels are loaded (measured,
   not guessed) plus the buffers the pipeline allocates (counted from its own slot objects): READ_AHEAD expert slots
   of bf16 with their decode buffers and WRITE_BEHIND slots of packed output. Nothing else grows with the model.
@@ -23,11 +24,11 @@ from ktq.convert import CpuJob
 from ktq.errors import KtqError
 from ktq.experts import Geometry, MoeModel, find_experts
 from ktq.kernels import ktformat as fmt
-from ktq.manifest import json_text, load_manifest
+from ktq.layout import Layout
+from ktq.manifest import identity, identity_mismatch, load_manifest
 from ktq.measure import Rate, load_kernels, read_rate, rss, stage_rate
 from ktq.progress import gb
-from ktq.safetensors_io import encode_header
-from ktq.sinks import KtTreeSink, MergedSink
+from ktq.output import extra_files_bytes, needed_bytes, plan_output
 from ktq.system import disk_free, existing_ancestor, numa_nodes, ram_available
 
 
@@ -124,37 +125,16 @@ def numa_warning(numa: int, machine_numa: int) -> str | None:
             f"--kt-threadpool-count {numa}")
 
 
-def _layers_done(job: CpuJob, form: str) -> set[int]:
-    """Layers an existing output of the same settings already holds (the run keeps them unless --resume-layer)."""
-    manifest = load_manifest(job.output) if job.output.is_dir() else None
-    if not manifest or (manifest.get("form"), manifest.get("method"), manifest.get("numa")) != (
-            form, job.method.name, job.numa):
+def _layers_done(job: CpuJob, ckpt: Checkpoint, model: MoeModel, layout: Layout) -> set[int]:
+    """Layers an existing output already holds and the run keeps (unless --resume-layer), as the run decides;
+    an output of other settings keeps nothing (the run refuses it, or starts it over with --force)."""
+    existing = load_manifest(job.output) if job.output.is_dir() else None
+    if existing is None:
         return set()
-    return {int(layer) for layer in manifest.get("layers", {})}
-
-
-def _layer_files_bytes(model: MoeModel, sink, method: fmt.Method, numa: int) -> dict[int, int]:
-    """Bytes of each MoE layer's files: a shard (header + tensors) or a .kt folder."""
-    data = convert.layer_output_bytes(model, method, numa)
-    if not isinstance(sink, MergedSink):
-        return {layer.index: data for layer in model.layers}
-    # A shard's header differs between layers only by the digits of the layer index in its names.
-    header_by_digits: dict[int, int] = {}
-    sizes = {}
-    for layer in model.layers:
-        digits = len(str(layer.index))
-        if digits not in header_by_digits:
-            header_by_digits[digits] = len(encode_header(sink.tensor_entries(layer.index), None))
-        sizes[layer.index] = header_by_digits[digits] + data
-    return sizes
-
-
-def _extra_files_bytes(job: CpuJob, model: MoeModel, sink) -> int:
-    """The index and the copied config / tokenizer files of a merged output."""
-    if not isinstance(sink, MergedSink):
-        return 0
-    index = len(json_text(convert.index_document(sink, model)).encode())
-    return index + sum(path.stat().st_size for path in convert.aux_files(job.input_path))
+    ident = identity(layout, model.input_type, ckpt.fingerprint())
+    if identity_mismatch(existing, ident):
+        return set()
+    return {int(layer) for layer in plan_output(job.output, ident, layout, force=False).manifest["layers"]}
 
 
 def _buffers(model: MoeModel, method: fmt.Method, numa: int, items: int) -> tuple[int, int]:
@@ -189,16 +169,12 @@ def plan_cpu(job: CpuJob, threads: int, measure_time: bool) -> CpuPlan:
     if problem:
         raise KtqError(problem)
     moe_layers = [layer.index for layer in model.layers]
-    if job.merge:
-        sink = MergedSink(job.output, job.method, job.numa, g.hidden, g.intermediate, g.experts, moe_layers)
-    else:
-        sink = KtTreeSink(job.output, job.method, job.numa)
-    done = _layers_done(job, sink.form)
+    layout = convert.layout_of(job, model)
+    done = _layers_done(job, ckpt, model, layout)
     todo = [layer for layer in moe_layers if layer not in done
             or (job.resume_layer is not None and layer >= job.resume_layer)]
     converting = set(todo)
-    layer_bytes = _layer_files_bytes(model, sink, job.method, job.numa)
-    extra = _extra_files_bytes(job, model, sink)
+    source = job.input_path if job.merge else None
     input_bytes = sum(layer.input_bytes for layer in model.layers if layer.index in converting)
     read_buffers, write_buffers = _buffers(model, job.method, job.numa, len(todo) * g.experts)
     # The time probes load every kernel the run uses (their buffers are gone once they return); without them, the
@@ -210,10 +186,10 @@ def plan_cpu(job: CpuJob, threads: int, measure_time: bool) -> CpuPlan:
     machine_numa = numa_nodes()
     plan = CpuPlan(
         input_path=job.input_path, output=job.output, input_type=model.input_type, method=job.method,
-        form=sink.form, numa=job.numa, machine_numa=machine_numa, threads=threads, geometry=g,
+        form=layout.form, numa=job.numa, machine_numa=machine_numa, threads=threads, geometry=g,
         moe_layers=moe_layers, layers=todo, input_bytes=input_bytes,
-        output_bytes=sum(layer_bytes.values()) + extra,
-        disk_needed=sum(layer_bytes[layer] for layer in todo) + extra,
+        output_bytes=sum(layout.layer_bytes(layer) for layer in moe_layers) + extra_files_bytes(layout, source),
+        disk_needed=needed_bytes(layout, todo, source),
         disk_free=disk_free(job.output), disk_path=existing_ancestor(job.output),
         ram=ram, ram_available=ram_available(), time=timing)
     warning = numa_warning(job.numa, machine_numa)

@@ -196,5 +196,10 @@ class ShardWriter:
         return self._hash.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        """Remove the unfinished file; closing may fail again on a full disk (flushing its buffer), ignore that."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self.path.unlink(missing_ok=True)

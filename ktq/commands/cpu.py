@@ -44,8 +44,9 @@ def cpu(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan: layers, output size, peak RAM, disk, "
                                  "time; reads headers only. Exit code 2 when it would not fit."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON on stdout."),
-    force: bool = typer.Option(False, "--force", help="Proceed anyway, e.g. when the plan says the run does not "
-                               "fit in RAM or on the disk."),
+    force: bool = typer.Option(False, "--force", help="Proceed anyway: run when the plan says it does not fit in "
+                               "RAM or on the disk, and start over an output made with other settings (deleting "
+                               "only what ktq wrote there)."),
 ) -> None:
     """Convert routed experts to kt-kernel's AMXINT4 / AMXINT8 CPU format."""
     import numba
@@ -63,7 +64,7 @@ def cpu(
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     job = CpuJob(input_path=input_path, output=output, method=METHODS[quant_method.value],
                  numa=threadpool_count or numa_nodes(), merge=merge,
-                 input_type=input_type.value if input_type else None, resume_layer=resume_layer)
+                 input_type=input_type.value if input_type else None, resume_layer=resume_layer, force=force)
     if dry_run:
         plan = plan_cpu(job, threads, measure_time=True)
         if as_json:
