@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# On the device machine: install the carried wheels, then `ktq gpu --nproc N` (the distributed path) against the plain
+# run on the benchmark sample.   usage: benchmarks/device_ddp.sh WHEELS OUT [NPROCS...]   (default NPROCS: 1)
+set -uo pipefail
+wheels="$1"; out="$2"; shift 2
+nprocs=("${@:-1}")
+mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-index "$wheels"/*.whl 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
+here="$(dirname "$0")"
+python3 "$here/ddp_bench.py" --work /tmp/ddp --out "$out" --nprocs "${nprocs[@]}" --samples 32 --seq 512 \
+  --timeout 400 2>&1 | tail -8
