@@ -10,12 +10,10 @@ Writes results.json (ktq's reports, less per-module losses), table.md and bench.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
-from gpu_bench import calibration_file, gb, log, packed_agreement, run
+from gpu_bench import gb, log, packed_agreement, prepare, run, sample_parser
 
 
 def first_layer(report: dict) -> list[int]:
@@ -23,33 +21,15 @@ def first_layer(report: dict) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = sample_parser(samples=32, timeout=600)
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--moe-intermediate", type=int, default=768)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--scheme", default="W4A16")
-    parser.add_argument("--timeout", type=int, default=600)
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
 
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    log(args.out, f"device: {device} x {torch.cuda.device_count()}; torch {torch.__version__}")
-    model = args.work / "sample"
-    if not model.exists():
-        run([py, "-m", "ktq", "sample", str(model), "--layers", str(args.layers), "--experts", str(args.experts),
-             "--hidden", str(args.hidden), "--moe-intermediate", str(args.moe_intermediate), "--shards", "4"],
-            args.out, args.timeout)
-    data = calibration_file(args.work / "calib.jsonl", args.samples, 2 * args.seq)
+    device, model, data = prepare(args)
     common = ["--model_id", str(model), "--overwrite", "--quant_type", args.scheme, "--dataset", str(data),
               "--num_calibration_samples", str(args.samples), "--max_sequence_length", str(args.seq)]
 
@@ -65,9 +45,8 @@ def main() -> None:
                "peak_gpu_bytes": report["peak_gpu_bytes"],
                "packed_words_identical_to_plain": packed_agreement(plain, out),
                # the first MoE layer's routing depends on no quantised layer: it must match exactly
-               "first_layer_routing_equal": first_layer(report) == first_layer(results["runs"][0]["report"]
-                                                                              | results["runs"][0])
-               if results["runs"] else True,
+               "first_layer_routing_equal": not results["runs"]
+               or first_layer(report) == first_layer(results["runs"][0]),
                "routed_tokens": report["routed_tokens"],
                "report": {k: v for k, v in report.items() if k not in ("gptq_loss", "routed_tokens")}}
         results["runs"].append(row)
@@ -78,7 +57,7 @@ def main() -> None:
              f"experts, hidden {args.hidden}, moe_intermediate {args.moe_intermediate}; {args.samples} samples x "
              f"{args.seq} tokens, GPTQ {args.scheme}", "",
              "| run | ranks | total s | load s | quantize s | save s | quantize per rank s | speedup (total) | "
-             "GPU peak rank 0 | identical packed words | first MoE layer routing equal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GPU peak rank 0 | identical packed words | first MoE layer routing equal |", "|---" * 11 + "|"]
     for r in results["runs"]:
         per_rank = " / ".join(f"{s.get('quantize', 0):.1f}" for s in r["rank_stages"]) or "-"
         lines.append(f"| {r['run']} | {r['world_size']} | {r['seconds']:.1f} | {r['stages'].get('load', 0):.1f} | "

@@ -3,7 +3,6 @@ single-process one, the report, rank-0-only output, and a failing rank ending th
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ktq_subprocess
-from gpu_models import chat_rows, run_ktq, sample_moe, write_jsonl
+from gpu_models import chat_rows, report, run_ktq, sample_moe, tensors, write_jsonl
 from ktq.gpu.distributed import in_torchrun, options_from_json, options_to_json
 from ktq.gpu.options import GpuOptions
-from ktq.safetensors_io import TensorReader, read_header
+from ktq.safetensors_io import TensorReader
 
 RUN = ("--num_calibration_samples", 8, "--max_sequence_length", 64, "--quant_type", "W4A16")
 TIMEOUT = 120  # a rank left waiting in a collective would hang the test run instead of failing it
@@ -51,17 +50,6 @@ def two_ranks(src, chat, work):
                             "--nproc", 2, *RUN, timeout=TIMEOUT)
     assert result.code == 0, result.stderr
     return out, result
-
-
-def tensors(folder: Path) -> dict:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(read_header(shard)[0])
-    return out
-
-
-def report(folder: Path) -> dict:
-    return json.loads((folder / "ktq_gpu_report.json").read_text())
 
 
 def test_two_gloo_ranks_write_what_one_process_writes(single, two_ranks):
