@@ -53,17 +53,17 @@ def options_from_json(text: str) -> GpuOptions:
 
 def launch(opts: GpuOptions, nproc: int, debug: bool) -> None:
     """Run `opts` on `nproc` local worker processes; returns when all have finished, raises KtqError if one failed."""
+    if nproc < 1:
+        raise KtqError("--nproc must be at least 1")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if nproc < 1:
-        raise KtqError("--nproc must be at least 1")
     # the agent logs every start, stop and failure; ktq says what matters itself
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL if not debug else logging.INFO)
-    env = {ERROR_DIR_VARIABLE: "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
-           or str(max(1, (os.cpu_count() or 1) // nproc))}  # else every worker starts a thread per core
     with tempfile.TemporaryDirectory(prefix="ktq-dist-") as work:
-        env[ERROR_DIR_VARIABLE] = work
+        # without OMP_NUM_THREADS every worker would start a thread per core
+        env = {ERROR_DIR_VARIABLE: work,
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))}
         options_file = Path(work) / "options.json"
         options_file.write_text(options_to_json(opts))
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ktq-{uuid.uuid4().hex[:8]}",
