@@ -76,7 +76,8 @@ def gb(value) -> str:
     return "n/a" if value is None else f"{value / 1e9:.2f} GB"
 
 
-def main() -> None:
+def sample_parser(samples: int, timeout: int) -> argparse.ArgumentParser:
+    """The options of the sample model, calibration set and output folders, shared by the GPU benchmarks."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -84,26 +85,38 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--moe-intermediate", type=int, default=768)
-    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=samples)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--schemes", nargs="+", default=["W4A16", "W8A16"])
-    parser.add_argument("--timeout", type=int, default=900)
-    args = parser.parse_args()
+    parser.add_argument("--timeout", type=int, default=timeout)
+    return parser
+
+
+def prepare(args) -> tuple[str, Path, Path]:
+    """Device name, sample model (written once into --work) and calibration file; logs the device."""
+    import torch
+
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    log(args.out, f"device: {device} x {torch.cuda.device_count()}; torch {torch.__version__}")
+    model = args.work / "sample"
+    if not model.exists():
+        _, wall = run([sys.executable, "-m", "ktq", "sample", str(model), "--layers", str(args.layers), "--experts",
+                       str(args.experts), "--hidden", str(args.hidden), "--moe-intermediate",
+                       str(args.moe_intermediate), "--shards", "4"], args.out, args.timeout)
+        log(args.out, f"sample written in {wall:.1f} s")
+    return device, model, calibration_file(args.work / "calib.jsonl", args.samples, 2 * args.seq)
+
+
+def main() -> None:
+    parser = sample_parser(samples=128, timeout=900)
+    parser.add_argument("--schemes", nargs="+", default=["W4A16", "W8A16"])
+    args = parser.parse_args()
     py = sys.executable
 
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    log(args.out, f"device: {device}; torch {torch.__version__}")
-    model = args.work / "sample"
-    if not model.exists():
-        _, wall = run([py, "-m", "ktq", "sample", str(model), "--layers", str(args.layers), "--experts",
-                       str(args.experts), "--hidden", str(args.hidden), "--moe-intermediate",
-                       str(args.moe_intermediate), "--shards", "4"], args.out, args.timeout)
-        log(args.out, f"sample written in {wall:.1f} s")
-    data = calibration_file(args.work / "calib.jsonl", args.samples, 2 * args.seq)
+    device, model, data = prepare(args)
 
     results = {"device": device, "torch": torch.__version__, "model": vars(args) | {"work": str(args.work),
                "out": str(args.out)}, "runs": []}

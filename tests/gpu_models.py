@@ -56,6 +56,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tensors(folder: Path) -> dict:
+    """Every tensor's header entry over the checkpoint's shards."""
+    from ktq.safetensors_io import read_header
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(read_header(shard)[0])
+    return out
+
+
+def report(folder: Path) -> dict:
+    return json.loads((folder / "ktq_gpu_report.json").read_text())
+
+
 def run_ktq(*args: object) -> int:
     """`ktq ARGS` in this process (the llm-compressor import is paid once per test session); the exit code."""
     from ktq.cli import main

@@ -70,6 +70,7 @@ def test_non_moe_model(tmp_path, chat, ktq):
     ("--ignore_patterns", "re:(unclosed", "is not a valid regular expression"),
     ("--dampening_frac", "1.5", "--dampening_frac must be between 0 and 1"),
     ("--num_calibration_samples", "0", "--num_calibration_samples must be at least 1"),
+    ("--nproc", "0", "--nproc must be at least 1"),
 ])
 def test_bad_option_values(src, chat, tmp_path, option, value, fragment):
     result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu_models import chat_rows, deepseek_moe, run_ktq, sample_moe, write_jsonl
-from ktq.safetensors_io import TensorReader, read_header
+from gpu_models import chat_rows, deepseek_moe, report, run_ktq, sample_moe, tensors, write_jsonl
+from ktq.safetensors_io import TensorReader
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 MOE_LAYERS = (1, 2)  # the sample has 3 layers, layer 0 dense
@@ -47,17 +47,6 @@ def gptq_w8(src, chat, work) -> Path:
 @pytest.fixture(scope="module")
 def rtn_w4(src, chat, work) -> Path:
     return quantize(src, work / "rtn-w4", chat, "--quant-method", "RTN", "--quant-type", "W4A16")
-
-
-def tensors(folder: Path) -> dict:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(read_header(shard)[0])
-    return out
-
-
-def report(folder: Path) -> dict:
-    return json.loads((folder / "ktq_gpu_report.json").read_text())
 
 
 @pytest.mark.parametrize("scheme, bits", [("gptq_w8", 8), ("rtn_w4", 4)])

@@ -72,6 +72,8 @@ def gpu(
                            "complete."),
     no_memory_check: bool = _opt(False, "--no_memory_check", "--force", help="Run even when the plan says it will "
                                  "not fit (--force, as in ktq cpu)."),
+    nproc: Optional[int] = _opt(None, "--nproc", help="Run on this many processes through torch.distributed, "
+                                "one per GPU (gloo on the CPU); inside torchrun ktq joins its job instead."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan, progress or summary output."),
 ) -> None:
     """Quantise a MoE checkpoint's routed experts to GPTQ W4A16/W8A16 (compressed-tensors) for the GPU side."""
@@ -85,10 +87,16 @@ def gpu(
         max_cpu_memory=parse_size(max_cpu_memory, "--max_cpu_memory"), force_cpu=force_cpu, dry_run=dry_run,
         overwrite=overwrite, no_memory_check=no_memory_check, quiet=quiet,
     ).validate()
+    from ktq.gpu import distributed
     from ktq.gpu.devices import prepare_environment
 
     debug = bool(ctx.find_root().params.get("debug"))
     prepare_environment(force_cpu, debug)  # before the import below: it is the first to load torch
-    from ktq.gpu.run import run_gpu
+    if distributed.in_torchrun():
+        distributed.run_as_rank(opts, debug)
+    elif nproc is not None:
+        distributed.launch(opts, nproc, debug)
+    else:
+        from ktq.gpu.run import run_gpu
 
-    run_gpu(opts, debug=debug)
+        run_gpu(opts, debug=debug)

@@ -48,7 +48,7 @@ class GpuProgress:
                                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
         self._progress.start()
         self._calib = self._progress.add_task("calibrating", total=layers * samples)
-        self._gptq = self._progress.add_task("GPTQ modules", total=modules)
+        self._gptq = self._progress.add_task("GPTQ modules", total=modules) if modules else None
 
     def sample(self, layer: int) -> None:
         """One calibration sample went through decoder layer `layer` (0-based)."""
@@ -62,7 +62,7 @@ class GpuProgress:
             self._progress.advance(self._calib)
 
     def module_done(self) -> None:
-        if self._progress is not None:
+        if self._gptq is not None:
             self._progress.advance(self._gptq)
 
     def note(self, message: str) -> None:

@@ -26,7 +26,9 @@ class Report:
     plan: dict
     ignore_patterns: list[str]
     ktq_version: str = __version__
-    stages: dict[str, float] = field(default_factory=dict)  # seconds, in order
+    stages: dict[str, float] = field(default_factory=dict)  # seconds, in order (rank 0's in a distributed run)
+    world_size: int = 1  # processes of a distributed run (torch.distributed), 1 for a plain run
+    rank_stages: list[dict[str, float]] = field(default_factory=list)  # each rank's stages up to quantize
     calibration_samples: int = 0
     calibration_tokens: int = 0
     quantized_modules: int = 0
@@ -60,6 +62,9 @@ class Report:
         total = sum(self.stages.values())
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items())
         lines = [f"stages: {stages} (total {total:.1f} s)"]
+        if self.rank_stages:
+            lines.append(f"ranks: {self.world_size}; quantize per rank " + ", ".join(
+                f"{stages.get('quantize', 0):.1f} s" for stages in self.rank_stages))
         kept = ", ".join(f"{n} {reason}" for reason, n in self.ignored_modules.items()) or "none"
         lines.append(f"modules: {self.quantized_modules} quantised ({self.quant_method} {self.quant_type}); "
                      f"kept: {kept}")

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import ExitStack
 import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from compressed_tensors.utils import patch_attr
 from loguru import logger
 from rich.console import Console
 
@@ -46,6 +48,14 @@ _EXPECTED_WARNINGS = ("MoE is being linearized after loading", "No accelerator a
 class World:
     rank: int = 0
     size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        """A member of a torch.distributed process group (even of one process, with --nproc 1)."""
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +72,7 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     rules = ignore_rules(layout, opts.ignore_patterns)
     report = Report(model_id=opts.model_id, output_dir=str(opts.output_dir), quant_method=opts.quant_method,
                     quant_type=opts.quant_type, options=_jsonable(asdict(opts)), plan={},
-                    ignore_patterns=[r.pattern for r in rules])
+                    ignore_patterns=[r.pattern for r in rules], world_size=world.size)
     with report.stage("plan"):
         meta = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
         plan = make_plan(opts, config, meta, layout, rules, detect_device(), available_cpu_memory())
@@ -103,7 +113,7 @@ def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, repor
         if plan.device.is_gpu:
             torch.cuda.reset_peak_memory_stats(0)
         with report.stage("load"):
-            model = load_model(opts, plan, config_object)
+            model = load_model(opts, plan, config_object, world)
             tokenizer = load_tokenizer(opts)
         dataset = None
         if opts.calibrated:
@@ -113,9 +123,17 @@ def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, repor
                                               opts.random_seed)
             report.calibration_samples = len(dataset)
             report.calibration_tokens = sum(len(ids) for ids in dataset["input_ids"])
+            if world.distributed:
+                from ktq.gpu.distributed import rank_share
+
+                dataset = rank_share(dataset, world)
         observer = CalibrationObserver(model, progress)
         with report.stage("quantize"):
-            quantize(model, tokenizer, dataset, opts, plan, rules, observer, progress)
+            quantize(model, tokenizer, dataset, opts, plan, rules, observer, progress, world)
+        if world.distributed:
+            from ktq.gpu.distributed import gather_results
+
+            gather_results(observer, report)
         report.gptq_loss = observer.losses
         report.routed_tokens = observer.routed
         report.unrouted_experts = observer.unrouted()
@@ -126,9 +144,10 @@ def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, repor
                 "tensor per expert projection, as llm-compressor 0.14 saves quantised experts (compressed-tensors "
                 "0.19 cannot pack fused experts); transformers 5.17 reads that layout back only for architectures "
                 "with a per-expert loading rule (qwen2/3_moe, deepseek, ...), not e.g. qwen3_vl_moe")
-        if world.is_main:
-            with report.stage("save"):
-                save(model, tokenizer, opts, staging)
+        # every rank takes part in a distributed save (compression is shared out, offloaded weights live in memory
+        # shared between the ranks); only rank 0 writes
+        with report.stage("save"):
+            save(model, tokenizer, opts, staging or _staging_path(opts.output_dir), world)
         if plan.device.is_gpu:
             report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(0))
 
@@ -143,15 +162,24 @@ def read_config(opts: GpuOptions):
         raise KtqError(f"cannot read the config of --model_id {opts.model_id}: {first}") from exc
 
 
-def load_model(opts: GpuOptions, plan: Plan, config):
-    """The weights on the planned devices, fused experts split into one Linear per expert projection."""
-    from compressed_tensors.offload import from_accelerate
+def load_model(opts: GpuOptions, plan: Plan, config, world: World = World()):
+    """The weights on the planned devices, fused experts split into one Linear per expert projection. In a
+    distributed run rank 0 reads the checkpoint, the other ranks start on the meta device and receive the weights
+    from it (compressed-tensors' load_offloaded_model)."""
+    from contextlib import nullcontext
+
+    from compressed_tensors.offload import from_accelerate, load_offloaded_model
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
     kwargs = {"dtype": getattr(torch, opts.torch_dtype), "trust_remote_code": opts.trust_remote_code}
     if plan.device_map is not None:
         kwargs["device_map"] = plan.device_map
-    model = auto_model_class(config).from_pretrained(opts.model_id, **kwargs)
+    model_class = auto_model_class(config)
+    if world.distributed:
+        # the plan's budgets; without them load_offloaded_model asks for an accelerator, which the CPU lacks
+        kwargs["max_memory"] = {"cpu": plan.cpu_budget} | ({0: plan.gpu_budget} if plan.device.is_gpu else {})
+    with load_offloaded_model(model_class) if world.distributed else nullcontext():
+        model = model_class.from_pretrained(opts.model_id, **kwargs)
     if hasattr(model, "hf_device_map"):
         # before linearising: compressed-tensors' offloading onloads a CPU-resident expert when it is read,
         # accelerate's hooks only around forward
@@ -168,15 +196,17 @@ def load_tokenizer(opts: GpuOptions):
     return AutoTokenizer.from_pretrained(opts.model_id, trust_remote_code=opts.trust_remote_code)
 
 
-def quantize(model, tokenizer, dataset, opts: GpuOptions, plan: Plan, rules, observer, progress) -> None:
+def quantize(model, tokenizer, dataset, opts: GpuOptions, plan: Plan, rules, observer, progress,
+             world: World = World()) -> None:
     from llmcompressor import oneshot
 
     recipe = build_recipe(opts.quant_method, opts.quant_type, rules, opts.dampening_frac,
                           plan.gptq_batch if plan.device.is_gpu else 1)
     layers = [module for _, module in decoder_layers(model)]
-    samples = len(dataset) if dataset is not None else 0
+    samples = len(dataset) if dataset is not None else 0  # this rank's share in a distributed run
+    # GPTQ modules are counted only in a single process: which rank quantises which is decided after calibration
     progress.start(layers=len(layers) if samples else 0, samples=samples,
-                   modules=plan.quantized if opts.calibrated else 0)
+                   modules=plan.quantized if opts.calibrated and world.size == 1 else 0)
     if not opts.calibrated:
         progress.note(f"quantising {plan.quantized} Linears with round-to-nearest")
     with observer.watching(layers):
@@ -201,8 +231,10 @@ def _linear_reasons(model, rules) -> list[str | None]:
     return reasons
 
 
-def save(model, tokenizer, opts: GpuOptions, staging: Path) -> None:
+def save(model, tokenizer, opts: GpuOptions, staging: Path, world: World = World()) -> None:
     model.save_pretrained(staging, save_compressed=True, max_shard_size=SAVE_SHARD)
+    if not world.is_main:
+        return
     source = Path(opts.model_id).expanduser()
     if source.is_dir():
         _copy_side_files(source, staging)
@@ -219,9 +251,13 @@ def _copy_side_files(source: Path, staging: Path) -> None:
             shutil.copy2(path, staging / path.name)
 
 
-def _staging_folder(output_dir: Path) -> Path:
+def _staging_path(output_dir: Path) -> Path:
     output_dir = output_dir.expanduser()
-    staging = output_dir.parent / f".{output_dir.name}.ktq-partial"
+    return output_dir.parent / f".{output_dir.name}.ktq-partial"
+
+
+def _staging_folder(output_dir: Path) -> Path:
+    staging = _staging_path(output_dir)
     if staging.exists():  # left by an interrupted run
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -251,11 +287,17 @@ class _llmcompressor_logs:
         self._ids: list[int] = []
         self._python_warnings = warnings.catch_warnings(record=True)
         self._caught: list = []
+        self._patches = ExitStack()
 
     def __enter__(self):
         import llmcompressor  # noqa: F401  (registers loguru's METRIC level and its stdout sink, removed next)
+        import llmcompressor.entrypoints.utils as entrypoints
         import transformers
 
+        # in a distributed run oneshot would replace every loguru sink with its own, on stdout, for every rank
+        self._patches.enter_context(patch_attr(entrypoints, "configure_distributed_logger", lambda *a, **k: None))
+        if not self.debug:
+            _silence_distributed_tqdm(self._patches)
         logger.remove()
         fmt = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {function} | {level} - {message}"
         if self.staging is not None:
@@ -282,6 +324,22 @@ class _llmcompressor_logs:
             self._warning(f"{caught.category.__name__}: {caught.message}")
         for handler in self._ids:
             logger.remove(handler)
+        self._patches.close()
+
+
+def _silence_distributed_tqdm(patches: ExitStack) -> None:
+    """compressed-tensors shows these bars in a distributed run whatever TQDM_DISABLE says (it passes disable=);
+    ktq draws its own progress, on rank 0 only."""
+    from compressed_tensors.distributed import module_parallel
+    from compressed_tensors.offload import dispatch
+    from compressed_tensors.quantization.lifecycle import apply
+    from tqdm import tqdm
+
+    def silent(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    for module in (module_parallel, apply, dispatch):
+        patches.enter_context(patch_attr(module, "tqdm", silent))
 
 
 def _jsonable(options: dict) -> dict:
