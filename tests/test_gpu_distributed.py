@@ -74,7 +74,17 @@ def test_two_gloo_ranks_write_what_one_process_writes(single, two_ranks):
                 assert x.tobytes() == y.tobytes(), name  # untouched tensors, bit for bit
     assert same / total > 0.97
     one, two = report(single), report(out)
-    assert two["routed_tokens"] == one["routed_tokens"]  # every sample seen once, none twice
+    routed_one, routed_two = one["routed_tokens"], two["routed_tokens"]
+    assert routed_two.keys() == routed_one.keys()
+    # every sample seen once, none twice: each layer routes as many tokens as in the single run
+    assert {k: sum(v) for k, v in routed_two.items()} == {k: sum(v) for k, v in routed_one.items()}
+    # the first MoE layer sees only unquantised layers: identical routing; later layers see the quantised
+    # experts above them, whose rounding may differ (Hessian summation order), so a token may switch expert
+    by_depth = sorted(routed_one, key=lambda name: int(name.split(".layers.")[1].split(".")[0]))
+    assert routed_two[by_depth[0]] == routed_one[by_depth[0]]
+    for name in by_depth[1:]:
+        tokens = sum(routed_one[name])
+        assert max(abs(a - b) for a, b in zip(routed_one[name], routed_two[name])) <= 0.01 * tokens, name
     assert two["gptq_loss"].keys() == one["gptq_loss"].keys()
     for name, loss in one["gptq_loss"].items():
         assert two["gptq_loss"][name] == pytest.approx(loss, rel=0.05, abs=1e-3), name
