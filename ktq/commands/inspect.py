@@ -69,7 +69,8 @@ def _render(report: dict) -> None:
         table.add_row("kind", f"{kind}, {form}")
         table.add_row("method", f"{report['method']} ({report['kt_method']})")
         machine = report["machine_numa_nodes"]
-        table.add_row("NUMA parts", f"{report['numa']} (this machine: {machine} NUMA node{'s' if machine != 1 else ''})")
+        nodes = f"{machine} NUMA node{'s' if machine != 1 else ''}"
+        table.add_row("NUMA parts", f"{report['numa']} (this machine: {nodes})")
         table.add_row("MoE layers", span)
         table.add_row("experts", f"{report['experts']} per layer")
         table.add_row("hidden / intermediate", f"{report['hidden']} / {report['intermediate']} "
