@@ -3,8 +3,11 @@ elsewhere, one tensor at a time)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +83,24 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a checkpoint's description is built and used (a decorator
+    too).
+
+    At DeepSeek-V3 scale that description is hundreds of thousands of small objects (92k tensors, 44k expert
+    projections), none of them garbage, and the collector would walk all of them again and again as they pile up
+    and while they live: half the time of building them, and 0.5 s of a dry run after that (measured)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@collector_paused()
 def open_checkpoint(path: Path) -> Checkpoint:
     if not path.is_dir():
         raise KtqError(f"input path {path} is not a folder")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ktq.checkpoint import Checkpoint
+from ktq.checkpoint import Checkpoint, collector_paused
 from ktq.errors import KtqError
 from ktq.kernels.decode import fp8_blocks_to_bf16, fp16_to_bf16, packed_int_to_bf16, transpose_u16
 from ktq.kernels.ktformat import PROJECTIONS
@@ -63,7 +63,7 @@ class Geometry:
     experts: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: built once per projection (44k in DeepSeek-V3), twice as fast
 class ProjectionSource:
     """One projection of one expert: its shape (rows, cols), the bytes it reads, and how to decode them."""
 
@@ -351,14 +351,16 @@ def _scan(ckpt: Checkpoint) -> tuple[str, str, dict, dict]:
     layouts: dict[tuple[str, str], str] = {}  # (prefix, block) -> an example key
     for name, info in ckpt.tensors.items():
         match = _PER_EXPERT_KEY.match(name)
-        if match and match["name"] in _PROJECTION_NAMES[match["block"]]:
-            if match["param"] not in _STORAGE_PARAMS:
-                raise KtqError(f"expert tensor {name}: ktq does not read '{match['param']}' tensors; it reads "
-                               f"expert weights stored as {', '.join(INPUT_TYPES.values())}")
-            layouts.setdefault((match["prefix"], match["block"]), name)
-            proj = _PROJECTION_NAMES[match["block"]][match["name"]]
-            per_expert.setdefault((int(match["layer"]), int(match["expert"]), proj), {})[match["param"]] = info
-            continue
+        if match:  # one group tuple, not a look-up per group: this loop sees every tensor (92k for DeepSeek-V3)
+            prefix, layer, block, expert, checkpoint_name, param = match.groups()
+            proj = _PROJECTION_NAMES[block].get(checkpoint_name)
+            if proj is not None:
+                if param not in _STORAGE_PARAMS:
+                    raise KtqError(f"expert tensor {name}: ktq does not read '{param}' tensors; it reads expert "
+                                   f"weights stored as {', '.join(INPUT_TYPES.values())}")
+                layouts.setdefault((prefix, block), name)
+                per_expert.setdefault((int(layer), int(expert), proj), {})[param] = info
+                continue
         match = _FUSED_KEY.match(name)
         if match:
             layouts.setdefault((match["prefix"], "fused"), name)
@@ -461,6 +463,7 @@ def _fused_model(ckpt: Checkpoint, prefix: str, found: dict, g: Geometry, layer_
     return MoeModel(g, layers, _check_input_type(kinds, requested))
 
 
+@collector_paused()
 def find_experts(ckpt: Checkpoint, requested_type: str | None = None) -> MoeModel:
     """The model's MoE layers with every expert's projections, checked for completeness, shapes and storage."""
     prefix, block, per_expert, fused = _scan(ckpt)

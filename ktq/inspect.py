@@ -30,7 +30,7 @@ from ktq.output import index_data
 from ktq.safetensors_io import TensorReader
 from ktq.scan import Found, PieceReader, recognise
 from ktq.sinks import packed_slot
-from ktq.system import cpu_cores
+from ktq.system import cpu_cores, numa_nodes
 
 HASH_CHUNK = 8 << 20
 # |source - dequantised| of a correct conversion never exceeds this many row-amax (§2 of kt-format.md): INT8 rounds
@@ -77,7 +77,18 @@ def _output_report(found: Found) -> dict:
         "manifest": manifest,
         "serve": {"kt_method": layout.method.kt_method, "kt_weight_path": str(found.path.resolve()),
                   "kt_threadpool_count": layout.numa},
+        "machine_numa_nodes": numa_nodes(),
     }
+
+
+def _numa_warning(numa: int, machine_numa: int) -> str | None:
+    """None when the output's NUMA parts match this machine's nodes."""
+    if numa == machine_numa:
+        return None
+    return (f"this output is split into {numa} NUMA part{'s' if numa != 1 else ''} and this machine has "
+            f"{machine_numa} NUMA node{'s' if machine_numa != 1 else ''}: serve it here with --kt-threadpool-count "
+            f"{numa} all the same (any other count reads it wrongly), or convert again with --threadpool-count "
+            f"{machine_numa}")
 
 
 def _checkpoint_report(found: Found) -> dict:
@@ -261,6 +272,8 @@ def inspect(path: Path, do_verify: bool = False, source: Path | None = None) -> 
         result.problems += problems
     report["problems"] = result.problems
     report["notes"] = found.notes
+    warning = _numa_warning(report["numa"], report["machine_numa_nodes"]) if found.is_output else None
+    report["warnings"] = [warning] if warning else []
     if source is not None:
         report["compare"] = {"source": str(source.resolve()), "rows": result.comparison}
     if do_verify:

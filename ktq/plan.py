@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktq import convert
-from ktq.checkpoint import Checkpoint, open_checkpoint
+from ktq.checkpoint import Checkpoint, collector_paused, open_checkpoint
 from ktq.convert import CpuJob
 from ktq.errors import KtqError
 from ktq.experts import Geometry, MoeModel, find_experts
@@ -159,6 +159,7 @@ def _time(ckpt: Checkpoint, model: MoeModel, method: fmt.Method, numa: int, firs
     return TimeEstimate(read, stage_rate(layer.experts[0]["gate"], method, numa), input_bytes)
 
 
+@collector_paused()  # all of it: once the collector runs again, its next passes walk all that the headers made
 def plan_cpu(job: CpuJob, threads: int, measure_time: bool) -> CpuPlan:
     """The plan of `ktq cpu` for job; the Numba thread count must already be set. measure_time adds the
     time estimate (a fraction of a second of reading and quantising)."""

@@ -36,7 +36,7 @@ DTYPES: dict[str, tuple[int, type]] = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: built once per tensor (92k in DeepSeek-V3), twice as fast
 class TensorInfo:
     name: str
     path: Path

@@ -117,8 +117,10 @@ def converted(tmp_path_factory, moe_sample) -> dict[str, Path]:
 
 @pytest.fixture
 def two_numa_nodes(monkeypatch):
-    """This machine looks like one of 2 NUMA nodes to `ktq cpu`, so that converting into 2 parts (the shared sample
-    conversions) brings no warning into the streams a test checks."""
+    """This machine looks like one of 2 NUMA nodes to `ktq cpu` and `ktq inspect`, so that converting into 2 parts
+    (the shared sample conversions) and inspecting the result bring no warning into the streams a test checks."""
     import ktq.commands.cpu
+    import ktq.inspect
 
     monkeypatch.setattr(ktq.commands.cpu, "numa_nodes", lambda: 2)
+    monkeypatch.setattr(ktq.inspect, "numa_nodes", lambda: 2)

@@ -125,3 +125,35 @@ def test_dry_run_writes_nothing(src, chat, tmp_path, ktq):
     assert result.code == 0, result.stderr
     assert "ktq gpu plan: GPTQ W4A16 on cpu" in result.stderr and "Hessians" in result.stderr
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_json_is_the_plan_on_stdout(src, chat, tmp_path, ktq):
+    result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat, "--dry-run", "--json",
+                 "--quant-type", "W4A16")
+    assert result.code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["command"], plan["model_id"], plan["quant_method"], plan["quant_type"]) == \
+        ("gpu", str(src), "GPTQ", "W4A16")
+    # 2 MoE layers of 8 experts x gate/up/down, hidden = moe_intermediate = 128: one layer's Hessians at a time
+    assert plan["num_layers"] == 2 and plan["quantized_linears"] == 2 * 24
+    assert plan["hessian_linears"] == 24 and plan["hessian_bytes"] == 24 * 4 * 128 * 128
+    assert plan["ignored_linears"] == {"attention": 8, "lm_head": 1}
+    assert plan["device"] == "cpu" and plan["fits"] and plan["problems"] == []
+    assert plan["cpu_peak_bytes"] <= plan["cpu_budget_bytes"] and plan["output_bytes"] < plan["weight_bytes"]
+    assert "ktq gpu plan" not in result.stderr  # the JSON instead of the table
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_json_that_does_not_fit_prints_the_plan_and_exits_2(src, chat, tmp_path, ktq):
+    result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat, "--dry-run", "--json",
+                 "--max-cpu-memory", "1MB")
+    assert_one_line_error(result, "the CPU must hold", "--force runs anyway")
+    plan = json.loads(result.stdout)
+    assert not plan["fits"] and plan["cpu_budget_bytes"] == 10**6 and plan["cpu_peak_bytes"] > 10**6
+    assert plan["problems"][0].startswith("the CPU must hold")
+
+
+def test_json_goes_with_dry_run(src, chat, tmp_path):
+    result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat, "--json")
+    assert_one_line_error(result, "--json prints the plan of --dry_run")
+    assert not (tmp_path / "out").exists()

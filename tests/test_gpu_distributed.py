@@ -187,8 +187,8 @@ def test_every_option_reaches_the_workers():
                       num_calibration_samples=7, max_sequence_length=33, dampening_frac=0.2, dataset="/d.jsonl",
                       dataset_split="test", text_column="txt", ignore_patterns=("re:.*gate$", "lm_head"),
                       torch_dtype="float16", trust_remote_code=True, random_seed=3, max_gpu_memory=10**9,
-                      max_cpu_memory=2 * 10**9, force_cpu=True, dry_run=True, overwrite=True, no_memory_check=True,
-                      quiet=True)
+                      max_cpu_memory=2 * 10**9, force_cpu=True, dry_run=True, as_json=True, overwrite=True,
+                      no_memory_check=True, quiet=True)
     defaults = GpuOptions(model_id="", output_dir=Path())
     assert all(getattr(opts, f) != getattr(defaults, f) for f in opts.__dataclass_fields__)
     assert options_from_json(options_to_json(opts)) == opts

@@ -41,6 +41,28 @@ def test_a_clean_output_is_described_and_verified(ktq, output):
     table = ktq("inspect", out)
     assert table.code == 0
     assert f"--kt-method AMXINT4 --kt-weight-path {out.resolve()} --kt-threadpool-count 2" in table.stdout
+    assert data["machine_numa_nodes"] == 2 and data["warnings"] == []
+    assert "NUMA parts" in table.stdout and "2 (this machine: 2 NUMA nodes)" in table.stdout
+    assert "warning" not in table.stdout
+
+
+@pytest.mark.parametrize("machine", [1, 4])
+def test_an_output_split_for_another_numa_count_than_this_machines_warns(ktq, converted, monkeypatch, machine):
+    import ktq.inspect as inspect_module
+
+    monkeypatch.setattr(inspect_module, "numa_nodes", lambda: machine)
+    out = converted["kt"]
+    data = report(ktq, out)
+    assert (data["numa"], data["machine_numa_nodes"], data["serve"]["kt_threadpool_count"]) == (2, machine, 2)
+    nodes = "1 NUMA node" if machine == 1 else f"{machine} NUMA nodes"
+    warning = (f"this output is split into 2 NUMA parts and this machine has {nodes}: serve it here with "
+               f"--kt-threadpool-count 2 all the same (any other count reads it wrongly), or convert again with "
+               f"--threadpool-count {machine}")
+    assert data["warnings"] == [warning] and data["problems"] == []
+    table = ktq("inspect", out)
+    assert table.code == 0  # a warning, not a problem
+    assert f"(this machine: {nodes})" in table.stdout
+    assert " ".join(f"warning: {warning}".split()) in " ".join(table.stdout.split())
 
 
 def _body_byte(form: str, out: Path) -> tuple[Path, int]:

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from ktq import plan as plan_module
+from ktq.kernels import ktformat as fmt
+from ktq.layout import Layout
+from ktq.manifest import json_text
 from ktq.measure import READ_PROBE_BYTES
+from ktq.output import extra_files_bytes, index_data
 from ktq.sample import write_sample
 from ktq.safetensors_io import TensorReader, read_header
 
@@ -109,6 +113,16 @@ def test_the_plan_describes_the_run(runs):
     assert plan["fits"] and not plan["problems"]
     assert plan["seconds"] == pytest.approx(plan["input_bytes"] / min(plan["read_bytes_per_second"],
                                                                       plan["kernel_bytes_per_second"]))
+
+
+@pytest.mark.parametrize("layers", [(), (0,), (3, 4), tuple(range(1, 12)), (9, 10, 99, 100, 101)])
+@pytest.mark.parametrize("method, numa, experts", [("int4", 1, 4), ("int8", 2, 3)])
+def test_sizes_known_without_encoding_every_layer_are_those_of_the_encoded_files(layers, method, numa, experts):
+    """The plan takes shard header and index sizes from one layer per index width; the files hold every layer."""
+    layout = Layout("merged", fmt.METHODS[method], numa, 256, 256, experts, layers)
+    assert extra_files_bytes(layout, None) == len(json_text(index_data(layout)).encode())
+    for layer in layers:
+        assert layout.layer_bytes(layer) == len(layout.shard_header(layer)) + experts * layout.expert_bytes()
 
 
 # --- a DeepSeek-V3-scale checkpoint that holds no data ------------------------------------------------------------

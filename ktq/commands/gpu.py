@@ -67,7 +67,9 @@ def gpu(
     max_cpu_memory: Optional[str] = _opt(None, "--max_cpu_memory", help="RAM ktq may use, e.g. 200GiB "
                                          "(default: 85% of the available RAM)."),
     force_cpu: bool = _opt(False, "--force_cpu", help="Hide all GPUs and calibrate on the CPU."),
-    dry_run: bool = _opt(False, "--dry_run", help="Show the plan and stop; nothing is loaded or written."),
+    dry_run: bool = _opt(False, "--dry_run", help="Show the plan and stop; nothing is loaded or written. Exit code 2 "
+                         "when it would not fit (unless --force)."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry_run: the plan as JSON on stdout."),
     overwrite: bool = _opt(False, "--overwrite", help="Replace an existing --output_dir once the new one is "
                            "complete."),
     no_memory_check: bool = _opt(False, "--no_memory_check", "--force", help="Run even when the plan says it will "
@@ -85,7 +87,7 @@ def gpu(
         trust_remote_code=trust_remote_code, random_seed=random_seed,
         max_gpu_memory=parse_size(max_gpu_memory, "--max_gpu_memory"),
         max_cpu_memory=parse_size(max_cpu_memory, "--max_cpu_memory"), force_cpu=force_cpu, dry_run=dry_run,
-        overwrite=overwrite, no_memory_check=no_memory_check, quiet=quiet,
+        as_json=as_json, overwrite=overwrite, no_memory_check=no_memory_check, quiet=quiet,
     ).validate()
     from ktq.gpu import distributed
     from ktq.gpu.devices import prepare_environment

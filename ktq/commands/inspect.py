@@ -68,7 +68,9 @@ def _render(report: dict) -> None:
         form = "merged safetensors" if report["form"] == "merged" else "low-memory .kt tree"
         table.add_row("kind", f"{kind}, {form}")
         table.add_row("method", f"{report['method']} ({report['kt_method']})")
-        table.add_row("NUMA parts", str(report["numa"]))
+        machine = report["machine_numa_nodes"]
+        nodes = f"{machine} NUMA node{'s' if machine != 1 else ''}"
+        table.add_row("NUMA parts", f"{report['numa']} (this machine: {nodes})")
         table.add_row("MoE layers", span)
         table.add_row("experts", f"{report['experts']} per layer")
         table.add_row("hidden / intermediate", f"{report['hidden']} / {report['intermediate']} "
@@ -102,6 +104,8 @@ def _render(report: dict) -> None:
             errors.add_row(str(row["layer"]), row["projection"], f"{row['relative_rms']:.5f}",
                            f"{row['max_abs']:.3g}", snr)
         console.print(errors)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     for note in report["notes"]:
         console.print(f"note: {note}", soft_wrap=True)
     for problem in report["problems"]:

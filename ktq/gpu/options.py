@@ -51,6 +51,7 @@ class GpuOptions:
     max_cpu_memory: int | None = None  # bytes
     force_cpu: bool = False
     dry_run: bool = False
+    as_json: bool = False  # with dry_run: the plan as JSON on stdout instead of the table
     overwrite: bool = False
     no_memory_check: bool = False
     quiet: bool = False
@@ -81,6 +82,8 @@ class GpuOptions:
             raise KtqError("--max_sequence_length must be at least 1")
         if not 0.0 < self.dampening_frac < 1.0:
             raise KtqError(f"--dampening_frac must be between 0 and 1 (exclusive), not {self.dampening_frac}")
+        if self.as_json and not self.dry_run:
+            raise KtqError("--json prints the plan of --dry_run: add --dry_run")
         validate_patterns(self.ignore_patterns)
         self._check_paths()
         if self.calibrated:

@@ -383,6 +383,12 @@ def device_of(module_name: str, device_map: dict[str, object]):
     return device_map[max(owners, key=len)] if owners else None
 
 
+def plan_json(plan: Plan, opts: GpuOptions) -> dict:
+    """The plan of --dry_run --json: the run it describes, every memory term, and whether it fits."""
+    return {"command": "gpu", "model_id": opts.model_id, "output_dir": str(opts.output_dir),
+            "quant_method": opts.quant_method, "quant_type": opts.quant_type, **plan.as_dict(), "fits": plan.fits}
+
+
 def plan_table(plan: Plan, opts: GpuOptions):
     """The plan as a rich table: each memory term, where it lives, and the budgets."""
     from rich.table import Table

@@ -11,6 +11,7 @@ splits it between ranks.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from contextlib import ExitStack
@@ -29,7 +30,8 @@ from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
 from ktq.gpu.layout import MoeLayout, ignore_reason, ignore_rules, stores_fused_experts
 from ktq.gpu.options import GpuOptions
-from ktq.gpu.plan import SAVE_SHARD, Plan, auto_model_class, decoder_layers, make_plan, meta_model, plan_table
+from ktq.gpu.plan import (SAVE_SHARD, Plan, auto_model_class, decoder_layers, make_plan, meta_model, plan_json,
+                          plan_table)
 from ktq.gpu.recipe import build_recipe
 from ktq.gpu.report import LOG_FILE, Report
 
@@ -78,7 +80,9 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
         plan = make_plan(opts, config, meta, layout, rules, detect_device(), available_cpu_memory())
         del meta
     report.plan = plan.as_dict()
-    if not quiet:
+    if opts.as_json and world.is_main:
+        print(json.dumps(plan_json(plan, opts), indent=2))  # stdout, for scripts; --quiet or not
+    elif not quiet:
         console.print(plan_table(plan, opts))
     if plan.problems:
         if not opts.no_memory_check:
