@@ -1,9 +1,13 @@
-"""Decoders from checkpoint dtypes to bf16 bit patterns, exactly as the reference tool feeds its quantiser."""
+"""Decoders from checkpoint dtypes to bf16 bit patterns, exactly as the reference tool feeds its quantiser.
+
+Each kernel fills a caller-owned uint16 matrix in the HF orientation (out x in), parallel over its rows.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 
 @njit(cache=True, inline="always")
@@ -38,3 +42,86 @@ def fp16_to_bf16(src, dst):
     for r in prange(n):
         for c in range(src.shape[1]):
             dst[r, c] = f32_bits_to_bf16(_fp16_bits_to_f32_bits(np.uint16(src[r, c])))
+
+
+def _e4m3_values() -> np.ndarray:
+    """The 256 float8_e4m3fn values (no infinities; S.1111.111 is NaN), exact in float32."""
+    codes = np.arange(256)
+    exp, mant = (codes >> 3) & 0xF, codes & 7
+    magnitude = np.where(exp == 0, mant * 2.0 ** -9, (8 + mant) * 2.0 ** (exp - 10.0))
+    values = np.where(codes & 0x80, -magnitude, magnitude)
+    values[(codes & 0x7F) == 0x7F] = np.nan
+    return values.astype(np.float32)
+
+
+E4M3_VALUES = _e4m3_values()
+
+
+def widen_scale(x):
+    """A scale as float32: bf16 bit patterns (uint16) are widened exactly, floats converted (jitted code only)."""
+    raise NotImplementedError("widen_scale is only available inside Numba kernels")
+
+
+@overload(widen_scale, inline="always")
+def _widen_scale(x):
+    if x == types.uint16:
+        return lambda x: np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
+    return lambda x: np.float32(x)
+
+
+@njit(cache=True, inline="always")
+def _scaled_to_bf16(value, scale):
+    """bf16 (RNE) of the fp32 product, the only rounding of both dequantisers."""
+    return f32_bits_to_bf16(np.float32(value * scale).view(np.uint32))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def fp8_blocks_to_bf16(w, scale_inv, block_rows, block_cols, dst):
+    """Block-scaled FP8 (kt-format.md §5): dst[r, c] = bf16(fp32(w[r, c]) * scale_inv[r // bn, c // bk]).
+
+    w: uint8 [n, k] float8_e4m3fn bits; scale_inv: float32 or bf16 bits [ceil(n/bn), ceil(k/bk)] (the last
+    block row and column may cover fewer than bn rows / bk columns); dst: uint16 [n, k].
+    """
+    n, k = w.shape
+    for r in prange(n):
+        scales = scale_inv[r // block_rows]
+        for c0 in range(0, k, block_cols):
+            s = widen_scale(scales[c0 // block_cols])
+            for c in range(c0, min(c0 + block_cols, k)):
+                dst[r, c] = _scaled_to_bf16(E4M3_VALUES[w[r, c]], s)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def packed_int_to_bf16(packed, scale, group, bits, dst):
+    """compressed-tensors pack-quantized, symmetric: dst[r, c] = bf16(q[r, c] * scale[r, c // group]).
+
+    packed: uint32 [n, k * bits / 32], value c in bits (c % per_word) * bits of word c // per_word, stored with
+    an offset of 2^(bits-1); scale: float32 or bf16 bits [n, ceil(k / group)]; bits: 4 or 8; dst: uint16 [n, k].
+    """
+    n, k = dst.shape
+    per_word = 32 // bits
+    mask = np.uint32((1 << bits) - 1)
+    offset = np.int32(1 << (bits - 1))
+    for r in prange(n):
+        for g0 in range(0, k, group):
+            s = widen_scale(scale[r, g0 // group])
+            for c in range(g0, min(g0 + group, k)):
+                word = packed[r, c // per_word]
+                q = np.int32((word >> np.uint32(bits * (c % per_word))) & mask) - offset
+                dst[r, c] = _scaled_to_bf16(np.float32(q), s)
+
+
+_TILE = 64  # transpose in 64 x 64 tiles: source and destination tile stay in L1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def transpose_u16(src, dst):
+    """dst[r, c] = src[c, r] for 16-bit patterns; src may be a strided view (a column range of a wider matrix)."""
+    rows, cols = dst.shape
+    for rb in prange((rows + _TILE - 1) // _TILE):
+        r0 = rb * _TILE
+        r1 = min(r0 + _TILE, rows)
+        for c0 in range(0, cols, _TILE):
+            for c in range(c0, min(c0 + _TILE, cols)):
+                for r in range(r0, r1):
+                    dst[r, c] = src[c, r]

@@ -1,9 +1,13 @@
-"""A Hugging Face checkpoint folder seen through its config.json and safetensors headers (never its tensor data)."""
+"""A Hugging Face checkpoint folder seen through its config.json and safetensors headers (its tensor data is read
+elsewhere, one tensor at a time)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +15,7 @@ from ktq.errors import KtqError
 from ktq.safetensors_io import TensorInfo, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
+FINGERPRINT_SAMPLE = 4096  # bytes read in the middle and at the end of every shard for the fingerprint
 
 
 @dataclass
@@ -22,10 +27,19 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
 
     def fingerprint(self) -> str:
-        """Identifies the input by its shard names, sizes and headers: cheap, and changes with any re-export."""
+        """Identifies the input by its shard names, sizes, headers and a sample of bytes: cheap (two small reads
+        per shard), and changes with any re-export or other weights of the same shapes."""
         digest = hashlib.sha256()
         for path in self.files:
-            digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}\n".encode())
+            try:
+                with open(path, "rb") as f:
+                    for offset in (size // 2, max(0, size - FINGERPRINT_SAMPLE)):  # tensor data, not the header
+                        f.seek(offset)
+                        digest.update(f.read(FINGERPRINT_SAMPLE))
+            except OSError as exc:
+                raise KtqError(f"cannot read {path}: {exc.strerror or exc}") from exc
         for name in sorted(self.tensors):
             info = self.tensors[name]
             digest.update(f"{name}:{info.path.name}:{info.dtype}:{info.shape}:{info.offset}\n".encode())
@@ -69,6 +83,24 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a checkpoint's description is built and used (a decorator
+    too).
+
+    At DeepSeek-V3 scale that description is hundreds of thousands of small objects (92k tensors, 44k expert
+    projections), none of them garbage, and the collector would walk all of them again and again as they pile up
+    and while they live: half the time of building them, and 0.5 s of a dry run after that (measured)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@collector_paused()
 def open_checkpoint(path: Path) -> Checkpoint:
     if not path.is_dir():
         raise KtqError(f"input path {path} is not a folder")

@@ -11,7 +11,6 @@ re-run of the same command continues after the last committed layer.
 from __future__ import annotations
 
 import gc
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,23 +21,20 @@ from threading import Event
 import numba
 import numpy as np
 
-from ktq import __version__
-from ktq.checkpoint import Checkpoint, open_checkpoint
+from ktq.checkpoint import open_checkpoint
 from ktq.errors import KtqError
 from ktq.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
-from ktq.manifest import FORMAT, identity_mismatch, load_manifest, save_manifest, write_json_atomic
-from ktq.progress import LayerProgress, gb
+from ktq.layout import Layout
+from ktq.manifest import identity, save_manifest
+from ktq.output import finish_output, plan_output
+from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
-from ktq.sinks import PARTIAL_SUFFIX, KtTreeSink, MergedSink, PackedProjection
+from ktq.sinks import KtTreeSink, MergedSink, packed_slot
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
 WRITE_BEHIND = 2  # quantised experts waiting to be written
-
-# Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
-AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*")
 
 
 @dataclass(frozen=True)
@@ -50,6 +46,7 @@ class CpuJob:
     merge: bool = True
     input_type: str | None = None
     resume_layer: int | None = None
+    force: bool = False  # start over an output made with other settings; start even when the disk looks too small
 
 
 @dataclass
@@ -73,8 +70,7 @@ class _ExpertSlot:
         g = model.geometry
         self.owned = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16)
                       for proj in fmt.PROJECTIONS}
-        biggest = max(s.input_bytes for s in model.layers[0].experts[0].values())
-        self.scratch = np.empty(0 if model.input_type == "bf16" else biggest, np.uint8)
+        self.scratch = np.empty(model.scratch_bytes, np.uint8)
         self.matrices: dict[str, np.ndarray] = {}
         self._mapped: list[ProjectionSource] = []
 
@@ -98,23 +94,17 @@ class _ExpertSlot:
 
 
 class PackedExpert:
-    """One expert's kernel output: every projection part's body and scales in one buffer, allocated once, and
-    the PackedProjection views of it that the sinks write, in the sinks' order (projection, then NUMA part)."""
+    """One expert's kernel output, allocated once: the sinks' PackedProjection views (packed_slot: every piece's
+    body and scales in one buffer) and what the kernel needs to fill them all in one call."""
 
-    def __init__(self, model: MoeModel, method: fmt.Method, numa: int) -> None:
-        g = model.geometry
-        places = []
-        size = 0
-        for proj in fmt.PROJECTIONS:
-            n, k = fmt.projection_shape(proj, g.hidden, g.intermediate // numa)
-            for part in range(numa):
-                places.append((proj, part, n, k, size, size + method.body_bytes(n, k)))
-                size += method.body_bytes(n, k) + fmt.scale_bytes(n)
-        buffer = np.empty(size, np.uint8)  # every offset is a multiple of 4: n is a multiple of 32
+    def __init__(self, layout: Layout) -> None:
+        self.projections = packed_slot(layout.pieces)
+        buffer = self.projections[0].body.base
         self.words, self.floats = buffer.view(np.uint32), buffer.view(np.float32)
-        self.offsets = np.array([(body // 4, scales // 4) for *_, body, scales in places], np.int64)
-        self.projections = [PackedProjection(proj, part, n, k, buffer[body:scales], self.floats[scales // 4:][:n])
-                            for proj, part, n, k, body, scales in places]
+        start = buffer.ctypes.data
+        # every offset is a multiple of 4: n is a multiple of 32
+        self.offsets = np.array([((p.body.ctypes.data - start) // 4, (p.scales.ctypes.data - start) // 4)
+                                 for p in self.projections], np.int64)
 
 
 def _quantise_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, packed: PackedExpert,
@@ -127,59 +117,25 @@ def _quantise_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, pac
                        "damaged (kt-kernel's result for such rows is undefined), re-download or repair that shard")
 
 
+def load_kernel(method: fmt.Method) -> None:
+    """Load the quantising kernel for the argument types the pipeline passes (from Numba's cache; compiled the
+    first time), on a one-tile expert."""
+    side = method.align
+    zeros = np.zeros((side, side), np.uint16)
+    zeros.flags.writeable = False
+    packed = PackedExpert(Layout("merged", method, 1, side, side, 1, (0,)))
+    quantize_pack_expert(zeros, zeros, zeros, 1, method.bits, packed.words, packed.floats, packed.offsets,
+                         numba.get_num_threads())
+
+
 def _check_alignment(model: MoeModel, method: fmt.Method, numa: int) -> None:
     problem = fmt.alignment_problem(method, model.geometry.hidden, model.geometry.intermediate, numa)
     if problem:
         raise KtqError(problem)
 
 
-def _identity(job: CpuJob, ckpt: Checkpoint, model: MoeModel, form: str) -> dict:
-    g = model.geometry
-    return {"format": FORMAT, "form": form, "method": job.method.name, "kt_method": job.method.kt_method,
-            "numa": job.numa, "hidden": g.hidden, "intermediate": g.intermediate, "experts": g.experts,
-            "input_type": model.input_type, "input_fingerprint": ckpt.fingerprint(),
-            "moe_layers": [layer.index for layer in model.layers]}
-
-
-def _record_intact(out: Path, record: dict) -> bool:
-    path = out / record["path"]
-    if path.is_file():
-        return path.stat().st_size == record["bytes"]
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*.kt")) == record["bytes"]
-    return False
-
-
-def _prepare_output(job: CpuJob, identity: dict) -> tuple[dict, bool]:
-    """The manifest to continue from (fresh or resumed) and whether this run created the folder."""
-    out = job.output
-    if out.exists() and not out.is_dir():
-        raise KtqError(f"--output {out} is a file, not a folder")
-    existing = load_manifest(out) if out.is_dir() else None
-    created = not out.exists()
-    if existing is None:
-        if out.is_dir() and any(out.iterdir()):
-            names = ", ".join(sorted(p.name for p in out.iterdir())[:3])
-            raise KtqError(f"--output {out} already holds files ktq did not write ({names}, ...): "
-                           "choose a new or empty folder")
-        manifest = {**identity, "ktq_version": __version__, "complete": False, "layers": {}}
-    else:
-        mismatch = identity_mismatch(existing, identity)
-        if mismatch:
-            raise KtqError(f"--output {out} holds a ktq conversion with other settings ({mismatch}); "
-                           "choose another --output or delete that folder")
-        manifest = {**existing, **identity, "ktq_version": __version__, "complete": False}
-        manifest["layers"] = {k: r for k, r in existing.get("layers", {}).items() if _record_intact(out, r)}
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"*{PARTIAL_SUFFIX}"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    for stale in out.glob(f".*{PARTIAL_SUFFIX}"):
-        stale.unlink()
-    save_manifest(out, manifest)
-    return manifest, created
-
-
 def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: dict) -> tuple[list[MoeLayer], list[int]]:
+    """The layers to convert now and those kept; --resume-layer N drops N and later ones from the manifest."""
     done = manifest["layers"]
     if job.resume_layer is None:
         todo = [layer for layer in model.layers if str(layer.index) not in done]
@@ -196,25 +152,13 @@ def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: dict) -> tuple[li
     return todo, kept
 
 
-def _check_disk(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out).free
-    if needed > free:
-        raise KtqError(f"the output needs {gb(needed)} more on the disk of {out}, which has {gb(free)} free; "
-                       "free some space or choose another --output")
-
-
-def layer_output_bytes(model: MoeModel, method: fmt.Method, numa: int) -> int:
-    g = model.geometry
-    return g.experts * numa * fmt.part_bytes(method, g.hidden, g.intermediate // numa)
-
-
 class _Pipeline:
     """Runs the work items (layer, expert) through read -> quantise -> write with bounded buffers."""
 
-    def __init__(self, job: CpuJob, model: MoeModel, sink, manifest: dict, progress: LayerProgress,
+    def __init__(self, job: CpuJob, model: MoeModel, layout: Layout, sink, manifest: dict, progress: LayerProgress,
                  reader: TensorReader) -> None:
-        self.job, self.model, self.sink, self.manifest, self.progress = job, model, sink, manifest, progress
-        self.reader = reader
+        self.job, self.model, self.layout, self.sink = job, model, layout, sink
+        self.manifest, self.progress, self.reader = manifest, progress, reader
         self._stop = Event()
         self._layer_started = 0.0
 
@@ -256,8 +200,7 @@ class _Pipeline:
         if not items:
             return
         in_slots = [_ExpertSlot(self.model) for _ in range(min(READ_AHEAD, len(items)))]
-        out_slots = [PackedExpert(self.model, self.job.method, self.job.numa)
-                     for _ in range(min(WRITE_BEHIND, len(items)))]
+        out_slots = [PackedExpert(self.layout) for _ in range(min(WRITE_BEHIND, len(items)))]
         threads = numba.get_num_threads()
         reads: deque[Future] = deque()
         writes: deque[Future] = deque()
@@ -268,6 +211,8 @@ class _Pipeline:
                     reads.append(read_pool.submit(self._read, *items[i], in_slots[i]))
                 for i, (layer, e) in enumerate(items):
                     slot = reads.popleft().result()
+                    if self._stop.is_set():  # the writer failed, the slot may be half read: report its error
+                        break
                     if len(writes) == len(out_slots):
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
@@ -291,26 +236,11 @@ class _Pipeline:
             raise failure
 
 
-def _write_index(out: Path, sink: MergedSink, model: MoeModel) -> None:
-    weight_map: dict[str, str] = {}
-    total = 0
-    for layer in model.layers:
-        shard = sink.shard_name(layer.index)
-        for name, _, _, nbytes in sink.tensor_entries(layer.index):
-            weight_map[name] = shard
-            total += nbytes
-    metadata = {"total_size": total, "ktq_version": __version__, "kt_method": sink.method.kt_method,
-                "numa": sink.numa}
-    write_json_atomic(out / fmt.INDEX_NAME, {"metadata": metadata, "weight_map": weight_map})
-
-
-def _copy_aux_files(source: Path, out: Path) -> None:
-    for pattern in AUX_PATTERNS:
-        for path in source.glob(pattern):
-            if path.is_file() and not path.name.endswith(".safetensors"):
-                tmp = out / f".{path.name}{PARTIAL_SUFFIX}"
-                shutil.copyfile(path, tmp)
-                tmp.replace(out / path.name)
+def layout_of(job: CpuJob, model: MoeModel) -> Layout:
+    """What the job's output holds when it is complete."""
+    g = model.geometry
+    return Layout("merged" if job.merge else "kt", job.method, job.numa, g.hidden, g.intermediate, g.experts,
+                  tuple(layer.index for layer in model.layers))
 
 
 def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
@@ -321,32 +251,25 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     if job.resume_layer is not None and job.resume_layer not in {layer.index for layer in model.layers}:
         raise KtqError(f"--resume-layer {job.resume_layer} is not a MoE layer of this model "
                        f"(MoE layers: {model.layers[0].index}..{model.layers[-1].index})")
-    g = model.geometry
-    if job.merge:
-        sink = MergedSink(job.output, job.method, job.numa, g.hidden, g.intermediate, g.experts,
-                          [layer.index for layer in model.layers])
-    else:
-        sink = KtTreeSink(job.output, job.method, job.numa)
-    manifest, created = _prepare_output(job, _identity(job, ckpt, model, sink.form))
-    try:
-        todo, kept = _layers_to_convert(job, model, manifest)
-        _check_disk(job.output, len(todo) * layer_output_bytes(model, job.method, job.numa))
-        result = CpuResult(job.output, job.method, job.numa, sink.form, [layer.index for layer in todo], kept)
-        result.input_bytes = sum(layer.input_bytes for layer in todo)
+    layout = layout_of(job, model)
+    plan = plan_output(job.output, identity(layout, model.input_type, ckpt.fingerprint()), layout, job.force)
+    manifest = plan.manifest
+    todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.plan
+    source = job.input_path if job.merge else None
+    if plan.restarted:
+        progress.note(f"starting {job.output} over (--force): deleting the {len(plan.remove)} files and folders "
+                      "ktq wrote there with other settings")
+    sink = MergedSink(job.output, layout) if job.merge else KtTreeSink(job.output, layout)
+    result = CpuResult(job.output, job.method, job.numa, layout.form, [layer.index for layer in todo], kept)
+    result.input_bytes = sum(layer.input_bytes for layer in todo)
+    with plan.writing(), TensorReader() as reader:
+        for warning in model.warnings:
+            progress.note(f"ktq: warning: {warning}")
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
-        with TensorReader() as reader:
-            _Pipeline(job, model, sink, manifest, progress, reader).run(todo)
-    except BaseException:
-        if created and not manifest["layers"]:
-            shutil.rmtree(job.output, ignore_errors=True)  # nothing of value was written: leave no trace
-        raise
-    if job.merge:
-        _copy_aux_files(job.input_path, job.output)
-        _write_index(job.output, sink, model)
-    manifest["complete"] = True
-    save_manifest(job.output, manifest)
+        _Pipeline(job, model, layout, sink, manifest, progress, reader).run(todo)
+    finish_output(job.output, layout, manifest, source)
     result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
     result.seconds = time.perf_counter() - started
     return result

@@ -65,4 +65,4 @@ class LayerProgress:
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)  # one line per note, also when piped

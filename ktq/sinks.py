@@ -1,8 +1,9 @@
 """Where quantised experts go: merged safetensors shards or the low-memory .kt tree.
 
-Both write a layer under a temporary name, check every size, and only then rename it into place, so a crash at
-any instant leaves whole layers and at most one temporary unit, which the next run removes. `commit` returns the
-layer's manifest record: its path, its bytes and its sha256.
+Both write a layer under a temporary name, flush it to the disk, check every size against the Layout, and only
+then rename it into place, so a crash at any instant leaves whole layers and at most one temporary unit, which the
+next run removes. `commit` returns the layer's manifest record: its path, its bytes and its sha256. Any OSError
+(a full disk included) becomes a one-line KtqError; `abort` then removes the unit in flight.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ktq.errors import KtqError
+from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
-from ktq.manifest import tree_digest
+from ktq.layout import Layout, Piece
+from ktq.manifest import PARTIAL_SUFFIX, fsync_dir, tree_digest
 from ktq.safetensors_io import ShardWriter, WriteBehind, byte_view, sha256_behind
-
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -34,48 +34,39 @@ class PackedProjection:
     scales: np.ndarray  # float32
 
 
-def _write_error(path: Path, exc: OSError) -> KtqError:
-    hint = " (disk full?)" if exc.errno in (28, 122) else ""
-    return KtqError(f"cannot write {path}: {exc.strerror or exc}{hint}")
+def packed_slot(pieces: list[Piece]) -> list[PackedProjection]:
+    """Buffers for one expert's pieces (Layout.pieces), in the order the sinks expect them: views of one buffer,
+    each piece's body then its scales, as in a merged shard, so that one kernel call fills the whole expert."""
+    buffer = np.empty(sum(p.body_bytes + p.scale_bytes for p in pieces), np.uint8)
+    slot, at = [], 0
+    for p in pieces:
+        body = buffer[at:at + p.body_bytes]
+        scales = buffer[at + p.body_bytes:at + p.body_bytes + p.scale_bytes].view(np.float32)
+        slot.append(PackedProjection(p.proj, p.part, p.n, p.k, body, scales))
+        at += p.body_bytes + p.scale_bytes
+    return slot
+
+
+def merged_partial_path(out: Path, layout: Layout, layer: int) -> Path:
+    return out / f".{layout.shard_name(layer)}{PARTIAL_SUFFIX}"
 
 
 class MergedSink:
     """One safetensors shard per MoE layer, named model-{k}-of-{N} by the layer's rank among all MoE layers."""
 
-    form = "merged"
-
-    def __init__(self, out: Path, method: fmt.Method, numa: int, hidden: int, intermediate: int, experts: int,
-                 moe_layers: list[int]) -> None:
-        self.out, self.method, self.numa = out, method, numa
-        self.experts = experts
-        self._shapes = {proj: fmt.projection_shape(proj, hidden, intermediate // numa) for proj in fmt.PROJECTIONS}
-        self._rank = {layer: k for k, layer in enumerate(moe_layers, start=1)}
+    def __init__(self, out: Path, layout: Layout) -> None:
+        self.out, self.layout = out, layout
         self._writer: ShardWriter | None = None
         self._layer = -1
 
-    def shard_name(self, layer: int) -> str:
-        return fmt.shard_name(self._rank[layer], len(self._rank))
-
-    def tensor_entries(self, layer: int) -> list[tuple[str, str, tuple[int, ...], int]]:
-        """The shard's tensors in the order they are streamed: expert, projection, NUMA part, weight then scale."""
-        entries = []
-        for e in range(self.experts):
-            for proj in fmt.PROJECTIONS:
-                n, k = self._shapes[proj]
-                body = self.method.body_bytes(n, k)
-                for part in range(self.numa):
-                    entries.append((fmt.merged_tensor_name(layer, proj, e, part, "weight"), "I8", (body,), body))
-                    entries.append((fmt.merged_tensor_name(layer, proj, e, part, "scale"), "F32", (n,),
-                                    fmt.scale_bytes(n)))
-        return entries
-
     def begin(self, layer: int) -> None:
         self._layer = layer
-        partial = self.out / f".{self.shard_name(layer)}{PARTIAL_SUFFIX}"
+        partial = merged_partial_path(self.out, self.layout, layer)
         try:
-            self._writer = ShardWriter(partial, self.tensor_entries(layer))
+            self._writer = ShardWriter(partial, self.layout.tensor_entries(layer))
         except OSError as exc:
-            raise _write_error(partial, exc) from exc
+            partial.unlink(missing_ok=True)
+            raise write_error(partial, exc) from exc
 
     def write_expert(self, expert: int, packed: list[PackedProjection]) -> None:
         assert self._writer is not None
@@ -86,18 +77,24 @@ class MergedSink:
         try:
             self._writer.write_all(tensors)
         except OSError as exc:
-            raise _write_error(self._writer.path, exc) from exc
+            raise write_error(self._writer.path, exc) from exc
 
     def commit(self) -> dict:
-        writer, self._writer = self._writer, None
+        writer = self._writer
         assert writer is not None
+        final = self.out / self.layout.shard_name(self._layer)
         try:
-            digest = writer.finish()
-            final = self.out / self.shard_name(self._layer)
+            digest = writer.finish()  # flushed, fsynced, every tensor written, size checked
+            if writer.size != self.layout.layer_bytes(self._layer):
+                raise KtqError(f"{writer.path}: {writer.size} bytes, the layout needs "
+                               f"{self.layout.layer_bytes(self._layer)} (a bug in ktq)")
             os.replace(writer.path, final)
+            self._writer = None  # renamed: nothing left to remove
+            fsync_dir(self.out)
         except OSError as exc:
-            writer.abort()
-            raise _write_error(writer.path, exc) from exc
+            raise write_error(writer.path, exc) from exc
+        finally:
+            self.abort()
         return {"path": final.name, "bytes": writer.size, "sha256": digest}
 
     def abort(self) -> None:
@@ -109,48 +106,44 @@ class MergedSink:
 class KtTreeSink:
     """_layer_{L}/_numa_{p}/{INT4|INT8}_{proj}_{e}_{size}Byte_{quant|scale}_.kt, one folder renamed per layer."""
 
-    form = "kt"
-
-    def __init__(self, out: Path, method: fmt.Method, numa: int) -> None:
-        self.out, self.method, self.numa = out, method, numa
+    def __init__(self, out: Path, layout: Layout) -> None:
+        self.out, self.layout = out, layout
         self._partial: Path | None = None
         self._layer = -1
         self._digests: dict[str, str] = {}
-        self._bytes = 0
         self._behind = WriteBehind()  # closes the files, a few MB after they are written
 
     def begin(self, layer: int) -> None:
         self._layer = layer
         self._partial = self.out / f"{fmt.layer_dir_name(layer)}{PARTIAL_SUFFIX}"
-        shutil.rmtree(self._partial, ignore_errors=True)
-        self._digests, self._bytes = {}, 0
+        self._digests = {}
         try:
-            for part in range(self.numa):
+            shutil.rmtree(self._partial, ignore_errors=True)
+            for part in range(self.layout.numa):
                 (self._partial / fmt.numa_dir_name(part)).mkdir(parents=True)
         except OSError as exc:
-            raise _write_error(self._partial, exc) from exc
+            raise write_error(self._partial, exc) from exc
 
     def _put(self, relpath: str, raw: memoryview) -> None:
         assert self._partial is not None
         path = self._partial / relpath
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            f = open(path, "wb", buffering=0)  # unbuffered: closing it later cannot fail on unwritten data
         except OSError as exc:
-            raise _write_error(path, exc) from exc
+            raise write_error(path, exc) from exc
         try:
             done = 0
             while done < raw.nbytes:
-                done += os.write(fd, raw[done:])
+                done += f.write(raw[done:])
         except OSError as exc:
-            os.close(fd)
-            raise _write_error(path, exc) from exc
-        self._behind.wrote(fd, 0, raw.nbytes, close=True)
-        self._bytes += raw.nbytes
+            f.close()
+            raise write_error(path, exc) from exc
+        self._behind.wrote(f, 0, raw.nbytes, close=True)
 
     def write_expert(self, expert: int, packed: list[PackedProjection]) -> None:
         files = {}
         for p in packed:
-            body_name, scale_name = fmt.kt_file_names(self.method, p.proj, expert, p.n, p.k)
+            body_name, scale_name = fmt.kt_file_names(self.layout.method, p.proj, expert, p.n, p.k)
             folder = fmt.numa_dir_name(p.part)
             files[f"{folder}/{body_name}"] = byte_view(p.body)
             files[f"{folder}/{scale_name}"] = byte_view(p.scales)
@@ -161,18 +154,43 @@ class KtTreeSink:
         finally:
             self._digests.update(zip(files, digests.result()))  # the caller may reuse the arrays once this returns
 
+    def _flush_and_check(self, partial: Path) -> int:
+        """fsync every file (one journal commit covers most of them), then compare names and sizes with the
+        layout. Returns the layer's bytes."""
+        expected = dict(self.layout.kt_files(self._layer))
+        if set(self._digests) != set(expected):
+            raise KtqError(f"{partial}: {len(self._digests)} files written, the layout needs {len(expected)} "
+                           "(a bug in ktq)")
+        for relpath, size in expected.items():
+            fd = os.open(partial / relpath, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                actual = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if actual != size:
+                raise KtqError(f"{partial / relpath}: {actual} bytes on disk, {size} written (disk full?)")
+        for part in range(self.layout.numa):
+            fsync_dir(partial / fmt.numa_dir_name(part))
+        return sum(expected.values())
+
     def commit(self) -> dict:
-        partial, self._partial = self._partial, None
+        partial = self._partial
         assert partial is not None
-        self._behind.drop_all()
-        on_disk = sum(f.stat().st_size for f in partial.rglob("*.kt"))
-        if on_disk != self._bytes:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise KtqError(f"{partial}: {on_disk} bytes on disk, {self._bytes} written (disk full?)")
         final = self.out / fmt.layer_dir_name(self._layer)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        return {"path": final.name, "bytes": self._bytes, "sha256": tree_digest(self._digests)}
+        try:
+            nbytes = self._flush_and_check(partial)
+            self._behind.drop_all()  # on disk now: the pages go, the files are closed
+            if final.exists():  # written by a run that died before recording it in ktq.json
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._partial = None
+            fsync_dir(self.out)
+        except OSError as exc:
+            raise write_error(partial, exc) from exc
+        finally:
+            self.abort()
+        return {"path": final.name, "bytes": nbytes, "sha256": tree_digest(self._digests)}
 
     def abort(self) -> None:
         self._behind.drop_all()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Idle OpenMP workers of the Numba kernels sleep instead of spinning: tests alternate small kernels with Python
+# work on a shared 2-core machine, where spinning workers cost a third of the suite's CPU time. Set before any
+# kernel runs (the OpenMP runtime reads it once); the subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden"
@@ -79,3 +85,42 @@ def rewrite_checkpoint(src: Path, dst: Path, transform, config_transform=None) -
         config = json.loads((dst / "config.json").read_text())
         (dst / "config.json").write_text(json.dumps(config_transform(config)))
     return dst
+
+
+def convert_in_process(source: Path, out: Path, *extra: str) -> Path:
+    """`ktq cpu` with 2 NUMA parts, quietly, in this process; fails the test when it fails."""
+    from ktq.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["cpu", "-i", str(source), "-o", str(out), "--threadpool-count", "2", "--quiet", *extra])
+    assert done.value.code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def moe_sample(tmp_path_factory) -> Path:
+    """3 MoE layers (1..3) after a dense one, 4 experts, hidden 256, moe_intermediate 256, in 2 shards."""
+    from ktq.sample import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("moe-sample") / "src", layers=4, experts=4, hidden=256,
+                        moe_intermediate=256, dense_layers=1, shards=2)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, moe_sample) -> dict[str, Path]:
+    """Clean conversions of moe_sample (2 NUMA parts): INT4 merged, INT4 .kt tree, INT8 .kt tree. Read-only."""
+    base = tmp_path_factory.mktemp("converted")
+    return {"merged": convert_in_process(moe_sample, base / "merged"),
+            "kt": convert_in_process(moe_sample, base / "kt", "--no-merge-safetensor"),
+            "int8": convert_in_process(moe_sample, base / "int8", "--quant-method", "int8", "--no-merge-safetensor")}
+
+
+@pytest.fixture
+def two_numa_nodes(monkeypatch):
+    """This machine looks like one of 2 NUMA nodes to `ktq cpu` and `ktq inspect`, so that converting into 2 parts
+    (the shared sample conversions) and inspecting the result bring no warning into the streams a test checks."""
+    import ktq.commands.cpu
+    import ktq.inspect
+
+    monkeypatch.setattr(ktq.commands.cpu, "numa_nodes", lambda: 2)
+    monkeypatch.setattr(ktq.inspect, "numa_nodes", lambda: 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
@@ -105,9 +104,10 @@ def test_write_behind_closes_every_file_it_was_handed(tmp_path, monkeypatch):
     before = len(list(Path("/proc/self/fd").iterdir()))
     behind = st.WriteBehind()
     for i in range(50):
-        fd = os.open(tmp_path / f"{i}.bin", os.O_WRONLY | os.O_CREAT, 0o644)
-        os.write(fd, bytes(300))
-        behind.wrote(fd, 0, 300, close=True)
+        f = open(tmp_path / f"{i}.bin", "wb")
+        f.write(bytes(300))
+        f.flush()
+        behind.wrote(f, 0, 300, close=True)
     held = len(list(Path("/proc/self/fd").iterdir())) - before
     assert 0 < held <= 5  # the last ~1000 bytes' files only
     behind.drop_all()

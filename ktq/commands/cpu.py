@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import os
 from enum import Enum
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from ktq.errors import KtqError
 from ktq.system import cpu_cores, numa_nodes
@@ -18,6 +20,7 @@ class InputType(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     fp8 = "fp8"
+    int4 = "int4"
 
 
 class QuantMethod(str, Enum):
@@ -29,7 +32,8 @@ def cpu(
     input_path: Path = typer.Option(..., "--input-path", "-i", help="Folder of the source checkpoint."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write (created; an unfinished ktq output "
                                 "there is continued)."),
-    input_type: InputType = typer.Option(None, "--input-type", help="Expert weight dtype; detected when omitted."),
+    input_type: InputType = typer.Option(None, "--input-type", help="How the expert weights are stored (int4: "
+                                         "compressed-tensors pack-quantized); detected when omitted."),
     quant_method: QuantMethod = typer.Option(QuantMethod.int4, "--quant-method", help="AMXINT4 or AMXINT8."),
     cpuinfer_threads: int = typer.Option(None, "--cpuinfer-threads", help="Threads for quantisation "
                                          "[default: all cores]."),
@@ -40,6 +44,12 @@ def cpu(
     resume_layer: int = typer.Option(None, "--resume-layer", help="Reconvert from this layer on; earlier layers "
                                      "must already be in --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan: layers, output size, peak RAM, disk, "
+                                 "time; reads headers only. Exit code 2 when it would not fit."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON on stdout."),
+    force: bool = typer.Option(False, "--force", help="Proceed anyway: run when the plan says it does not fit in "
+                               "RAM or on the disk, and start over an output made with other settings (deleting "
+                               "only what ktq wrote there)."),
 ) -> None:
     """Convert routed experts to kt-kernel's AMXINT4 / AMXINT8 CPU format."""
     # OpenMP threads that spin while waiting for the next kernel launch steal the cores the read and write
@@ -52,21 +62,44 @@ def cpu(
 
     from ktq.convert import CpuJob, convert_cpu
     from ktq.kernels.ktformat import METHODS
+    from ktq.plan import numa_warning, plan_cpu, plan_table
     from ktq.progress import LayerProgress, gb
 
+    if as_json and not dry_run:
+        raise KtqError("--json prints the plan of --dry-run: add --dry-run")
+    # At exit, the interpreter's last garbage collection walks every object of Numba's compiler and of the
+    # checkpoint's description: 0.2 s of a dry run (measured). atexit handlers run before it; frozen objects are
+    # skipped.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     threads = cpuinfer_threads or cpu_cores()
     if threads < 1:
         raise KtqError("--cpuinfer-threads must be at least 1")
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     job = CpuJob(input_path=input_path, output=output, method=METHODS[quant_method.value],
                  numa=threadpool_count or numa_nodes(), merge=merge,
-                 input_type=input_type.value if input_type else None, resume_layer=resume_layer)
+                 input_type=input_type.value if input_type else None, resume_layer=resume_layer, force=force)
+    if dry_run:
+        plan = plan_cpu(job, threads, measure_time=True)
+        if as_json:
+            typer.echo(json.dumps(plan.to_json(), indent=2))
+        else:
+            Console().print(plan_table(plan))
+        if plan.problems:
+            raise KtqError(f"this conversion would not fit: {'; '.join(plan.problems)}")
+        return
+    problems = plan_cpu(job, threads, measure_time=False).problems  # the plan's objects are dropped here,
+    if problems and not force:  # before the run allocates its own
+        raise KtqError(f"this conversion does not fit: {'; '.join(problems)}; free memory or disk, choose "
+                       "another --output, or pass --force to run anyway")
+    if problems:
+        typer.echo(f"ktq: warning: this conversion does not fit: {'; '.join(problems)}; running anyway (--force)",
+                   err=True)
+    warning = numa_warning(job.numa, numa_nodes())
+    if warning:
+        typer.echo(f"ktq: warning: {warning}", err=True)
     with LayerProgress(quiet=quiet) as progress:
         result = convert_cpu(job, progress)
-    # At exit, the interpreter's last garbage collection walks every object of Numba's compiler: 0.2 s of a
-    # 2 s conversion (measured). atexit handlers run before it; frozen objects are skipped.
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
     if not quiet:
         rate = result.input_bytes / result.seconds / 1e9 if result.seconds else 0.0
         typer.echo(f"wrote {result.output} ({result.form}, {result.method.kt_method}, {result.numa} NUMA parts): "

@@ -1,0 +1,206 @@
+"""`ktq gpu` over several processes through torch.distributed, as llm-compressor's distributed path expects it.
+
+llm-compressor has no flag for it: `oneshot` goes distributed whenever a process group is initialised. Each rank
+then calibrates on its share of the (identical) calibration set, every GPTQ module is assigned to one rank, the
+Hessians are reduced to it and the quantised weights broadcast back. ktq adds the launch:
+
+- `ktq gpu --nproc N` starts N worker processes on this machine through torch's elastic launcher (what torchrun
+  runs), with a rendezvous on localhost; the options go to the workers as JSON, validated once here.
+- Inside a torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) `ktq gpu` joins that job instead of launching one.
+
+Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES set to the LOCAL_RANK-th visible one before CUDA starts),
+so the planner and llm-compressor find it as device 0 as in a single-process run. The backend is nccl on GPUs,
+gloo on the CPU (--force_cpu or no GPU). A worker that fails writes its one-line error into a folder the launcher
+reads; the launcher stops the other workers (the elastic agent does this as soon as one exits non-zero, so no rank
+is left waiting in a collective) and reports the first failure as a KtqError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from ktq.errors import KtqError
+from ktq.gpu.options import GpuOptions
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+ERROR_DIR_VARIABLE = "KTQ_DIST_ERROR_DIR"  # where a worker started by `--nproc` leaves its one-line error
+
+
+def in_torchrun() -> bool:
+    """True inside a process started by torchrun (or any launcher that sets the torch.distributed variables)."""
+    return all(variable in os.environ for variable in _TORCHRUN_VARIABLES)
+
+
+def options_to_json(opts: GpuOptions) -> str:
+    return json.dumps({k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                       for k, v in asdict(opts).items()})
+
+
+def options_from_json(text: str) -> GpuOptions:
+    fields = json.loads(text)
+    fields["output_dir"] = Path(fields["output_dir"])
+    fields["ignore_patterns"] = tuple(fields["ignore_patterns"])
+    return GpuOptions(**fields)
+
+
+def launch(opts: GpuOptions, nproc: int, debug: bool) -> None:
+    """Run `opts` on `nproc` local worker processes; returns when all have finished, raises KtqError if one failed."""
+    if nproc < 1:
+        raise KtqError("--nproc must be at least 1")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # the agent logs every start, stop and failure; ktq says what matters itself
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL if not debug else logging.INFO)
+    with tempfile.TemporaryDirectory(prefix="ktq-dist-") as work:
+        # without OMP_NUM_THREADS every worker would start a thread per core
+        env = {ERROR_DIR_VARIABLE: work,
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))}
+        options_file = Path(work) / "options.json"
+        options_file.write_text(options_to_json(opts))
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ktq-{uuid.uuid4().hex[:8]}",
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              monitor_interval=0.2, start_method="spawn")
+        worker_args = ["-m", "ktq.gpu.distributed", str(options_file)] + (["--debug"] if debug else [])
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the workers inherit this process's environment
+        try:
+            elastic_launch(config, sys.executable)(*worker_args)
+        except ChildFailedError as exc:
+            raise KtqError(first_failure(Path(work), exc.failures, nproc)) from None
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def first_failure(error_dir: Path, failures: dict, nproc: int) -> str:
+    """The error of the rank that failed first; the others were stopped because of it (or failed in its wake)."""
+    written = sorted(error_dir.glob("rank*.txt"), key=lambda p: p.stat().st_mtime_ns)
+    if written:
+        rank = written[0].stem.removeprefix("rank")
+        return f"rank {rank} of {nproc} failed: {written[0].read_text().strip()}"
+    rank, failure = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    return f"rank {rank} ended with exit code {failure.exitcode} without an error message (killed? out of memory?)"
+
+
+def join(force_cpu: bool):
+    """Join the process group of the torchrun job this process belongs to; returns its `World`."""
+    import torch
+    import torch.distributed as dist
+
+    from ktq.gpu.run import World
+
+    rank, size, local_rank = (int(os.environ[v]) for v in _TORCHRUN_VARIABLES)
+    if torch.cuda.is_available() and not force_cpu:
+        torch.cuda.set_device(0)  # the only GPU this rank sees (see show_own_gpu)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
+    else:
+        dist.init_process_group("gloo")
+    return World(rank=rank, size=size, local_rank=local_rank)
+
+
+def show_own_gpu() -> None:
+    """Leave this rank only the LOCAL_RANK-th visible GPU; before CUDA is first queried."""
+    local_rank = int(os.environ["LOCAL_RANK"])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible == "":
+        return  # --force_cpu or no GPU
+    if visible is None:
+        import torch
+
+        if torch.cuda.is_initialized():
+            raise KtqError("CUDA was initialised before ktq could pick this rank's GPU; run ktq in a fresh process")
+        # counted through NVML: this neither initialises CUDA nor caches the count
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        ids = [i.strip() for i in visible.split(",") if i.strip()]
+    if ids and local_rank >= len(ids):
+        raise KtqError(f"LOCAL_RANK {local_rank} has no GPU: only {len(ids)} visible; start at most {len(ids)} "
+                       "processes per machine")
+    if ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank]
+
+
+def rank_share(dataset, world):
+    """This rank's contiguous share of the calibration set (the same split llm-compressor makes).
+
+    ktq splits it itself: llm-compressor 0.14.0.1 detects an identical dataset on every rank and slices it for its
+    sampler, but its DataLoader then indexes the whole dataset with the slice's indices, so every rank calibrated
+    on the first share and the rest was never seen. Shares that differ between ranks are used as they are."""
+    start = len(dataset) * world.rank // world.size
+    end = len(dataset) * (world.rank + 1) // world.size
+    if start == end:
+        raise KtqError(f"{len(dataset)} calibration samples cannot be shared between {world.size} processes; "
+                       f"use at least {world.size} samples or fewer processes")
+    return dataset.select(range(start, end))
+
+
+def gather_results(observer, report) -> None:
+    """What each rank saw, on every rank: routed tokens summed (each rank calibrated on its share of the samples),
+    GPTQ losses merged (each module was quantised on one rank), and each rank's stage times."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (observer.routed, observer.losses, dict(report.stages)))
+    routed: dict[str, list[int]] = {}
+    for rank_routed, _, _ in gathered:
+        for name, counts in rank_routed.items():
+            routed[name] = [a + b for a, b in zip(routed.get(name, [0] * len(counts)), counts)]
+    observer.routed = routed
+    observer.losses = {name: loss for _, losses, _ in gathered for name, loss in losses.items()}
+    report.rank_stages = [stages for _, _, stages in gathered]
+
+
+def leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_as_rank(opts: GpuOptions, debug: bool):
+    """`ktq gpu` as one rank of a torchrun job (started by `launch` or by the user); after prepare_environment."""
+    show_own_gpu()
+    from ktq.gpu.run import run_gpu
+
+    report = run_gpu(opts, debug=debug, world=join(opts.force_cpu))
+    leave()
+    return report
+
+
+def worker_main(argv: list[str]) -> None:
+    """A worker started by `launch`: run the options in argv[0], leave a one-line error for the launcher."""
+    from ktq.gpu.devices import prepare_environment
+
+    debug = "--debug" in argv
+    opts = options_from_json(Path(argv[0]).read_text())
+    rank = os.environ.get("RANK", "?")
+    try:
+        prepare_environment(opts.force_cpu, debug)
+        run_as_rank(opts, debug)
+    except BaseException as exc:
+        if debug:
+            raise
+        error_dir = os.environ.get(ERROR_DIR_VARIABLE)
+        if error_dir:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            if not isinstance(exc, KtqError):
+                text = f"{type(exc).__name__}: {text}"
+            (Path(error_dir) / f"rank{rank}.txt").write_text(text + "\n")
+        time.sleep(0.1)  # the first failure's file is written before the agent stops the others
+        sys.exit(2 if isinstance(exc, KtqError) else 1)
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])

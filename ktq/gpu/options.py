@@ -1,0 +1,112 @@
+"""The options of `ktq gpu`, checked before anything heavy is imported or read."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ktq.errors import KtqError
+
+QUANT_METHODS = ("GPTQ", "RTN")
+QUANT_TYPES = ("W4A16", "W8A16")
+TORCH_DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_DATASET = "HuggingFaceH4/ultrachat_200k"
+DEFAULT_DATASET_SPLIT = "train_sft"  # the default dataset's chat split; other datasets default to "train"
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str | None, option: str) -> int | None:
+    """'40GiB', '40GB', '40g', '512MiB' or a byte count -> bytes."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise KtqError(f"{option} {text!r} is not a size; write it like 40GiB, 40GB or 512MiB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise KtqError(f"{option} must be larger than 0")
+    return value
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    model_id: str
+    output_dir: Path
+    quant_method: str = "GPTQ"
+    quant_type: str = "W8A16"
+    num_calibration_samples: int = 512
+    max_sequence_length: int = 2048
+    dampening_frac: float = 0.1
+    dataset: str = DEFAULT_DATASET
+    dataset_split: str | None = None
+    text_column: str | None = None
+    ignore_patterns: tuple[str, ...] = field(default_factory=tuple)
+    torch_dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    random_seed: int = 42
+    max_gpu_memory: int | None = None  # bytes
+    max_cpu_memory: int | None = None  # bytes
+    force_cpu: bool = False
+    dry_run: bool = False
+    as_json: bool = False  # with dry_run: the plan as JSON on stdout instead of the table
+    overwrite: bool = False
+    no_memory_check: bool = False
+    quiet: bool = False
+
+    @property
+    def calibrated(self) -> bool:
+        """GPTQ needs calibration data; RTN does not."""
+        return self.quant_method == "GPTQ"
+
+    @property
+    def split(self) -> str:
+        if self.dataset_split:
+            return self.dataset_split
+        return DEFAULT_DATASET_SPLIT if self.dataset == DEFAULT_DATASET else "train"
+
+    def validate(self) -> "GpuOptions":
+        from ktq.gpu.layout import validate_patterns
+
+        if self.quant_method not in QUANT_METHODS:
+            raise KtqError(f"--quant_method must be one of {', '.join(QUANT_METHODS)}, not {self.quant_method!r}")
+        if self.quant_type not in QUANT_TYPES:
+            raise KtqError(f"--quant_type must be one of {', '.join(QUANT_TYPES)}, not {self.quant_type!r}")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise KtqError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, not {self.torch_dtype!r}")
+        if self.num_calibration_samples < 1:
+            raise KtqError("--num_calibration_samples must be at least 1")
+        if self.max_sequence_length < 1:
+            raise KtqError("--max_sequence_length must be at least 1")
+        if not 0.0 < self.dampening_frac < 1.0:
+            raise KtqError(f"--dampening_frac must be between 0 and 1 (exclusive), not {self.dampening_frac}")
+        if self.as_json and not self.dry_run:
+            raise KtqError("--json prints the plan of --dry_run: add --dry_run")
+        validate_patterns(self.ignore_patterns)
+        self._check_paths()
+        if self.calibrated:
+            from ktq.gpu.data import dataset_kind
+
+            dataset_kind(self.dataset)  # a missing local dataset fails now, not after the model has loaded
+        return self
+
+    def _check_paths(self) -> None:
+        model = Path(self.model_id).expanduser()
+        if model.exists():
+            if not (model / "config.json").is_file():
+                raise KtqError(f"{model} has no config.json; --model_id takes a Hugging Face checkpoint folder")
+        elif looks_like_path(self.model_id):
+            raise KtqError(f"--model_id {self.model_id}: no such folder")
+        out = self.output_dir.expanduser()
+        if out.exists() and not self.dry_run:
+            if not self.overwrite:
+                raise KtqError(f"--output_dir {out} already exists; choose a new folder or pass --overwrite")
+            if model.exists() and out.resolve() == model.resolve():
+                raise KtqError("--output_dir is the --model_id folder; write the quantised model elsewhere")
+
+
+def looks_like_path(text: str) -> bool:
+    """A local path rather than a hub id ('org/name'): absolute, relative with ./ ../ ~, or deeper than org/name."""
+    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or text in (".", "..")

@@ -1,0 +1,131 @@
+"""`ktq merge`: a low-memory .kt tree -> merged safetensors shards, index, config and tokenizer files.
+
+The result is what `ktq cpu` writes directly in the merged form, byte for byte: the same Layout gives the same
+shard names and tensor order, the same MergedSink writes them, and the output folder has the same life (atomic
+layers, ktq.json after each, automatic resume, --force). The whole tree is checked (every layer, expert and NUMA
+part, every size) before anything is written, and each layer's files are re-hashed against the tree's ktq.json on
+their way through, before the shard they went into is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ktq.checkpoint import open_checkpoint
+from ktq.errors import KtqError
+from ktq.experts import find_experts
+from ktq.kernels import ktformat as fmt
+from ktq.layout import Layout
+from ktq.manifest import identity, save_manifest, tree_digest
+from ktq.output import check_disk, finish_output, needed_bytes, plan_output
+from ktq.progress import LayerProgress
+from ktq.scan import Found, PieceReader, recognise
+from ktq.sinks import MergedSink, PackedProjection, packed_slot
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    method: fmt.Method
+    numa: int
+    layers_merged: list[int] = field(default_factory=list)
+    layers_kept: list[int] = field(default_factory=list)
+    output_bytes: int = 0
+    seconds: float = 0.0
+    copied_aux: bool = False
+
+
+def _source_identity(found: Found, original: Path | None) -> tuple[str, str]:
+    """(input type, input fingerprint) of the checkpoint the tree was converted from."""
+    manifest, layout = found.manifest, found.layout
+    ckpt = open_checkpoint(original) if original is not None else None
+    if manifest is not None:
+        if ckpt is not None and ckpt.fingerprint() != manifest["input_fingerprint"]:
+            raise KtqError(f"--original-path {original} is not the checkpoint {found.path} was converted from "
+                           f"(its fingerprint differs from the one in {found.path}/ktq.json)")
+        return manifest["input_type"], manifest["input_fingerprint"]
+    if ckpt is None:
+        raise KtqError(f"{found.path} has no ktq.json, so which layers it must hold is unknown: pass "
+                       "--original-path with the checkpoint it was converted from")
+    model = find_experts(ckpt)
+    g = model.geometry
+    layers = tuple(layer.index for layer in model.layers)
+    if (g.hidden, g.intermediate, g.experts) != (layout.hidden, layout.intermediate, layout.experts):
+        raise KtqError(f"{found.path} holds experts of hidden {layout.hidden}, intermediate {layout.intermediate}, "
+                       f"{layout.experts} per layer; --original-path {original} has {g.hidden}, {g.intermediate}, "
+                       f"{g.experts}: not its source")
+    if layers != layout.layers:
+        missing = sorted(set(layers) - set(layout.layers))
+        raise KtqError(f"{found.path} holds layers {list(layout.layers)}, the model's MoE layers are {list(layers)}"
+                       + (f": layer {missing[0]} is missing, convert it first" if missing else ""))
+    return model.input_type, ckpt.fingerprint()
+
+
+def _check_input(found: Found, out: Path) -> None:
+    if not found.is_output or found.layout.form != "kt":
+        what = "a checkpoint" if not found.is_output else "already merged"
+        raise KtqError(f"{found.path} is {what}: ktq merge takes a low-memory output (_layer_*/_numa_*/*.kt)")
+    if found.problems:
+        more = f" (and {len(found.problems) - 1} more: see ktq inspect)" if len(found.problems) > 1 else ""
+        raise KtqError(f"{found.path} is incomplete or damaged, nothing was written: {found.problems[0]}{more}")
+    src, dst = found.path.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise KtqError(f"OUT {out} must not be {found.path} or inside it: choose a folder beside it")
+
+
+def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSink, slot: list[PackedProjection],
+                 recorded: dict | None, progress: LayerProgress) -> dict:
+    """One layer's files into one shard; re-hashed against the tree's ktq.json (when it has one) before the
+    shard is committed. Returns the shard's manifest record."""
+    sink.begin(layer)
+    digests = {}
+    for e in range(layout.experts):
+        for piece, packed in zip(layout.pieces, slot):
+            reader.read(layer, e, piece, packed.body, packed.scales)
+            for kind, data in (("quant", packed.body), ("scale", packed.scales)):
+                path = reader.path_of(layer, e, piece, kind)
+                digests[f"{path.parent.name}/{path.name}"] = hashlib.sha256(data).hexdigest()
+        sink.write_expert(e, slot)
+        progress.expert_done(layout.expert_bytes())
+    if recorded is not None and tree_digest(digests) != recorded[str(layer)]["sha256"]:
+        raise KtqError(f"layer {layer} of {reader.found.path} does not match its sha256 in ktq.json (damaged since "
+                       "it was written): reconvert that layer, then merge again")
+    return sink.commit()
+
+
+def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progress: LayerProgress) -> MergeResult:
+    started = time.perf_counter()
+    found = recognise(tree)
+    _check_input(found, out)
+    input_type, fingerprint = _source_identity(found, original)
+    layout = replace(found.layout, form="merged")
+    plan = plan_output(out, identity(layout, input_type, fingerprint), layout, force)
+    manifest = plan.manifest
+    todo = [layer for layer in layout.layers if str(layer) not in manifest["layers"]]
+    check_disk(out, needed_bytes(layout, todo, original), plan.freed_bytes(), force, progress.note)
+    result = MergeResult(out, layout.method, layout.numa, todo, [int(k) for k in manifest["layers"]])
+    recorded = found.manifest["layers"] if found.manifest is not None else None
+    sink = MergedSink(out, layout)
+    slot = packed_slot(layout.pieces)
+    layer_input = layout.experts * layout.expert_bytes()
+    with plan.writing(), PieceReader(found) as reader:
+        if result.layers_kept:
+            progress.note(f"continuing {out}: {len(result.layers_kept)} layers already merged, {len(todo)} to go")
+        progress.start(len(todo), len(todo) * layout.experts, len(todo) * layer_input)
+        for layer in todo:
+            layer_started = time.perf_counter()
+            try:
+                manifest["layers"][str(layer)] = _merge_layer(layer, layout, reader, sink, slot, recorded, progress)
+            except BaseException:
+                sink.abort()
+                raise
+            save_manifest(out, manifest)
+            progress.layer_done(layer, layout.experts, layer_input, time.perf_counter() - layer_started)
+    finish_output(out, layout, manifest, original)
+    result.copied_aux = original is not None
+    result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,257 @@
+"""The life of an output folder: start it, continue it, start it over (--force), check the disk, finish it.
+
+A folder is a ktq output when it holds ktq.json. ktq writes into a new or empty folder, continues a ktq output made
+with the same settings (keeping every committed layer whose files are intact), and refuses anything else. --force
+starts over a ktq output made with other settings by deleting what ktq wrote there, and nothing else; a folder that
+is not a ktq output is never touched. `plan_output` decides without writing, so that a refusal (other settings,
+too little disk) leaves the folder as it was; `OutputPlan.writing` then acts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from ktq import __version__
+from ktq.errors import KtqError, write_error
+from ktq.kernels import ktformat as fmt
+from ktq.layout import Layout, layout_from_manifest
+from ktq.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, identity_mismatch, json_text, load_manifest,
+                          new_manifest, save_manifest, write_json_atomic)
+from ktq.progress import gb
+
+# Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
+AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*")
+METADATA_RESERVE = 1 << 20  # room for ktq.json (a few hundred bytes per layer)
+
+
+@dataclass
+class OutputPlan:
+    out: Path
+    manifest: dict  # what the run starts from: the identity and the layers kept
+    remove: list[Path] = field(default_factory=list)  # ktq's own files to delete first
+    created: bool = False  # the folder does not exist yet
+    restarted: bool = False  # --force starts over an output made with other settings
+
+    def freed_bytes(self) -> int:
+        return sum(_size(path) for path in self.remove)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Create and lock the folder, delete what is to be deleted, write the starting manifest; then the caller
+        writes. If it fails before a layer is committed into a folder this run created, the folder goes: nothing of
+        value was written, leave no trace."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.out, exc) from exc
+        with _exclusive(self.out):
+            try:
+                _delete(self.remove)
+                save_manifest(self.out, self.manifest)  # last: until here a killed run leaves the old one in charge
+                yield
+            except BaseException:
+                if self.created and not self.manifest["layers"]:
+                    shutil.rmtree(self.out, ignore_errors=True)
+                raise
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One ktq process at a time writes into a folder: a second one would delete the first one's layer in flight
+    as a leftover. The lock is on the folder itself (no lock file to clean up); the kernel drops it when the
+    process ends, however it ends."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KtqError(f"another ktq process is writing into {out}: wait until it ends (or stop it), then "
+                           "re-run this command") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _delete(paths: list[Path]) -> None:
+    try:
+        for path in paths:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise write_error(exc.filename, exc) from exc
+
+
+def _size(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _is_partial(path: Path) -> bool:
+    return path.name.endswith(PARTIAL_SUFFIX)
+
+
+def ktq_files(out: Path, manifest: dict) -> list[Path]:
+    """Everything in out that ktq wrote for this manifest, or would have: layers, index, copied files,
+    temporaries. ktq.json itself is not listed."""
+    layout = layout_from_manifest(manifest)  # its layer paths are those of every record too
+    names = {layout.layer_path(layer) for layer in layout.layers} | {fmt.INDEX_NAME}
+    found = [out / name for name in sorted(names) if (out / name).exists()]
+    found += sorted(p for pattern in AUX_PATTERNS for p in out.glob(pattern) if p.is_file())
+    found += sorted(p for p in out.iterdir() if _is_partial(p))
+    return list(dict.fromkeys(found))
+
+
+def layer_intact(out: Path, layout: Layout, layer: int, record: dict) -> bool:
+    """A committed layer is kept when its file or folder is where the layout puts it with exactly the layout's
+    sizes (and, merged, the layout's header). Content is re-hashed by `ktq inspect --verify`, not here: files are
+    flushed to the disk before they are renamed, so a crash cannot leave a renamed file with the wrong bytes."""
+    if record.get("path") != layout.layer_path(layer) or record.get("bytes") != layout.layer_bytes(layer):
+        return False
+    path = out / record["path"]
+    if layout.form == "merged":
+        header = layout.shard_header(layer)
+        try:
+            with open(path, "rb") as f:
+                return f.read(len(header)) == header and path.stat().st_size == record["bytes"]
+        except OSError:
+            return False
+    for relpath, size in layout.kt_files(layer):
+        file = path / relpath
+        if not file.is_file() or file.stat().st_size != size:
+            return False
+    files = [f for f in path.rglob("*") if f.is_file()]
+    return len(files) == layout.experts * len(layout.pieces) * 2
+
+
+def plan_output(out: Path, ident: dict, layout: Layout, force: bool) -> OutputPlan:
+    """What to do with --output for a run of this identity; raises KtqError to refuse. Writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise KtqError(f"--output {out} is a file, not a folder")
+    if not out.exists():
+        return OutputPlan(out, new_manifest(ident), created=True)
+    existing = load_manifest(out)
+    if existing is None:
+        # the only file a run can leave before its first ktq.json exists is that manifest's temporary
+        first_manifest = out / f".{MANIFEST_NAME}{PARTIAL_SUFFIX}"
+        foreign = sorted(p.name for p in out.iterdir() if p != first_manifest)
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise KtqError(f"--output {out} already holds files ktq did not write ({listed}); choose a new or "
+                           "empty folder" + (" (--force only starts over a ktq output)" if force else ""))
+        return OutputPlan(out, new_manifest(ident), remove=[first_manifest] if first_manifest.exists() else [])
+    mismatch = identity_mismatch(existing, ident)
+    if mismatch:
+        if not force:
+            raise KtqError(f"--output {out} holds a ktq conversion with other settings ({mismatch}); pass --force "
+                           "to start it over (deletes only the files ktq wrote there) or choose another --output")
+        return OutputPlan(out, new_manifest(ident), remove=ktq_files(out, existing), restarted=True)
+    kept = {key: record for key, record in existing["layers"].items()
+            if int(key) in layout.layers and layer_intact(out, layout, int(key), record)}
+    return OutputPlan(out, new_manifest(ident, kept), remove=[p for p in out.iterdir() if _is_partial(p)])
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def aux_files(source: Path | None) -> list[Path]:
+    if source is None:
+        return []
+    found = {p for pattern in AUX_PATTERNS for p in source.glob(pattern)
+             if p.is_file() and not p.name.endswith(".safetensors")}
+    return sorted(found)
+
+
+def check_disk(out: Path, needed: int, freed: int, force: bool, note) -> None:
+    """Refuse to start when the output will not fit (--force proceeds anyway, after a warning)."""
+    free = shutil.disk_usage(_existing_parent(out)).free + freed
+    if needed <= free:
+        return
+    message = (f"the output needs {gb(needed)} more on the disk of {out}, which has {gb(free)} free")
+    if not force:
+        raise KtqError(f"{message}; free some space, choose another --output, or pass --force to start anyway")
+    note(f"warning: {message}; starting anyway (--force)")
+
+
+def extra_files_bytes(layout: Layout, source: Path | None) -> int:
+    """Exact bytes of the merged form's index and of the files copied from source (ktq.json aside)."""
+    if layout.form != "merged":
+        return 0
+    return _index_bytes(layout) + sum(path.stat().st_size for path in aux_files(source))
+
+
+@lru_cache(maxsize=4)
+def _index_bytes(layout: Layout) -> int:
+    """len(json_text(index_data(layout))) without building the text (89k entries for DeepSeek-V3: 0.2 s).
+
+    json's indent=2 writes the weight map as "{", one line `\n    "name": "shard"` per tensor with a "," between
+    lines, then "\n  }", where an empty map is "{}". A layer's lines differ from another layer's only in the layer
+    index (every shard name has the same length), so one layer per index width is measured."""
+    frame = len(json_text({"metadata": _index_metadata(layout), "weight_map": {}}))
+    if not layout.layers:
+        return frame
+    lines = sum(_index_lines_bytes(layout, len(str(layer))) for layer in layout.layers)
+    tensors = len(layout.layers) * len(layout.tensor_entries(layout.layers[0]))
+    return frame - len("{}") + len("{") + lines + (tensors - 1) * len(",") + len("\n  }")
+
+
+@lru_cache(maxsize=16)
+def _index_lines_bytes(layout: Layout, digits: int) -> int:
+    """The weight map's lines of one layer whose index has `digits` digits."""
+    shard = layout.shard_name(layout.layers[0])
+    return sum(len(f'\n    "{name}": "{shard}"') for name, *_ in layout.tensor_entries(10 ** (digits - 1)))
+
+
+def needed_bytes(layout: Layout, layers: list[int], source: Path | None) -> int:
+    """Disk space a run still takes: the layers to convert (whole blocks), the index and the copied files when
+    merged, and room for ktq.json."""
+    return layout.disk_bytes(layers) + extra_files_bytes(layout, source) + METADATA_RESERVE
+
+
+def index_data(layout: Layout) -> dict:
+    """model.safetensors.index.json of a merged output."""
+    weight_map: dict[str, str] = {}
+    for layer in layout.layers:
+        shard = layout.shard_name(layer)
+        for name, *_ in layout.tensor_entries(layer):
+            weight_map[name] = shard
+    return {"metadata": _index_metadata(layout), "weight_map": weight_map}
+
+
+def _index_metadata(layout: Layout) -> dict:
+    total = len(layout.layers) * layout.experts * layout.expert_bytes()  # the bytes of every tensor
+    return {"total_size": total, "ktq_version": __version__, "kt_method": layout.method.kt_method,
+            "numa": layout.numa}
+
+
+def copy_aux_files(source: Path, out: Path) -> None:
+    for path in aux_files(source):
+        tmp = out / f".{path.name}{PARTIAL_SUFFIX}"
+        try:
+            shutil.copyfile(path, tmp)
+            tmp.replace(out / path.name)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(out / path.name, exc) from exc
+
+
+def finish_output(out: Path, layout: Layout, manifest: dict, source: Path | None) -> None:
+    """After the last layer: the merged form's copied files and index, then ktq.json marked complete."""
+    if layout.form == "merged":
+        if source is not None:
+            copy_aux_files(source, out)
+        write_json_atomic(out / fmt.INDEX_NAME, index_data(layout))
+    manifest["complete"] = True
+    save_manifest(out, manifest)
+

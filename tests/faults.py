@@ -1,0 +1,198 @@
+"""Fault injection for the crash-safety tests: counted file-system events, killed or failed on demand.
+
+`IoFaults` wraps the Python calls through which ktq changes a folder (open for writing, each write, rename,
+unlink, mkdir, rmtree) for paths under one root, numbers those events, and at event `at` either SIGKILLs the
+process (after writing half of the data, when the event is a write: a torn write) or raises OSError(ENOSPC).
+ktq itself has no test hooks: the tests see exactly the code a user runs.
+
+Killing needs a process of its own. Starting `python -m ktq` per kill point costs a second (imports, Numba's
+cache); `python tests/faults.py` is instead a small fork server: it imports ktq once, without running any Numba
+code (OpenMP must not be running when a process forks), and forks one child per request. A child is a fresh
+process running the real CLI entry point, `ktq.cli.main(argv)`, with the faults installed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class IoFaults:
+    def __init__(self, root: Path, at: int | None, action: str = "kill") -> None:
+        self.root = os.path.abspath(root)
+        self.at, self.action = at, action
+        self.events = 0
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _under_root(self, path: object) -> bool:
+        try:
+            absolute = os.path.abspath(os.fspath(path))
+        except TypeError:  # a file descriptor
+            return False
+        return absolute == self.root or absolute.startswith(self.root + os.sep)
+
+    def event(self, write=None) -> None:
+        self.events += 1
+        if self.events != self.at:
+            return
+        if self.action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if write is not None:  # a torn write: half of the data reaches the file, then the process dies
+            file, data = write
+            data = data if isinstance(data, str) else memoryview(data).cast("B")
+            file.write(data[: len(data) // 2])
+            file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _patch(self, owner: object, name: str, make) -> None:
+        original = getattr(owner, name)
+        self._saved.append((owner, name, original))
+        setattr(owner, name, make(original))
+
+    def install(self) -> "IoFaults":
+        faults = self
+
+        class CountedFile:
+            """A file opened for writing whose every write is an event."""
+
+            def __init__(self, file) -> None:
+                self._file = file
+
+            def write(self, data):
+                faults.event((self._file, data))
+                return self._file.write(data)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self._file.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self._file, name)
+
+        def counted_open(original):
+            def wrapper(file, mode="r", *args, **kwargs):
+                writing = any(c in mode for c in "wax+")
+                if writing and faults._under_root(file):
+                    faults.event()
+                    return CountedFile(original(file, mode, *args, **kwargs))
+                return original(file, mode, *args, **kwargs)
+            return wrapper
+
+        def counted(original):
+            def wrapper(path, *args, **kwargs):
+                if faults._under_root(path) and "dir_fd" not in kwargs:
+                    faults.event()
+                return original(path, *args, **kwargs)
+            return wrapper
+
+        self._patch(builtins, "open", counted_open)
+        for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir"):
+            self._patch(os, name, counted)
+        self._patch(shutil, "rmtree", counted)
+        return self
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+    def __enter__(self) -> "IoFaults":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+@dataclass
+class Outcome:
+    killed: bool
+    code: int | None
+    events: int  # events counted by a run that was not killed
+    log: str
+
+
+class ForkServer:
+    """The test side of `python tests/faults.py`: run(argv, root, kill_at) -> Outcome."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True)
+        self._runs = 0
+
+    def run(self, argv: list[object], root: Path, kill_at: int | None = None) -> Outcome:
+        self._runs += 1
+        log = self.workdir / f"run{self._runs}.log"
+        request = {"argv": [str(a) for a in argv], "root": str(root), "kill_at": kill_at, "log": str(log)}
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        reply = json.loads(self._proc.stdout.readline())
+        return Outcome(reply["signal"] == signal.SIGKILL, reply["code"], reply["events"], log.read_text())
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait(timeout=30)
+
+
+def _serve() -> None:
+    import contextlib
+    import io
+
+    import ktq.convert  # noqa: F401  everything a run needs, imported once
+    from ktq.cli import main
+    from numba.core.registry import cpu_target
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(["cpu", "--help"])  # what Typer imports on first use
+    # Numba's lowering and typing registries (most of the time a child would spend loading the kernels from
+    # Numba's cache); this compiles and runs nothing, so no OpenMP thread exists when the server forks
+    cpu_target.target_context.refresh()
+    cpu_target.typing_context.refresh()
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        events_file = request["log"] + ".events"
+        pid = os.fork()
+        if pid == 0:
+            _child(request, events_file)
+        _, status = os.waitpid(pid, 0)
+        events = int(Path(events_file).read_text()) if os.path.exists(events_file) else -1
+        print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                          "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                          "events": events}), flush=True)
+
+
+def _child(request: dict, events_file: str) -> None:
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    code = 1
+    try:
+        from ktq.cli import main
+
+        faults = IoFaults(Path(request["root"]), request["kill_at"]).install()
+        try:
+            main(request["argv"])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        faults.uninstall()
+        Path(events_file).write_text(str(faults.events))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    _serve()

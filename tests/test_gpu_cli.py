@@ -1,0 +1,159 @@
+"""`ktq gpu` as a user runs it: one-line errors with exit code 2 and no traceback, --dry_run, --force_cpu.
+
+Failures found before torch is imported run in a real process; those found later run in-process (the `ktq`
+fixture), which shares the session's imports and takes a fraction of the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ktq_subprocess
+from gpu_models import chat_rows, python_with_ktq, sample_moe, write_jsonl
+from ktq.errors import KtqError
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return sample_moe(tmp_path_factory.mktemp("cli") / "src", layers=2, dense_layers=0)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(4))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ktq: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_dataset_path(src, tmp_path):
+    result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out",
+                            "--dataset", tmp_path / "calib.jsonl")
+    assert_one_line_error(result, "--dataset", "calib.jsonl: no such file or folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_exists(src, chat, tmp_path):
+    (tmp_path / "out").mkdir()
+    result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat)
+    assert_one_line_error(result, "already exists", "--overwrite")
+
+
+def test_missing_model_folder(tmp_path, chat):
+    result = ktq_subprocess("gpu", "--model_id", tmp_path / "nothing", "--output_dir", tmp_path / "out",
+                            "--dataset", chat)
+    assert_one_line_error(result, "--model_id", "no such folder")
+
+
+def test_non_moe_model(tmp_path, chat, ktq):
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": 2, "hidden_size": 128,
+        "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}))
+    result = ktq("gpu", "--model_id", dense, "--output_dir", tmp_path / "out", "--dataset", chat)
+    assert_one_line_error(result, "dense model (qwen3", "Mixture-of-Experts")
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--max_gpu_memory", "lots", "--max_gpu_memory 'lots' is not a size"),
+    ("--ignore_patterns", "re:(unclosed", "is not a valid regular expression"),
+    ("--dampening_frac", "1.5", "--dampening_frac must be between 0 and 1"),
+    ("--num_calibration_samples", "0", "--num_calibration_samples must be at least 1"),
+    ("--nproc", "0", "--nproc must be at least 1"),
+])
+def test_bad_option_values(src, chat, tmp_path, option, value, fragment):
+    result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat,
+                            option, value)
+    assert_one_line_error(result, fragment)
+
+
+def test_plan_refusal_names_what_to_change(src, chat, tmp_path, ktq):
+    result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat,
+                            "--max-cpu-memory", "1MB", "--quiet")
+    assert_one_line_error(result, "the CPU must hold", "--num_calibration_samples", "--force runs anyway")
+
+
+def test_debug_shows_the_traceback(tmp_path, chat):
+    result = ktq_subprocess("--debug", "gpu", "--model_id", tmp_path / "nothing", "--output_dir", tmp_path / "o",
+                            "--dataset", chat)
+    assert result.code != 0 and "Traceback" in result.stderr and "KtqError" in result.stderr
+
+
+def test_force_cpu_hides_gpus_even_when_torch_was_imported_first(src, chat, tmp_path):
+    """torch imported before ktq, CUDA not yet initialised: the plan runs on the CPU and torch sees no GPU."""
+    code = (
+        "import torch, sys\n"
+        "from ktq.cli import main\n"
+        "try:\n"
+        f"    main(['gpu', '--model_id', {str(src)!r}, '--output_dir', {str(tmp_path / 'o')!r},\n"
+        f"          '--dataset', {str(chat)!r}, '--force_cpu', '--dry_run'])\n"
+        "except SystemExit as exc:\n"
+        "    visible = __import__('os').environ['CUDA_VISIBLE_DEVICES']\n"
+        "    print('exit', exc.code, 'cuda', torch.cuda.is_available(), repr(visible))\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.run(python_with_ktq(code), capture_output=True, text=True, env=env)
+    assert proc.stdout.strip().endswith("exit 0 cuda False ''"), proc.stdout + proc.stderr
+    assert "GPTQ W8A16 on cpu" in proc.stderr
+
+
+def test_force_cpu_refuses_when_cuda_is_already_initialised(monkeypatch):
+    import torch
+
+    from ktq.gpu.devices import hide_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what an initialised CUDA keeps answering
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(KtqError, match="cannot hide the GPUs: CUDA was already initialised"):
+        hide_gpus()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_dry_run_writes_nothing(src, chat, tmp_path, ktq):
+    result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat,
+                            "--dry-run", "--quant-type", "W4A16")
+    assert result.code == 0, result.stderr
+    assert "ktq gpu plan: GPTQ W4A16 on cpu" in result.stderr and "Hessians" in result.stderr
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_json_is_the_plan_on_stdout(src, chat, tmp_path, ktq):
+    result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat, "--dry-run", "--json",
+                 "--quant-type", "W4A16")
+    assert result.code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["command"], plan["model_id"], plan["quant_method"], plan["quant_type"]) == \
+        ("gpu", str(src), "GPTQ", "W4A16")
+    # 2 MoE layers of 8 experts x gate/up/down, hidden = moe_intermediate = 128: one layer's Hessians at a time
+    assert plan["num_layers"] == 2 and plan["quantized_linears"] == 2 * 24
+    assert plan["hessian_linears"] == 24 and plan["hessian_bytes"] == 24 * 4 * 128 * 128
+    assert plan["ignored_linears"] == {"attention": 8, "lm_head": 1}
+    assert plan["device"] == "cpu" and plan["fits"] and plan["problems"] == []
+    assert plan["cpu_peak_bytes"] <= plan["cpu_budget_bytes"] and plan["output_bytes"] < plan["weight_bytes"]
+    assert "ktq gpu plan" not in result.stderr  # the JSON instead of the table
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_json_that_does_not_fit_prints_the_plan_and_exits_2(src, chat, tmp_path, ktq):
+    result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat, "--dry-run", "--json",
+                 "--max-cpu-memory", "1MB")
+    assert_one_line_error(result, "the CPU must hold", "--force runs anyway")
+    plan = json.loads(result.stdout)
+    assert not plan["fits"] and plan["cpu_budget_bytes"] == 10**6 and plan["cpu_peak_bytes"] > 10**6
+    assert plan["problems"][0].startswith("the CPU must hold")
+
+
+def test_json_goes_with_dry_run(src, chat, tmp_path):
+    result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat, "--json")
+    assert_one_line_error(result, "--json prints the plan of --dry_run")
+    assert not (tmp_path / "out").exists()
