@@ -10,6 +10,7 @@ re-run of the same command continues after the last committed layer.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,19 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
 
+import numba
 import numpy as np
 
 from ktq.checkpoint import open_checkpoint
 from ktq.errors import KtqError
-from ktq.experts import MoeLayer, MoeModel, find_experts
+from ktq.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
 from ktq.kernels import ktformat as fmt
-from ktq.kernels.amx import quantize_pack
-from ktq.layout import Layout, expert_pieces
+from ktq.kernels.amx import quantize_pack_expert
+from ktq.layout import Layout
 from ktq.manifest import identity, save_manifest
 from ktq.output import finish_output, plan_output
 from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
-from ktq.sinks import KtTreeSink, MergedSink, PackedProjection, packed_slot
+from ktq.sinks import KtTreeSink, MergedSink, packed_slot
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
 WRITE_BEHIND = 2  # quantised experts waiting to be written
@@ -61,32 +63,69 @@ class CpuResult:
 
 
 class _ExpertSlot:
-    """bf16 bits of one expert's three projections, plus the byte buffer its sources decode through."""
+    """One expert in flight: its three bf16 matrices, mapped from the page cache when the checkpoint stores bf16,
+    else decoded into buffers this slot owns (allocated once; untouched pages cost nothing)."""
 
     def __init__(self, model: MoeModel) -> None:
         g = model.geometry
-        self.src = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16)
-                    for proj in fmt.PROJECTIONS}
+        self.owned = {proj: np.empty(fmt.projection_shape(proj, g.hidden, g.intermediate), np.uint16)
+                      for proj in fmt.PROJECTIONS}
         self.scratch = np.empty(model.scratch_bytes, np.uint8)
+        self.matrices: dict[str, np.ndarray] = {}
+        self._mapped: list[ProjectionSource] = []
+
+    def fill(self, expert: dict[str, ProjectionSource], reader: TensorReader, stop: Event) -> None:
+        for proj, source in expert.items():
+            if stop.is_set():
+                return
+            matrix = source.map(reader)
+            if matrix is None:
+                matrix = source.read(reader, self.owned[proj], self.scratch)
+                matrix.flags.writeable = False  # one kernel signature for mapped and decoded matrices
+            else:
+                self._mapped.append(source)
+            self.matrices[proj] = matrix
+
+    def release(self, reader: TensorReader) -> None:
+        self.matrices.clear()
+        for source in self._mapped:
+            source.unmap(reader)
+        self._mapped.clear()
 
 
-def _packed_slot(model: MoeModel, method: fmt.Method, numa: int) -> list[PackedProjection]:
-    g = model.geometry
-    return packed_slot(expert_pieces(method, numa, g.hidden, g.intermediate))
+class PackedExpert:
+    """One expert's kernel output, allocated once: the sinks' PackedProjection views (packed_slot: every piece's
+    body and scales in one buffer) and what the kernel needs to fill them all in one call."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.projections = packed_slot(layout.pieces)
+        buffer = self.projections[0].body.base
+        self.words, self.floats = buffer.view(np.uint32), buffer.view(np.float32)
+        start = buffer.ctypes.data
+        # every offset is a multiple of 4: n is a multiple of 32
+        self.offsets = np.array([((p.body.ctypes.data - start) // 4, (p.scales.ctypes.data - start) // 4)
+                                 for p in self.projections], np.int64)
 
 
-def _quantise_expert(expert: dict, slot: _ExpertSlot, packed: list[PackedProjection], method: fmt.Method,
-                     per_part: int) -> None:
-    for p in packed:
-        full = slot.src[p.proj]
-        if p.proj == "down":  # NUMA parts split down's columns
-            view, col0, row0 = full, p.part * per_part, 0
-        else:  # and gate's / up's rows
-            view, col0, row0 = full[p.part * per_part:(p.part + 1) * per_part], 0, p.part * per_part
-        bad = quantize_pack(view, col0, p.k, method.bits, p.body, p.scales)
-        if bad >= 0:
-            raise KtqError(f"{expert[p.proj].name} holds Inf or NaN in row {row0 + bad}: the checkpoint is damaged "
-                           "(kt-kernel's result for such rows is undefined), re-download or repair that shard")
+def _quantise_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, packed: PackedExpert,
+                     method: fmt.Method, numa: int, threads: int) -> None:
+    m = slot.matrices
+    proj, row = quantize_pack_expert(m["gate"], m["up"], m["down"], numa, method.bits, packed.words, packed.floats,
+                                     packed.offsets, threads)
+    if proj >= 0:
+        raise KtqError(f"{expert[fmt.PROJECTIONS[proj]].name} holds Inf or NaN in row {row}: the checkpoint is "
+                       "damaged (kt-kernel's result for such rows is undefined), re-download or repair that shard")
+
+
+def load_kernel(method: fmt.Method) -> None:
+    """Load the quantising kernel for the argument types the pipeline passes (from Numba's cache; compiled the
+    first time), on a one-tile expert."""
+    side = method.align
+    zeros = np.zeros((side, side), np.uint16)
+    zeros.flags.writeable = False
+    packed = PackedExpert(Layout("merged", method, 1, side, side, 1, (0,)))
+    quantize_pack_expert(zeros, zeros, zeros, 1, method.bits, packed.words, packed.floats, packed.offsets,
+                         numba.get_num_threads())
 
 
 def _check_alignment(model: MoeModel, method: fmt.Method, numa: int) -> None:
@@ -116,28 +155,26 @@ def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: dict) -> tuple[li
 class _Pipeline:
     """Runs the work items (layer, expert) through read -> quantise -> write with bounded buffers."""
 
-    def __init__(self, job: CpuJob, model: MoeModel, sink, manifest: dict, progress: LayerProgress,
-                 reader) -> None:
-        self.job, self.model, self.sink, self.manifest, self.progress = job, model, sink, manifest, progress
-        self.reader = reader
+    def __init__(self, job: CpuJob, model: MoeModel, layout: Layout, sink, manifest: dict, progress: LayerProgress,
+                 reader: TensorReader) -> None:
+        self.job, self.model, self.layout, self.sink = job, model, layout, sink
+        self.manifest, self.progress, self.reader = manifest, progress, reader
         self._stop = Event()
         self._layer_started = 0.0
 
     def _read(self, layer: MoeLayer, e: int, slot: _ExpertSlot) -> _ExpertSlot:
-        for proj, source in layer.experts[e].items():
-            if self._stop.is_set():
-                break
-            source.read(self.reader, slot.src[proj], slot.scratch)
+        slot.release(self.reader)  # here, not after quantising: unmapping stalls the thread that does it
+        slot.fill(layer.experts[e], self.reader, self._stop)
         return slot
 
-    def _write(self, layer: MoeLayer, e: int, packed: list[PackedProjection]) -> None:
+    def _write(self, layer: MoeLayer, e: int, packed: PackedExpert) -> None:
         if self._stop.is_set():
             return
         try:
             if e == 0:
                 self._layer_started = time.perf_counter()
                 self.sink.begin(layer.index)
-            self.sink.write_expert(e, packed)
+            self.sink.write_expert(e, packed.projections)
             if e == len(layer.experts) - 1:
                 self.manifest["layers"][str(layer.index)] = self.sink.commit()
                 save_manifest(self.job.output, self.manifest)
@@ -148,13 +185,23 @@ class _Pipeline:
             raise
 
     def run(self, layers: list[MoeLayer]) -> None:
+        # Each full pass of the cyclic garbage collector walks every object of Numba's compiler (50 ms, measured);
+        # the per-expert objects of the pipeline are freed by reference counting and need no such pass.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._run(layers)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, layers: list[MoeLayer]) -> None:
         items = [(layer, e) for layer in layers for e in range(len(layer.experts))]
         if not items:
             return
         in_slots = [_ExpertSlot(self.model) for _ in range(min(READ_AHEAD, len(items)))]
-        out_slots = [_packed_slot(self.model, self.job.method, self.job.numa)
-                     for _ in range(min(WRITE_BEHIND, len(items)))]
-        per_part = self.model.geometry.intermediate // self.job.numa
+        out_slots = [PackedExpert(self.layout) for _ in range(min(WRITE_BEHIND, len(items)))]
+        threads = numba.get_num_threads()
         reads: deque[Future] = deque()
         writes: deque[Future] = deque()
         failure: BaseException | None = None
@@ -169,7 +216,7 @@ class _Pipeline:
                     if len(writes) == len(out_slots):
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
-                    _quantise_expert(layer.experts[e], slot, packed, self.job.method, per_part)
+                    _quantise_expert(layer.experts[e], slot, packed, self.job.method, self.job.numa, threads)
                     self.progress.expert_done(sum(s.input_bytes for s in layer.experts[e].values()))
                     nxt = i + len(in_slots)
                     if nxt < len(items):
@@ -182,10 +229,11 @@ class _Pipeline:
                 self._stop.set()
                 for future in (*reads, *writes):
                     future.cancel()
+        for slot in in_slots:  # no view of the reader's maps may outlive the pipeline
+            slot.release(self.reader)
         if failure is not None:  # both threads have stopped: remove the unit in flight
             self.sink.abort()
             raise failure
-
 
 
 def layout_of(job: CpuJob, model: MoeModel) -> Layout:
@@ -220,7 +268,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         if kept:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
-        _Pipeline(job, model, sink, manifest, progress, reader).run(todo)
+        _Pipeline(job, model, layout, sink, manifest, progress, reader).run(todo)
     finish_output(job.output, layout, manifest, source)
     result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
     result.seconds = time.perf_counter() - started

@@ -72,12 +72,24 @@ class ProjectionSource:
     input_bytes: int  # checkpoint bytes this projection accounts for (progress and rates)
     scratch_bytes: int  # size of the byte buffer `read` decodes through
     _decode: Callable[[TensorReader, np.ndarray, np.ndarray], None]
+    stored: TensorInfo | None = None  # set when the file holds exactly this bf16 matrix, 2-byte aligned
 
     def read(self, reader: TensorReader, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """Fill out (uint16, at least rows*cols) with bf16 bits; scratch is a byte buffer of scratch_bytes or more."""
         view = out.reshape(-1)[: self.shape[0] * self.shape[1]].reshape(self.shape)
         self._decode(reader, view, scratch)
         return view
+
+    def map(self, reader: TensorReader) -> np.ndarray | None:
+        """The bf16 matrix as a read-only view of the page cache (no copy), or None when it must be `read`.
+        Call `unmap` when done with it."""
+        if self.stored is None:
+            return None
+        return reader.map(self.stored).view(np.uint16).reshape(self.shape)
+
+    def unmap(self, reader: TensorReader) -> None:
+        if self.stored is not None:
+            reader.drop(self.stored)
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,8 @@ def _plain(info: TensorInfo, name: str | None = None) -> ProjectionSource:
     if info.dtype == "BF16":
         def decode(reader: TensorReader, out: np.ndarray, scratch: np.ndarray) -> None:
             reader.read_into(info, out)
-        return ProjectionSource(name or info.name, shape, info.nbytes, 0, decode)
+        mappable = info if info.offset % 2 == 0 else None  # a uint16 view needs an even address
+        return ProjectionSource(name or info.name, shape, info.nbytes, 0, decode, mappable)
 
     def decode_fp16(reader: TensorReader, out: np.ndarray, scratch: np.ndarray) -> None:
         raw = scratch.view(np.uint16)[: out.size].reshape(out.shape)

@@ -163,9 +163,8 @@ def _time_stage(memory: _ProbeMemory, source: ProjectionSource, method: fmt.Meth
 
 
 def load_kernels(method: fmt.Method) -> None:
-    """Load the quantising kernel (from Numba's cache, compiled the first time): part of a run's fixed memory."""
-    from ktq.kernels.amx import quantize_pack
+    """Load the quantising kernel the run uses (from Numba's cache, compiled the first time): part of a run's fixed
+    memory."""
+    from ktq.convert import load_kernel
 
-    rows, cols = fmt.TILE_ROWS, method.align
-    quantize_pack(np.zeros((rows, cols), np.uint16), 0, cols, method.bits, np.empty(method.body_bytes(rows, cols),
-                  np.uint8), np.empty(rows, np.float32))
+    load_kernel(method)

@@ -24,7 +24,7 @@ from ktq.convert import CpuJob
 from ktq.errors import KtqError
 from ktq.experts import Geometry, MoeModel, find_experts
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout
+from ktq.layout import Layout, expert_pieces
 from ktq.manifest import identity, identity_mismatch, load_manifest
 from ktq.measure import Rate, load_kernels, read_rate, rss, stage_rate
 from ktq.progress import gb
@@ -142,9 +142,10 @@ def _buffers(model: MoeModel, method: fmt.Method, numa: int, items: int) -> tupl
     here (so they take no memory), counted."""
     if items == 0:
         return 0, 0
-    slot = convert._ExpertSlot(model)
-    read = sum(a.nbytes for a in slot.src.values()) + slot.scratch.nbytes
-    write = sum(p.body.nbytes + p.scales.nbytes for p in convert._packed_slot(model, method, numa))
+    slot = convert._ExpertSlot(model)  # its owned buffers: an upper bound of what a mapped bf16 expert takes
+    read = sum(a.nbytes for a in slot.owned.values()) + slot.scratch.nbytes
+    g = model.geometry
+    write = sum(p.body_bytes + p.scale_bytes for p in expert_pieces(method, numa, g.hidden, g.intermediate))
     return min(convert.READ_AHEAD, items) * read, min(convert.WRITE_BEHIND, items) * write
 
 

@@ -8,7 +8,6 @@ next run removes. `commit` returns the layer's manifest record: its path, its by
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout, Piece
 from ktq.manifest import PARTIAL_SUFFIX, fsync_dir, tree_digest
-from ktq.safetensors_io import ShardWriter
+from ktq.safetensors_io import ShardWriter, WriteBehind, byte_view, sha256_behind
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,16 @@ class PackedProjection:
 
 
 def packed_slot(pieces: list[Piece]) -> list[PackedProjection]:
-    """Buffers for one expert's pieces (Layout.pieces), in the order the sinks expect them."""
-    return [PackedProjection(p.proj, p.part, p.n, p.k, np.empty(p.body_bytes, np.uint8), np.empty(p.n, np.float32))
-            for p in pieces]
+    """Buffers for one expert's pieces (Layout.pieces), in the order the sinks expect them: views of one buffer,
+    each piece's body then its scales, as in a merged shard, so that one kernel call fills the whole expert."""
+    buffer = np.empty(sum(p.body_bytes + p.scale_bytes for p in pieces), np.uint8)
+    slot, at = [], 0
+    for p in pieces:
+        body = buffer[at:at + p.body_bytes]
+        scales = buffer[at + p.body_bytes:at + p.body_bytes + p.scale_bytes].view(np.float32)
+        slot.append(PackedProjection(p.proj, p.part, p.n, p.k, body, scales))
+        at += p.body_bytes + p.scale_bytes
+    return slot
 
 
 def merged_partial_path(out: Path, layout: Layout, layer: int) -> Path:
@@ -64,10 +70,12 @@ class MergedSink:
 
     def write_expert(self, expert: int, packed: list[PackedProjection]) -> None:
         assert self._writer is not None
+        tensors = []
+        for p in packed:
+            tensors.append((fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "weight"), p.body))
+            tensors.append((fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "scale"), p.scales))
         try:
-            for p in packed:
-                self._writer.write(fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "weight"), p.body)
-                self._writer.write(fmt.merged_tensor_name(self._layer, p.proj, expert, p.part, "scale"), p.scales)
+            self._writer.write_all(tensors)
         except OSError as exc:
             raise write_error(self._writer.path, exc) from exc
 
@@ -103,6 +111,7 @@ class KtTreeSink:
         self._partial: Path | None = None
         self._layer = -1
         self._digests: dict[str, str] = {}
+        self._behind = WriteBehind()  # closes the files, a few MB after they are written
 
     def begin(self, layer: int) -> None:
         self._layer = layer
@@ -115,23 +124,35 @@ class KtTreeSink:
         except OSError as exc:
             raise write_error(self._partial, exc) from exc
 
-    def _put(self, relpath: str, data: np.ndarray) -> None:
+    def _put(self, relpath: str, raw: memoryview) -> None:
         assert self._partial is not None
-        raw = memoryview(data.reshape(-1).view(np.uint8))
         path = self._partial / relpath
         try:
-            with open(path, "wb") as f:
-                f.write(raw)
+            f = open(path, "wb", buffering=0)  # unbuffered: closing it later cannot fail on unwritten data
         except OSError as exc:
             raise write_error(path, exc) from exc
-        self._digests[relpath] = hashlib.sha256(raw).hexdigest()
+        try:
+            done = 0
+            while done < raw.nbytes:
+                done += f.write(raw[done:])
+        except OSError as exc:
+            f.close()
+            raise write_error(path, exc) from exc
+        self._behind.wrote(f, 0, raw.nbytes, close=True)
 
     def write_expert(self, expert: int, packed: list[PackedProjection]) -> None:
+        files = {}
         for p in packed:
             body_name, scale_name = fmt.kt_file_names(self.layout.method, p.proj, expert, p.n, p.k)
             folder = fmt.numa_dir_name(p.part)
-            self._put(f"{folder}/{body_name}", p.body)
-            self._put(f"{folder}/{scale_name}", p.scales)
+            files[f"{folder}/{body_name}"] = byte_view(p.body)
+            files[f"{folder}/{scale_name}"] = byte_view(p.scales)
+        digests = sha256_behind(list(files.values()))
+        try:
+            for relpath, raw in files.items():
+                self._put(relpath, raw)
+        finally:
+            self._digests.update(zip(files, digests.result()))  # the caller may reuse the arrays once this returns
 
     def _flush_and_check(self, partial: Path) -> int:
         """fsync every file (one journal commit covers most of them), then compare names and sizes with the
@@ -159,6 +180,7 @@ class KtTreeSink:
         final = self.out / fmt.layer_dir_name(self._layer)
         try:
             nbytes = self._flush_and_check(partial)
+            self._behind.drop_all()  # on disk now: the pages go, the files are closed
             if final.exists():  # written by a run that died before recording it in ktq.json
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -171,6 +193,7 @@ class KtTreeSink:
         return {"path": final.name, "bytes": nbytes, "sha256": tree_digest(self._digests)}
 
     def abort(self) -> None:
+        self._behind.drop_all()
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
             self._partial = None

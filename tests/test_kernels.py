@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ktq.kernels import ktformat as fmt
-from ktq.kernels.amx import quantize_pack, unpack_dequantize
+from ktq.kernels.amx import quantize_pack, quantize_pack_expert, unpack_dequantize
 from ktq.kernels.decode import fp16_to_bf16
 from ktq.sample import encode
 
@@ -133,3 +133,69 @@ def test_fp16_to_bf16_every_value():
     nan = np.isnan(f)
     assert np.array_equal(out[~nan], encode(f, "BF16")[~nan])
     assert np.all(np.isnan(widen(out[nan])))
+
+
+@pytest.mark.parametrize("method", [fmt.INT4, fmt.INT8], ids=lambda m: m.name)
+def test_every_code_and_every_tie(method):
+    """A row holding every integer and every half-integer of the code range: both roundings at every value."""
+    values = np.arange(-127, 127.5, 0.5, dtype=np.float32)  # 509 values, amax 127 (INT8 scale ~1)
+    if method.bits == 4:
+        values = values * np.float32(112 / 127)  # amax 112: INT4 scale exactly 1, the half-integers are ties
+        values = np.round(values * 2) / 2
+    row = np.zeros(1024, np.float32)
+    row[:values.size] = values
+    w = np.tile(row, (32, 1))
+    w[1::2] = np.roll(row, 300)  # the same values in other tiles and nibble positions
+    bits = encode(w, "BF16")
+    _, body, scales = pack(bits, method)
+    ref_body, ref_scales = reference_pack(widen(bits), method)
+    assert body.tobytes() == ref_body and scales.tobytes() == ref_scales.tobytes()
+
+
+def expert_layout(method: fmt.Method, hidden: int, intermediate: int, parts: int):
+    """offsets (body word, first scale) per (projection, part), as PackedExpert lays them out, and the total."""
+    offsets, size = [], 0
+    for proj in fmt.PROJECTIONS:
+        for _ in range(parts):
+            n, k = fmt.projection_shape(proj, hidden, intermediate // parts)
+            offsets.append((size // 4, (size + method.body_bytes(n, k)) // 4))
+            size += method.body_bytes(n, k) + 4 * n
+    return np.array(offsets, np.int64), size
+
+
+@pytest.mark.parametrize("method", [fmt.INT4, fmt.INT8], ids=lambda m: m.name)
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_expert_kernel_equals_one_call_per_projection_part(method, parts):
+    hidden = 3712  # a second, partial K block
+    intermediate = 384 if parts == 3 else 512  # parts of 128, 512 or 256 rows
+    gate, up, down = (bf16_matrix(*shape, seed=s) for s, shape in
+                      enumerate([(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]))
+    offsets, size = expert_layout(method, hidden, intermediate, parts)
+    out = np.full(size, 0xAA, np.uint8)
+    threads = numba.get_num_threads()
+    assert quantize_pack_expert(gate, up, down, parts, method.bits, out.view(np.uint32), out.view(np.float32),
+                                offsets, threads) == (-1, -1)
+    expected = []
+    per_part = intermediate // parts
+    for matrix, proj in zip((gate, up, down), fmt.PROJECTIONS):
+        for p in range(parts):
+            if proj == "down":
+                _, body, scales = pack(matrix, method, col0=p * per_part, k=per_part)
+            else:
+                _, body, scales = pack(np.ascontiguousarray(matrix[p * per_part:(p + 1) * per_part]), method)
+            expected.append(body.tobytes() + scales.tobytes())
+    assert out.tobytes() == b"".join(expected)
+
+
+@pytest.mark.parametrize("proj, row", [(0, 300), (1, 5), (2, 1000)])
+def test_expert_kernel_reports_the_first_nonfinite_row(proj, row):
+    hidden, intermediate, parts = 1024, 512, 2
+    matrices = [bf16_matrix(intermediate, hidden, 1), bf16_matrix(intermediate, hidden, 2),
+                bf16_matrix(hidden, intermediate, 3)]
+    matrices[proj][row, 7] = encode(np.array([np.nan], np.float32), "BF16")[0]
+    matrices[2][1020, 3] = encode(np.array([np.inf], np.float32), "BF16")[0]  # a later one, in down
+    offsets, size = expert_layout(fmt.INT8, hidden, intermediate, parts)
+    out = np.empty(size, np.uint8)
+    found = quantize_pack_expert(*matrices, parts, 8, out.view(np.uint32), out.view(np.float32), offsets,
+                                 numba.get_num_threads())
+    assert found == (proj, row)
