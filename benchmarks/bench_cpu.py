@@ -5,8 +5,9 @@
 
 Inputs are built with `ktq sample` (kept in --work between runs, so only the first run pays for them):
 a 4-layer sample of Qwen3-30B-A3B geometry (128 experts, hidden 2048, moe_intermediate 768: 1.21 GB of BF16 per
-layer), a tiny sample for start-up and compile cost, and with --deepseek a one-layer sample of DeepSeek-V3 geometry
-(256 experts, hidden 7168, moe_intermediate 2048: 22.5 GB, deleted afterwards) for its peak RSS.
+layer), the same in block-scaled FP8, a tiny sample for start-up and compile cost, and with --deepseek a one-layer
+sample of DeepSeek-V3 geometry (256 experts, hidden 7168, moe_intermediate 2048: 22.5 GB, deleted afterwards) for
+its peak RSS.
 
 Measured (medians of --repeat runs; each timed step first waits, up to two minutes, for the CPUs to be idle
 enough, and records how idle they were):
@@ -14,6 +15,7 @@ enough, and records how idle they were):
   of the same bytes;
 - whole command: `ktq cpu` as a subprocess (start-up included) on the page-cached sample, both output forms,
   against reading the input once plus writing the output once, and against kt-kernel 0.7.2's in-memory rate;
+  FP8 input against BF16 input of the same geometry (the same output);
 - peak RSS of each conversion (wait4 of the child), and of a tiny conversion as the fixed overhead;
 - Numba compile time (a cold cache against a warm one) and whether start-up imports torch or transformers.
 Results go to benchmarks/results/ as JSON and markdown, with the machine described.
@@ -40,10 +42,11 @@ import numpy as np
 import psutil
 
 from ktq.checkpoint import open_checkpoint
-from ktq.convert import PackedExpert, layer_output_bytes
+from ktq.convert import PackedExpert
 from ktq.experts import find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
+from ktq.layout import Layout
 from ktq.safetensors_io import TensorReader
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,17 +138,17 @@ def raw_write(out: Path, sizes: list[int], fsync: bool) -> float:
     return seconds
 
 
-def output_file_sizes(model, method: fmt.Method, form: str) -> list[int]:
-    per_layer = layer_output_bytes(model, method, NUMA)
-    if form == "merged":
-        return [per_layer] * len(model.layers)
+def layout(model, method: fmt.Method, form: str) -> Layout:
     g = model.geometry
-    sizes = []
-    for _ in model.layers:
-        for proj in fmt.PROJECTIONS:
-            n, k = fmt.projection_shape(proj, g.hidden, g.intermediate // NUMA)
-            sizes += [method.body_bytes(n, k), fmt.scale_bytes(n)] * (g.experts * NUMA)
-    return sizes
+    return Layout(form, method, NUMA, g.hidden, g.intermediate, g.experts, tuple(layer.index for layer in model.layers))
+
+
+def output_file_sizes(model, method: fmt.Method, form: str) -> list[int]:
+    """The sizes of the files of the output (the layers; the few small files beside them aside)."""
+    out = layout(model, method, form)
+    if form == "merged":
+        return [out.layer_bytes(layer) for layer in out.layers]
+    return [size for layer in out.layers for _, size in out.kt_files(layer)]
 
 
 def run_ktq(args: list, env: dict | None = None) -> tuple[float, int, float, str]:
@@ -205,7 +208,7 @@ def bench_kernel(src: Path, repeat: int, min_idle: float) -> dict:
 
     results["memcpy_gbps"], _, _ = median_rate(memcpy)
     for method in (fmt.INT4, fmt.INT8):
-        packed = PackedExpert(model, method, NUMA)
+        packed = PackedExpert(layout(model, method, "merged"))
         for threads in (1, 2):
             numba.set_num_threads(threads)
 
@@ -221,36 +224,41 @@ def bench_kernel(src: Path, repeat: int, min_idle: float) -> dict:
     return results
 
 
-def bench_command(src: Path, work: Path, repeat: int, min_idle: float) -> dict:
-    """`ktq cpu` in both forms and methods, the runs of each interleaved with the others (so that a busy spell of
-    the machine does not fall on one of them only), each next to reading the input and writing its output."""
-    model = find_experts(open_checkpoint(src))
-    input_bytes = sum(layer.input_bytes for layer in model.layers)
+def bench_command(inputs: dict[str, Path], work: Path, repeat: int, min_idle: float) -> dict:
+    """`ktq cpu` in both methods and forms on the BF16 sample, and in both methods (merged) on the FP8 sample of the
+    same geometry; the runs of each interleaved with the others (so that a busy spell of the machine does not fall on
+    one of them only), each next to reading its input and writing its output."""
+    models = {dtype: find_experts(open_checkpoint(src)) for dtype, src in inputs.items()}
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    configs = [(method, form) for method in ("int4", "int8") for form in ("merged", "kt")]
-    sizes = {(method, form): output_file_sizes(model, fmt.METHODS[method], form) for method, form in configs}
-    rows: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
+    configs = [("bf16", method, form) for method in ("int4", "int8") for form in ("merged", "kt")]
+    configs += [(dtype, method, "merged") for dtype in inputs if dtype != "bf16" for method in ("int4", "int8")]
+    sizes = {c: output_file_sizes(models[c[0]], fmt.METHODS[c[1]], c[2]) for c in configs}
+    rows: dict[tuple[str, str, str], list[dict]] = {config: [] for config in configs}
     for run in range(repeat):
-        for method, form in configs:
+        for config in configs:
+            dtype, method, form = config
             idle = wait_quiet(min_idle, 120)
-            log(f"ktq cpu {method}/{form}, run {run + 1} of {repeat} (CPUs {idle:.0%} idle)")
-            page_in(src)  # into the page cache (what is not read for a minute is paged out on this VM)
-            read = page_in(src)
-            raw_write(out, sizes[method, form], fsync=False)  # leaves freed pages for the timed writes: on a VM
-            # with free page reporting, writing into never-touched memory costs ~0.4 GB/s
-            write = raw_write(out, sizes[method, form], fsync=False)
-            seconds, rss, cpu, _ = run_ktq(convert_args(src, out, method, form))
+            log(f"ktq cpu {dtype} {method}/{form}, run {run + 1} of {repeat} (CPUs {idle:.0%} idle)")
+            page_in(inputs[dtype])  # into the page cache (what is not read for a minute is paged out on this VM)
+            read = page_in(inputs[dtype])
+            raw_write(out, sizes[config], fsync=False)  # leaves freed pages for the timed writes: on a VM with
+            # free page reporting, writing into never-touched memory costs ~0.4 GB/s
+            write = raw_write(out, sizes[config], fsync=False)
+            seconds, rss, cpu, _ = run_ktq(convert_args(inputs[dtype], out, method, form))
             shutil.rmtree(out)
-            rows[method, form].append({"idle": idle, "read_s": read, "write_s": write, "ktq_s": seconds,
-                                       "ktq_cpu_s": cpu, "peak_rss": rss})
-    results = {"input_bytes": input_bytes, "layers": len(model.layers), "runs": {}}
-    for (method, form), runs in rows.items():
-        results["runs"][f"{method}/{form}"] = {
-            "output_bytes": sum(sizes[method, form]), "files": len(sizes[method, form]),
-            "write_fsync_s": raw_write(out, sizes[method, form], fsync=True), "rows": runs,
+            rows[config].append({"idle": idle, "read_s": read, "write_s": write, "ktq_s": seconds,
+                                 "ktq_cpu_s": cpu, "peak_rss": rss})
+    results = {"input_bytes": {dtype: sum(layer.input_bytes for layer in model.layers)
+                               for dtype, model in models.items()},
+               "layers": len(models["bf16"].layers), "runs": []}
+    for (dtype, method, form), runs in rows.items():
+        results["runs"].append({
+            "input": dtype, "method": method, "form": form, "output_bytes": sum(sizes[dtype, method, form]),
+            "files": len(sizes[dtype, method, form]),
+            "write_fsync_s": raw_write(out, sizes[dtype, method, form], fsync=True), "rows": runs,
             **{key: statistics.median(r[key] for r in runs)
-               for key in ("read_s", "write_s", "ktq_s", "ktq_cpu_s", "peak_rss")}}
+               for key in ("read_s", "write_s", "ktq_s", "ktq_cpu_s", "peak_rss")}})
     return results
 
 
@@ -311,11 +319,19 @@ def goals(r: dict) -> list[tuple[str, str, str, bool]]:
         rows.append((f"kernel {m.upper()} against memcpy of the same bytes", f"{two:.2f} GB/s on 2 threads, memcpy "
                      f"{k['memcpy_gbps']:.2f} on 1", f"{two / k['memcpy_gbps']:.2f}x", True))
     c = r["command"]
-    layer = c["input_bytes"] / c["layers"]
+    bf16 = c["input_bytes"]["bf16"]
+    layer = bf16 / c["layers"]
     overhead = r["startup"]["overhead_rss"]
-    for key, run in c["runs"].items():
-        method, form = key.split("/")
-        kt_s = c["input_bytes"] / (KT_KERNEL_RATE[method] * 1e9)
+    by_config = {(run["input"], run["method"], run["form"]): run for run in c["runs"]}
+    for run in c["runs"]:
+        key = f"{run['method']}/{run['form']}"
+        if run["input"] != "bf16":
+            same = by_config["bf16", run["method"], run["form"]]
+            rows.append((f"`ktq cpu` {key}: {run['input'].upper()} input no slower per output byte than BF16",
+                         f"{run['ktq_s']:.2f} s, BF16 {same['ktq_s']:.2f} s (same output)",
+                         f"{run['ktq_s'] / same['ktq_s']:.2f}x", run["ktq_s"] <= same["ktq_s"]))
+            continue
+        kt_s = bf16 / (KT_KERNEL_RATE[run["method"]] * 1e9)
         io_s = run["read_s"] + run["write_s"]
         rows.append((f"`ktq cpu` {key}: >= 3x kt-kernel", f"{run['ktq_s']:.2f} s, kt-kernel {kt_s:.2f} s",
                      f"{kt_s / run['ktq_s']:.2f}x", kt_s / run["ktq_s"] >= 3))
@@ -354,17 +370,19 @@ def markdown(r: dict) -> str:
                      f"{k[f'{name}_2t_gbps']:.2f} ({k[f'{name}_2t_cpu_gbps']:.2f}) | "
                      f"{k[f'{name}_2t_gbps'] / k['memcpy_gbps']:.2f} |")
     lines.append(f"| memcpy of the same bytes (1 thread) | {k['memcpy_gbps']:.2f} | | |")
+    bf16 = c["input_bytes"]["bf16"]
     lines += ["", f"## Whole command: `ktq cpu --threadpool-count {NUMA}` on {c['layers']} page-cached layers of "
-              f"Qwen3-30B-A3B geometry ({c['input_bytes'] / gb:.2f} GB of BF16)", "",
+              f"Qwen3-30B-A3B geometry ({bf16 / gb:.2f} GB of BF16)", "",
               "Start-up included. Read: the input files read once from the page cache; write: the output's files "
               "(same count and sizes) written once, without fsync (in brackets: with an fsync per file, as "
-              "`ktq cpu` does for merged shards).", "",
-              "| method/form | output | ktq cpu (CPU s) | GB/s | read | write (fsync) | ktq / (read + write) | "
-              "kt-kernel in memory | peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
-    for key, run in c["runs"].items():
-        kt_s = c["input_bytes"] / (KT_KERNEL_RATE[key.split("/")[0]] * gb)
-        lines.append(f"| {key} | {run['output_bytes'] / gb:.2f} GB, {run['files']} files | {run['ktq_s']:.2f} s "
-                     f"({run['ktq_cpu_s']:.1f}) | {c['input_bytes'] / run['ktq_s'] / gb:.2f} | {run['read_s']:.2f} s | "
+              "`ktq cpu` does). kt-kernel: its in-memory rate for the same BF16 bytes.", "",
+              "| input | method/form | output | ktq cpu (CPU s) | GB/s of BF16 | read | write (fsync) | "
+              "ktq / (read + write) | kt-kernel | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in c["runs"]:
+        kt_s = bf16 / (KT_KERNEL_RATE[run["method"]] * gb)
+        lines.append(f"| {run['input']} ({c['input_bytes'][run['input']] / gb:.2f} GB) | {run['method']}/{run['form']} "
+                     f"| {run['output_bytes'] / gb:.2f} GB, {run['files']} files | {run['ktq_s']:.2f} s "
+                     f"({run['ktq_cpu_s']:.1f}) | {bf16 / run['ktq_s'] / gb:.2f} | {run['read_s']:.2f} s | "
                      f"{run['write_s']:.2f} s ({run['write_fsync_s']:.2f} s) | "
                      f"{run['ktq_s'] / (run['read_s'] + run['write_s']):.2f} | {kt_s:.2f} s | "
                      f"{run['peak_rss'] / 1e6:.0f} MB |")
@@ -399,16 +417,17 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     qwen = sample(args.work, f"qwen3-30b-a3b-{args.layers}layers", {**QWEN, "layers": args.layers})
+    fp8 = sample(args.work, f"qwen3-30b-a3b-{args.layers}layers-fp8", {**QWEN, "layers": args.layers, "dtype": "fp8"})
     page_in(qwen)
     r = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "repeat": args.repeat}
     log("start-up and compile")
     r["startup"] = bench_startup(args.work)
     r["kernel"] = bench_kernel(qwen, args.repeat, args.min_idle)
-    r["command"] = bench_command(qwen, args.work, args.repeat, args.min_idle)
+    r["command"] = bench_command({"bf16": qwen, "fp8": fp8}, args.work, args.repeat, args.min_idle)
     if args.deepseek:
         r["deepseek"] = bench_deepseek(args.work)
     idle = [v for key, v in r["kernel"].items() if key.endswith("_idle")]
-    idle += [row["idle"] for run in r["command"]["runs"].values() for row in run["rows"]]
+    idle += [row["idle"] for run in r["command"]["runs"] for row in run["rows"]]
     r["idle"] = f"{min(idle):.0%}-{max(idle):.0%}"
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{time.strftime('%Y-%m-%d')}-{r['machine']['cpu'].lower().replace(' ', '-')}"

@@ -18,6 +18,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .decode import bf16_bits_to_f32
 from .ktformat import INT4, INT8, TILE_BYTES, TILE_ROWS
 
 _KB = INT4.k_block
@@ -31,27 +32,6 @@ _ABS_MASK = np.uint16(0x7FFF)
 _NONFINITE = np.int32(0x7F80)  # |bf16| bit patterns at or above this are Inf or NaN
 _LO = np.float32(-128.0)
 _HI = np.float32(127.0)
-
-
-@intrinsic
-def _bf16_to_f32(typingctx, bits):
-    """The fp32 whose upper half is the bf16 pattern `bits` (exact widening), as a register bitcast.
-
-    bits is any integer type holding a 16-bit pattern (Numba widens uint16 arithmetic to 64 bits).
-    """
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        value = args[0]
-        if bits.bitwidth > 32:
-            value = builder.trunc(value, i32)
-        elif bits.bitwidth < 32:
-            value = builder.zext(value, i32)
-        return builder.bitcast(builder.shl(value, ir.Constant(i32, 16)), ir.FloatType())
-
-    return types.float32(bits), codegen
 
 
 @intrinsic
@@ -89,7 +69,7 @@ def _transpose_words(typingctx, src, src_start, dst, dst_start):
 @njit(cache=True, inline="always")
 def _q0(bits, inv):
     """clamp(round_half_even(fp32(w * inv)), -128, 127), still in fp32 (kt-format.md §2 step 4)."""
-    return min(max(np.rint(_bf16_to_f32(bits) * inv), _LO), _HI)
+    return min(max(np.rint(bf16_bits_to_f32(bits) * inv), _LO), _HI)
 
 
 @njit(cache=True, inline="always")
@@ -113,7 +93,7 @@ def _row_scale(row, bits):
         amax = max(amax, np.int32(row[c] & _ABS_MASK))
     if amax >= _NONFINITE:
         return np.float32(0.0), np.float32(0.0), True
-    a = _bf16_to_f32(amax)
+    a = bf16_bits_to_f32(amax)
     if bits == 4:
         d = np.float32(np.float64(a) / 112.0)
     else:
