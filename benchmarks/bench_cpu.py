@@ -9,7 +9,7 @@ layer), the same in block-scaled FP8, a tiny sample for start-up and compile cos
 sample of DeepSeek-V3 geometry (256 experts, hidden 7168, moe_intermediate 2048: 22.5 GB, deleted afterwards) for
 its peak RSS.
 
-Measured (medians of --repeat runs; each timed step first waits, up to two minutes, for the CPUs to be idle
+Measured (medians of --repeat runs; each timed step first waits, up to a few minutes, for the CPUs to be idle
 enough, and records how idle they were):
 - kernel: quantize_pack_expert over experts already in memory, 1 and 2 threads, INT4 and INT8, against a memcpy
   of the same bytes;
@@ -159,8 +159,8 @@ def run_ktq(args: list, env: dict | None = None) -> tuple[float, int, float, str
     """
     with tempfile.NamedTemporaryFile() as rss, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        proc = subprocess.run([TIME, "-f", "%M %U %S", "-o", rss.name, *KTQ, *map(str, args)], stdout=subprocess.DEVNULL,
-                              stderr=err, env={**os.environ, **(env or {})})
+        proc = subprocess.run([TIME, "-f", "%M %U %S", "-o", rss.name, *KTQ, *map(str, args)],
+                              stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
         seconds = time.perf_counter() - started
         err.seek(0)
         stderr = err.read().decode()
@@ -187,7 +187,7 @@ def bench_kernel(src: Path, repeat: int, min_idle: float) -> dict:
             experts.append(matrices)
     nbytes = sum(m.nbytes for ms in experts for m in ms)
     copies = [np.empty_like(m) for m in experts[0]]
-    results = {"bytes": nbytes, "experts": len(experts)}
+    results = {"bytes": nbytes, "experts": len(experts), "repeat": repeat}
 
     def memcpy() -> None:
         for matrices in experts:
@@ -238,20 +238,20 @@ def bench_command(inputs: dict[str, Path], work: Path, repeat: int, min_idle: fl
     for run in range(repeat):
         for config in configs:
             dtype, method, form = config
-            idle = wait_quiet(min_idle, 120)
+            idle = wait_quiet(min_idle, 180)
             log(f"ktq cpu {dtype} {method}/{form}, run {run + 1} of {repeat} (CPUs {idle:.0%} idle)")
             page_in(inputs[dtype])  # into the page cache (what is not read for a minute is paged out on this VM)
-            read = page_in(inputs[dtype])
-            raw_write(out, sizes[config], fsync=False)  # leaves freed pages for the timed writes: on a VM with
-            # free page reporting, writing into never-touched memory costs ~0.4 GB/s
-            write = raw_write(out, sizes[config], fsync=False)
             seconds, rss, cpu, _ = run_ktq(convert_args(inputs[dtype], out, method, form))
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # its pages, freed, serve the timed writes below: on a VM with free page
+            # reporting, writing into never-touched memory costs ~0.4 GB/s
+            read = page_in(inputs[dtype])
+            write = raw_write(out, sizes[config], fsync=False)  # after ktq: its dirty pages (unsynced) would
+            # otherwise still be written back during the conversion
             rows[config].append({"idle": idle, "read_s": read, "write_s": write, "ktq_s": seconds,
                                  "ktq_cpu_s": cpu, "peak_rss": rss})
     results = {"input_bytes": {dtype: sum(layer.input_bytes for layer in model.layers)
                                for dtype, model in models.items()},
-               "layers": len(models["bf16"].layers), "runs": []}
+               "layers": len(models["bf16"].layers), "repeat": repeat, "runs": []}
     for (dtype, method, form), runs in rows.items():
         results["runs"].append({
             "input": dtype, "method": method, "form": form, "output_bytes": sum(sizes[dtype, method, form]),
@@ -358,8 +358,9 @@ def markdown(r: dict) -> str:
     lines = [f"# ktq cpu benchmark, {r['date']}", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Linux {m['kernel']}, AVX-512 "
              f"{'yes' if m['avx512'] else 'no'}, AMX {'yes' if m['amx'] else 'no'}; Python {m['python']}, numpy "
-             f"{m['numpy']}, Numba {m['numba']} ({m['threading_layer']} threads). Medians of {r['repeat']} runs; "
-             f"the CPUs were {r['idle']} idle in the 2 s before each timed step (other people share this machine).",
+             f"{m['numpy']}, Numba {m['numba']} ({m['threading_layer']} threads). Medians of {k['repeat']} (kernel) "
+             f"and {c['repeat']} (whole command) runs; the CPUs were {r['idle']} idle in the 2 s before each timed "
+             "step (other people share this machine).",
              "", "## Goals", "", "| goal | measured | ratio | met |", "|---|---|---|---|"]
     lines += [f"| {g} | {v} | {ratio} | {'yes' if ok else '**no**'} |" for g, v, ratio, ok in goals(r)]
     lines += ["", f"## Kernel: quantise + pack of BF16 in memory ({k['experts']} experts, {k['bytes'] / gb:.2f} GB, "
@@ -410,20 +411,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ktq-bench")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--min-idle", type=float, default=0.9, help="before each timed step, wait (up to 2 "
+    parser.add_argument("--min-idle", type=float, default=0.9, help="before each timed step, wait (up to 2-3 "
                         "minutes) until the CPUs are this idle")
     parser.add_argument("--layers", type=int, default=QWEN["layers"], help="layers of the Qwen3-30B-A3B sample")
     parser.add_argument("--deepseek", action="store_true", help="also the 22.5 GB DeepSeek-V3 layer (peak RSS)")
+    parser.add_argument("--merge-into", type=Path, help="a results .json whose other parts to keep: only the parts "
+                        "measured now replace its own")
+    parser.add_argument("--parts", default="startup,kernel,command", help="what to measure, of startup,kernel,command")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     qwen = sample(args.work, f"qwen3-30b-a3b-{args.layers}layers", {**QWEN, "layers": args.layers})
     fp8 = sample(args.work, f"qwen3-30b-a3b-{args.layers}layers-fp8", {**QWEN, "layers": args.layers, "dtype": "fp8"})
-    page_in(qwen)
-    r = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "repeat": args.repeat}
-    log("start-up and compile")
-    r["startup"] = bench_startup(args.work)
-    r["kernel"] = bench_kernel(qwen, args.repeat, args.min_idle)
-    r["command"] = bench_command({"bf16": qwen, "fp8": fp8}, args.work, args.repeat, args.min_idle)
+    r = json.loads(args.merge_into.read_text()) if args.merge_into else {}
+    r.update({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()})
+    if "startup" in parts:
+        log("start-up and compile")
+        r["startup"] = bench_startup(args.work)
+    if "kernel" in parts:
+        r["kernel"] = bench_kernel(qwen, args.repeat, args.min_idle)
+    if "command" in parts:
+        r["command"] = bench_command({"bf16": qwen, "fp8": fp8}, args.work, args.repeat, args.min_idle)
     if args.deepseek:
         r["deepseek"] = bench_deepseek(args.work)
     idle = [v for key, v in r["kernel"].items() if key.endswith("_idle")]

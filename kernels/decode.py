@@ -105,7 +105,8 @@ def _e4m3_to_f32(code):
     """The fp32 value of a float8_e4m3fn code, computed rather than looked up (so that it vectorises): sign,
     exponent and mantissa moved to the top of a bf16 pattern make the fp32 2^(e-127) * (1 + m/8) (or, for e = 0,
     the subnormal m/8 * 2^-126), and * 2^120 rebias it exactly to e4m3's 2^(e-7) * (1 + m/8) (or m * 2^-9)."""
-    pattern = ((np.uint32(code) & np.uint32(0x80)) << np.uint32(8)) | ((np.uint32(code) & np.uint32(0x7F)) << np.uint32(4))
+    bits = np.uint32(code)
+    pattern = ((bits & np.uint32(0x80)) << np.uint32(8)) | ((bits & np.uint32(0x7F)) << np.uint32(4))
     value = bf16_bits_to_f32(pattern) * _TWO_POW_120
     return _NAN if (code & 0x7F) == 0x7F else value
 

@@ -34,7 +34,7 @@ from ktq.safetensors_io import TensorReader
 from ktq.sinks import KtTreeSink, MergedSink, packed_slot
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
-WRITE_BEHIND = 2  # quantised experts waiting to be written
+WRITE_BEHIND = 4  # quantised experts waiting to be written
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout, Piece
 from ktq.manifest import PARTIAL_SUFFIX, fsync_dir, tree_digest
-from ktq.safetensors_io import ShardWriter, WriteBehind, byte_view, sha256_behind
+from ktq.safetensors_io import (DirectFile, ShardWriter, aligned_buffer, byte_view, round_up, sha256_behind,
+                                staging_buffers)
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,22 @@ class PackedProjection:
 
 def packed_slot(pieces: list[Piece]) -> list[PackedProjection]:
     """Buffers for one expert's pieces (Layout.pieces), in the order the sinks expect them: views of one buffer,
-    each piece's body then its scales, as in a merged shard, so that one kernel call fills the whole expert."""
-    buffer = np.empty(sum(p.body_bytes + p.scale_bytes for p in pieces), np.uint8)
-    slot, at = [], 0
-    for p in pieces:
-        body = buffer[at:at + p.body_bytes]
-        scales = buffer[at + p.body_bytes:at + p.body_bytes + p.scale_bytes].view(np.float32)
-        slot.append(PackedProjection(p.proj, p.part, p.n, p.k, body, scales))
-        at += p.body_bytes + p.scale_bytes
-    return slot
+    so that one kernel call fills the whole expert. Each body and scale array starts on a page of its own, padded
+    to whole blocks, so the .kt sink can hand every one to the disk as it is (DirectFile)."""
+    sizes = [nbytes for p in pieces for nbytes in (p.body_bytes, p.scale_bytes)]
+    buffer = aligned_buffer(sum(round_up(nbytes) for nbytes in sizes))
+    arrays, at = [], 0
+    for nbytes in sizes:
+        arrays.append(buffer[at:at + nbytes])
+        at += round_up(nbytes)
+    return [PackedProjection(p.proj, p.part, p.n, p.k, body, scales.view(np.float32))
+            for p, body, scales in zip(pieces, arrays[0::2], arrays[1::2])]
+
+
+def _with_padding(data: np.ndarray) -> np.ndarray:
+    """A uint8 array of a packed_slot extended over the padding that follows it, to a whole number of blocks."""
+    start = data.ctypes.data - data.base.ctypes.data
+    return data.base[start:start + round_up(data.nbytes)]
 
 
 def merged_partial_path(out: Path, layout: Layout, layer: int) -> Path:
@@ -58,12 +66,13 @@ class MergedSink:
         self.out, self.layout = out, layout
         self._writer: ShardWriter | None = None
         self._layer = -1
+        self._stages = staging_buffers()  # shared by the layers' shards
 
     def begin(self, layer: int) -> None:
         self._layer = layer
         partial = merged_partial_path(self.out, self.layout, layer)
         try:
-            self._writer = ShardWriter(partial, self.layout.tensor_entries(layer))
+            self._writer = ShardWriter(partial, self.layout.tensor_entries(layer), stages=self._stages)
         except OSError as exc:
             partial.unlink(missing_ok=True)
             raise write_error(partial, exc) from exc
@@ -111,7 +120,6 @@ class KtTreeSink:
         self._partial: Path | None = None
         self._layer = -1
         self._digests: dict[str, str] = {}
-        self._behind = WriteBehind()  # closes the files, a few MB after they are written
 
     def begin(self, layer: int) -> None:
         self._layer = layer
@@ -124,33 +132,30 @@ class KtTreeSink:
         except OSError as exc:
             raise write_error(self._partial, exc) from exc
 
-    def _put(self, relpath: str, raw: memoryview) -> None:
+    def _put(self, relpath: str, data: np.ndarray) -> None:
         assert self._partial is not None
         path = self._partial / relpath
+        file = None
         try:
-            f = open(path, "wb", buffering=0)  # unbuffered: closing it later cannot fail on unwritten data
+            file = DirectFile(path)
+            file.write(_with_padding(data), data.nbytes)
+            file.close(sync=False)  # commit fsyncs the layer's files together
         except OSError as exc:
+            if file is not None:
+                file.abort()
             raise write_error(path, exc) from exc
-        try:
-            done = 0
-            while done < raw.nbytes:
-                done += f.write(raw[done:])
-        except OSError as exc:
-            f.close()
-            raise write_error(path, exc) from exc
-        self._behind.wrote(f, 0, raw.nbytes, close=True)
 
     def write_expert(self, expert: int, packed: list[PackedProjection]) -> None:
         files = {}
         for p in packed:
             body_name, scale_name = fmt.kt_file_names(self.layout.method, p.proj, expert, p.n, p.k)
             folder = fmt.numa_dir_name(p.part)
-            files[f"{folder}/{body_name}"] = byte_view(p.body)
-            files[f"{folder}/{scale_name}"] = byte_view(p.scales)
-        digests = sha256_behind(list(files.values()))
+            files[f"{folder}/{body_name}"] = p.body
+            files[f"{folder}/{scale_name}"] = p.scales.view(np.uint8)
+        digests = sha256_behind([byte_view(data) for data in files.values()])
         try:
-            for relpath, raw in files.items():
-                self._put(relpath, raw)
+            for relpath, data in files.items():
+                self._put(relpath, data)
         finally:
             self._digests.update(zip(files, digests.result()))  # the caller may reuse the arrays once this returns
 
@@ -180,7 +185,6 @@ class KtTreeSink:
         final = self.out / fmt.layer_dir_name(self._layer)
         try:
             nbytes = self._flush_and_check(partial)
-            self._behind.drop_all()  # on disk now: the pages go, the files are closed
             if final.exists():  # written by a run that died before recording it in ktq.json
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -193,7 +197,6 @@ class KtTreeSink:
         return {"path": final.name, "bytes": nbytes, "sha256": tree_digest(self._digests)}
 
     def abort(self) -> None:
-        self._behind.drop_all()
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
             self._partial = None

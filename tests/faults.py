@@ -1,7 +1,7 @@
 """Fault injection for the crash-safety tests: counted file-system events, killed or failed on demand.
 
-`IoFaults` wraps the Python calls through which ktq changes a folder (open for writing, each write, rename,
-unlink, mkdir, rmtree) for paths under one root, numbers those events, and at event `at` either SIGKILLs the
+`IoFaults` wraps the Python calls through which ktq changes a folder (open or os.open for writing, each write or
+os.write to such a file, rename, unlink, mkdir, rmtree) for paths under one root, numbers those events, and at event `at` either SIGKILLs the
 process (after writing half of the data, when the event is a write: a torn write) or raises OSError(ENOSPC).
 ktq itself has no test hooks: the tests see exactly the code a user runs.
 
@@ -25,6 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
 class IoFaults:
     def __init__(self, root: Path, at: int | None, action: str = "kill") -> None:
         self.root = os.path.abspath(root)
@@ -46,10 +52,7 @@ class IoFaults:
         if self.action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if write is not None:  # a torn write: half of the data reaches the file, then the process dies
-            file, data = write
-            data = data if isinstance(data, str) else memoryview(data).cast("B")
-            file.write(data[: len(data) // 2])
-            file.flush()
+            write()
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _patch(self, owner: object, name: str, make) -> None:
@@ -67,7 +70,12 @@ class IoFaults:
                 self._file = file
 
             def write(self, data):
-                faults.event((self._file, data))
+                def torn() -> None:
+                    part = data if isinstance(data, str) else memoryview(data).cast("B")
+                    self._file.write(part[: len(part) // 2])
+                    self._file.flush()
+
+                faults.event(torn)
                 return self._file.write(data)
 
             def __enter__(self):
@@ -95,7 +103,41 @@ class IoFaults:
                 return original(path, *args, **kwargs)
             return wrapper
 
+        written: set[int] = set()  # descriptors os.open gave for writing under root
+
+        def counted_os_open(original):
+            def wrapper(path, flags, *args, **kwargs):
+                writing = flags & (os.O_WRONLY | os.O_RDWR)
+                if writing and faults._under_root(path) and "dir_fd" not in kwargs:
+                    faults.event()
+                    fd = original(path, flags, *args, **kwargs)
+                    written.add(fd)
+                    return fd
+                return original(path, flags, *args, **kwargs)
+            return wrapper
+
+        def counted_os_write(original):
+            def wrapper(fd, data):
+                if fd in written:
+                    def torn() -> None:  # whole blocks only: O_DIRECT refuses a part of one
+                        view = memoryview(data).cast("B")
+                        half = len(view) // 2
+                        original(fd, view[: half - half % 4096 if _direct(fd) else half])
+
+                    faults.event(torn)
+                return original(fd, data)
+            return wrapper
+
+        def forget_on_close(original):
+            def wrapper(fd):
+                written.discard(fd)
+                return original(fd)
+            return wrapper
+
         self._patch(builtins, "open", counted_open)
+        self._patch(os, "open", counted_os_open)
+        self._patch(os, "write", counted_os_write)
+        self._patch(os, "close", forget_on_close)
         for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir"):
             self._patch(os, name, counted)
         self._patch(shutil, "rmtree", counted)
@@ -149,7 +191,13 @@ def _serve() -> None:
     import io
 
     import ktq.convert  # noqa: F401  everything a run needs, imported once
+    import ktq.safetensors_io
     from ktq.cli import main
+    from ktq.safetensors_io import ALIGN
+
+    # a shard goes to the disk in stage-sized writes: small ones here give a sample's shard as many writes as a
+    # real layer's, for kills to land inside
+    ktq.safetensors_io.STAGE_BYTES = 2 * ALIGN
     from numba.core.registry import cpu_target
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):

@@ -1,8 +1,10 @@
-"""The I/O paths of the conversion: tensors mapped from the page cache, and shards written with early writeback."""
+"""The I/O paths of the conversion: tensors mapped from the page cache, and files written through O_DIRECT."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -63,18 +65,43 @@ def test_close_with_a_view_alive_does_not_fail(shard):
     assert view.tobytes() == shard.read_bytes()[info.offset:info.offset + info.nbytes]
 
 
-def test_shard_bytes_and_digest_across_writeback_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(st, "WRITEBACK_BYTES", 10_000)  # many steps, most of them inside a tensor
+def _write_shard(path: Path, sizes: tuple[int, ...], stage_blocks: int) -> tuple[bytes, str, int]:
     rng = np.random.default_rng(1)
-    arrays = [rng.integers(0, 256, size, np.uint8) for size in (7, 25_000, 9_999, 1, 40_000)]
+    arrays = [rng.integers(0, 256, size, np.uint8) for size in sizes]
     entries = [(f"t{i}", "U8", a.shape, a.nbytes) for i, a in enumerate(arrays)]
-    writer = ShardWriter(tmp_path / "s.safetensors", entries)
+    writer = ShardWriter(path, entries, stages=[st.aligned_buffer(stage_blocks * st.ALIGN) for _ in range(2)])
     for (name, *_), a in zip(entries, arrays):
         writer.write(name, a)
     digest = writer.finish()
+    return st.encode_header(entries, None) + b"".join(a.tobytes() for a in arrays), digest, writer.size
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "no_o_direct"])
+def test_shard_bytes_and_digest_across_stage_flushes(tmp_path, monkeypatch, direct):
+    """Many flushes of a 2-block stage, most of them inside a tensor, and a last block cut to size; also where the
+    file system refuses O_DIRECT (open fails with EINVAL)."""
+    if not direct:
+        real_open = os.open
+
+        def no_direct(path, flags, *args):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", no_direct)
+    expected, digest, size = _write_shard(tmp_path / "s.safetensors", (7, 25_000, 9_999, 1, 40_000), 2)
     data = (tmp_path / "s.safetensors").read_bytes()
-    assert data == st.encode_header(entries, None) + b"".join(a.tobytes() for a in arrays)
-    assert digest == hashlib.sha256(data).hexdigest() and len(data) == writer.size
+    assert data == expected
+    assert digest == hashlib.sha256(data).hexdigest() and len(data) == size
+
+
+def test_a_short_direct_write_is_a_full_disk(tmp_path, monkeypatch):
+    """O_DIRECT cannot go on from a write cut short inside a block: that is reported as ENOSPC (what cut it),
+    not as the EINVAL of the next write."""
+    monkeypatch.setattr(os, "write", lambda fd, data: len(data) // 2 + 1)  # took part of a block, then stopped
+    with pytest.raises(OSError) as caught:
+        _write_shard(tmp_path / "s.safetensors", (20_000,), 4)
+    assert caught.value.errno == errno.ENOSPC
 
 
 def test_unaligned_tensors_are_read_not_mapped(ktq, tmp_path):
@@ -99,17 +126,3 @@ def test_unaligned_tensors_are_read_not_mapped(ktq, tmp_path):
     assert outputs[0] == outputs[1]
 
 
-def test_write_behind_closes_every_file_it_was_handed(tmp_path, monkeypatch):
-    monkeypatch.setattr(st, "WRITEBACK_BYTES", 1000)
-    before = len(list(Path("/proc/self/fd").iterdir()))
-    behind = st.WriteBehind()
-    for i in range(50):
-        f = open(tmp_path / f"{i}.bin", "wb")
-        f.write(bytes(300))
-        f.flush()
-        behind.wrote(f, 0, 300, close=True)
-    held = len(list(Path("/proc/self/fd").iterdir())) - before
-    assert 0 < held <= 5  # the last ~1000 bytes' files only
-    behind.drop_all()
-    assert len(list(Path("/proc/self/fd").iterdir())) == before
-    assert all((tmp_path / f"{i}.bin").stat().st_size == 300 for i in range(50))

@@ -90,8 +90,10 @@ def test_changed_content_stops_at_that_layer_and_the_merge_resumes(ktq, moe_samp
 
 
 def test_disk_full_during_a_merge_resumes(ktq, moe_sample, converted, tmp_path):
-    out = tmp_path / "out"
-    with IoFaults(out, at=60, action="enospc"):  # in the second layer's shard
+    probe, out = tmp_path / "probe", tmp_path / "out"
+    with IoFaults(probe, at=None) as counter:
+        assert ktq("merge", converted["kt"], probe, "--original-path", moe_sample, "-q").code == 0
+    with IoFaults(out, at=counter.events // 2, action="enospc"):  # past the first of three layers
         assert_one_line_error(ktq("merge", converted["kt"], out, "--original-path", moe_sample, "-q"), "disk is full")
     assert ktq("merge", converted["kt"], out, "--original-path", moe_sample, "-q").code == 0
     assert tree_files(out) == tree_files(converted["merged"])

@@ -54,7 +54,7 @@ def test_killed_at_any_point_the_rerun_ends_byte_identical(server, moe_sample, c
     reference = server.run(cpu_args(moe_sample, tmp_path / "reference", form), tmp_path / "reference")
     assert reference.code == 0, reference.log
     assert tree_files(tmp_path / "reference") == expected  # the fork server runs the same conversion
-    # each tensor written (merged) or each file created and written (kt) is at least one event
+    # each stage of a shard written (merged) or each file created and written (kt) is at least one event
     assert reference.events > (100 if form == "merged" else 200), reference.events
     points = spread(reference.events, KILL_POINTS)
     assert len(points) >= 10
