@@ -121,9 +121,9 @@ def page_in(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def raw_write(out: Path, sizes: list[int], fsync: bool) -> float:
+def raw_write(out: Path, sizes: list[int], fsync: bool, keep: bool = False) -> float:
     """Write files of these sizes from one reused buffer (what writing the output costs at the least), then
-    delete them: the seconds of the writes (and of the fsyncs)."""
+    delete them (unless keep): the seconds of the writes (and of the fsyncs)."""
     out.mkdir(parents=True)
     data = memoryview(np.random.default_rng(0).integers(0, 256, CHUNK, np.uint8))
     started = time.perf_counter()
@@ -134,7 +134,8 @@ def raw_write(out: Path, sizes: list[int], fsync: bool) -> float:
             if fsync:
                 os.fsync(f.fileno())
     seconds = time.perf_counter() - started
-    shutil.rmtree(out)
+    if not keep:
+        shutil.rmtree(out)
     return seconds
 
 
@@ -229,8 +230,11 @@ def bench_command(inputs: dict[str, Path], work: Path, repeat: int, min_idle: fl
     same geometry; the runs of each interleaved with the others (so that a busy spell of the machine does not fall on
     one of them only), each next to reading its input and writing its output."""
     models = {dtype: find_experts(open_checkpoint(src)) for dtype, src in inputs.items()}
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
+    # Thousands of files deleted make ext4 creating the next ones slow (its allocator skips recently freed inodes:
+    # a .kt run at 4.5 s became 8 s, sys time 1 s -> 5 s): each run of the .kt form writes into a folder of its
+    # own, and those go only at the end. A user writes such an output once.
+    kept = work / "kt-outputs"
+    shutil.rmtree(kept, ignore_errors=True)
     configs = [("bf16", method, form) for method in ("int4", "int8") for form in ("merged", "kt")]
     configs += [(dtype, method, "merged") for dtype in inputs if dtype != "bf16" for method in ("int4", "int8")]
     sizes = {c: output_file_sizes(models[c[0]], fmt.METHODS[c[1]], c[2]) for c in configs}
@@ -241,12 +245,12 @@ def bench_command(inputs: dict[str, Path], work: Path, repeat: int, min_idle: fl
             idle = wait_quiet(min_idle, 180)
             log(f"ktq cpu {dtype} {method}/{form}, run {run + 1} of {repeat} (CPUs {idle:.0%} idle)")
             page_in(inputs[dtype])  # into the page cache (what is not read for a minute is paged out on this VM)
+            out = kept / f"{dtype}-{method}-run{run}" if form == "kt" else work / "out"
             seconds, rss, cpu, _ = run_ktq(convert_args(inputs[dtype], out, method, form))
-            shutil.rmtree(out)  # its pages, freed, serve the timed writes below: on a VM with free page
-            # reporting, writing into never-touched memory costs ~0.4 GB/s
+            if form == "merged":
+                shutil.rmtree(out)
             read = page_in(inputs[dtype])
-            write = raw_write(out, sizes[config], fsync=False)  # after ktq: its dirty pages (unsynced) would
-            # otherwise still be written back during the conversion
+            write = raw_write(out.with_name(out.name + "-raw"), sizes[config], fsync=False, keep=form == "kt")
             rows[config].append({"idle": idle, "read_s": read, "write_s": write, "ktq_s": seconds,
                                  "ktq_cpu_s": cpu, "peak_rss": rss})
     results = {"input_bytes": {dtype: sum(layer.input_bytes for layer in model.layers)
@@ -256,9 +260,11 @@ def bench_command(inputs: dict[str, Path], work: Path, repeat: int, min_idle: fl
         results["runs"].append({
             "input": dtype, "method": method, "form": form, "output_bytes": sum(sizes[dtype, method, form]),
             "files": len(sizes[dtype, method, form]),
-            "write_fsync_s": raw_write(out, sizes[dtype, method, form], fsync=True), "rows": runs,
+            "write_fsync_s": raw_write(kept / f"{dtype}-{method}-{form}-fsync", sizes[dtype, method, form],
+                                       fsync=True, keep=form == "kt"), "rows": runs,
             **{key: statistics.median(r[key] for r in runs)
                for key in ("read_s", "write_s", "ktq_s", "ktq_cpu_s", "peak_rss")}})
+    shutil.rmtree(kept, ignore_errors=True)
     return results
 
 
