@@ -38,6 +38,10 @@ def _root(
     """ktq: one command for both halves of a KTransformers MoE deployment."""
 
 
+# Numba's error when ktq.kernels asked for its thread-safe layers and neither OpenMP nor TBB loads
+_NO_THREADING_LAYER = "No threading layer could be loaded"
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug in ktq, not in the user's input
         if debug:
             raise
+        if str(exc).startswith(_NO_THREADING_LAYER):
+            print(f"ktq: error: {_NO_THREADING_LAYER}: ktq runs Numba kernels from two threads at once, which "
+                  "needs OpenMP (install libgomp1) or TBB (pip install tbb)", file=sys.stderr)
+            sys.exit(2)
         print(f"ktq: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)

@@ -10,7 +10,6 @@ Problems are collected, never raised one by one, so that one run lists them all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -19,20 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ktq import digest
 from ktq.checkpoint import open_checkpoint
 from ktq.errors import KtqError
 from ktq.experts import find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import unpack_dequantize
 from ktq.layout import Layout
-from ktq.manifest import tree_digest
 from ktq.output import index_data
 from ktq.safetensors_io import TensorReader
 from ktq.scan import Found, PieceReader, recognise
 from ktq.sinks import packed_slot
 from ktq.system import cpu_cores, numa_nodes
 
-HASH_CHUNK = 8 << 20
 # |source - dequantised| of a correct conversion never exceeds this many row-amax (§2 of kt-format.md): INT8 rounds
 # to half a step of amax/127; INT4 rounds to a code (half a step of amax/112) and then to a multiple of 16 (8 more).
 ERROR_BOUND = {4: 8.5 / 112, 8: 0.5 / 127}
@@ -116,34 +114,28 @@ def _checkpoint_report(found: Found) -> dict:
 
 # --- verify -----------------------------------------------------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _layer_digest(found: Found, layer: int) -> str:
+def _layer_digest(found: Found, layer: int, algorithm: str) -> str:
     layout = found.layout
     path = found.path / layout.layer_path(layer)
     if layout.form == "merged":
-        return _sha256_file(path)
-    return tree_digest({relpath: _sha256_file(path / relpath) for relpath, _ in layout.kt_files(layer)})
+        return digest.of_file(path, algorithm)
+    return digest.of_tree({relpath: digest.of_file(path / relpath, algorithm) for relpath, _ in layout.kt_files(layer)},
+                          algorithm)
 
 
 def _verify_hashes(found: Found) -> list[str]:
-    """Every recorded layer whose files are all there, re-hashed (hashlib releases the GIL: a few threads)."""
+    """Every recorded layer whose files are all there, re-hashed on a few threads (file reads release the GIL)."""
     records = {int(k): r for k, r in found.manifest["layers"].items()
                if int(k) in found.layout.layers and int(k) not in found.broken}  # broken ones are reported
 
     def check(layer: int) -> str | None:
+        algorithm, expected = digest.recorded(records[layer])
         try:
-            actual = _layer_digest(found, layer)
+            actual = _layer_digest(found, layer, algorithm)
         except OSError as exc:
             return f"layer {layer}: cannot read {exc.filename}: {exc.strerror}"
-        if actual != records[layer]["sha256"]:
-            return (f"layer {layer}: {found.layout.layer_path(layer)} does not match its sha256 in ktq.json "
+        if actual != expected:
+            return (f"layer {layer}: {found.layout.layer_path(layer)} does not match its {algorithm} in ktq.json "
                     "(damaged or changed since it was written); reconvert it with --resume-layer or from scratch")
         return None
 

@@ -1,14 +1,13 @@
 """ktq.json: what an output folder holds, rewritten atomically after every committed layer.
 
 It records what kt-kernel cannot tell from the files (the NUMA count the output must be served with, the method,
-the source it came from) and each committed layer's file or folder with its size and sha256, so an interrupted
+the source it came from) and each committed layer's file or folder with its size and digest (ktq.digest), so an interrupted
 run resumes after its last committed layer and `ktq inspect --verify` can re-hash everything. Its name must not
 end in .safetensors: that would switch kt-kernel's loader mode.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -94,9 +93,3 @@ def identity_mismatch(existing: dict, wanted: dict) -> str | None:
     diffs = [f"{key} {show(existing.get(key))} -> {show(wanted.get(key))}"
              for key in IDENTITY_FIELDS if existing.get(key) != wanted.get(key)]
     return ", ".join(diffs) or None
-
-
-def tree_digest(file_digests: dict[str, str]) -> str:
-    """The sha256 recorded for a low-memory layer folder: over 'relative/path sha256' lines in path order."""
-    lines = "".join(f"{path} {digest}\n" for path, digest in sorted(file_digests.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()

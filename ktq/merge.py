@@ -9,17 +9,17 @@ their way through, before the shard they went into is committed.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ktq import digest
 from ktq.checkpoint import open_checkpoint
 from ktq.errors import KtqError
 from ktq.experts import find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout
-from ktq.manifest import identity, save_manifest, tree_digest
+from ktq.manifest import identity, save_manifest
 from ktq.output import check_disk, finish_output, needed_bytes, plan_output
 from ktq.progress import LayerProgress
 from ktq.scan import Found, PieceReader, recognise
@@ -81,17 +81,18 @@ def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSi
     """One layer's files into one shard; re-hashed against the tree's ktq.json (when it has one) before the
     shard is committed. Returns the shard's manifest record."""
     sink.begin(layer)
+    algorithm, expected = digest.recorded(recorded[str(layer)]) if recorded is not None else (digest.KEY, None)
     digests = {}
     for e in range(layout.experts):
         for piece, packed in zip(layout.pieces, slot):
             reader.read(layer, e, piece, packed.body, packed.scales)
             for kind, data in (("quant", packed.body), ("scale", packed.scales)):
                 path = reader.path_of(layer, e, piece, kind)
-                digests[f"{path.parent.name}/{path.name}"] = hashlib.sha256(data).hexdigest()
+                digests[f"{path.parent.name}/{path.name}"] = digest.of(data, algorithm)
         sink.write_expert(e, slot)
         progress.expert_done(layout.expert_bytes())
-    if recorded is not None and tree_digest(digests) != recorded[str(layer)]["sha256"]:
-        raise KtqError(f"layer {layer} of {reader.found.path} does not match its sha256 in ktq.json (damaged since "
+    if recorded is not None and digest.of_tree(digests, algorithm) != expected:
+        raise KtqError(f"layer {layer} of {reader.found.path} does not match its {algorithm} in ktq.json (damaged since "
                        "it was written): reconvert that layer, then merge again")
     return sink.commit()
 

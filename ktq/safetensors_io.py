@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import mmap
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ktq import digest
 from ktq.errors import KtqError
 
 # safetensors dtype -> (bytes per element, numpy dtype used to hold the raw bits)
@@ -291,15 +291,8 @@ class DirectFile:
         self.path.unlink(missing_ok=True)
 
 
-# sha256 runs at 1.8 GB/s here, about the disk's speed: writers hash on this thread while their bytes go to the disk
-# on the other (hashlib and file writes release the GIL).
-_HASHER = ThreadPoolExecutor(1, thread_name_prefix="ktq-hash")
+# Shard blocks go to the disk on this thread while the writer fills the next one (file writes release the GIL).
 _DISK = ThreadPoolExecutor(1, thread_name_prefix="ktq-disk")
-
-
-def sha256_behind(blocks: list[memoryview]) -> Future:
-    """The sha256 hex digests of blocks, computed on the hashing thread; the blocks must not change meanwhile."""
-    return _HASHER.submit(lambda: [hashlib.sha256(block).hexdigest() for block in blocks])
 
 
 def byte_view(data: np.ndarray) -> memoryview:
@@ -309,8 +302,8 @@ def byte_view(data: np.ndarray) -> memoryview:
 class ShardWriter:
     """Writes one safetensors file whose tensors are all declared up front, then streamed in declaration order.
 
-    Tensors are copied into one of two aligned staging buffers (a memcpy: 0.1 s per GB); a full one goes to the
-    disk and through sha256 on two other threads while the next one fills. Every write is checked against the
+    Tensors are copied into one of two aligned staging buffers (a memcpy: 0.1 s per GB); a full one is hashed
+    (ktq.digest) and goes to the disk on another thread while the next one fills. Every write is checked against the
     declared size, and `finish` refuses a file that did not receive every byte it promised. A writer that writes
     shards one after the other passes the same `stages` to each (first touches of fresh memory are slow here).
     """
@@ -322,10 +315,10 @@ class ShardWriter:
         self._next = 0
         header = encode_header(entries, metadata)
         self.size = len(header) + sum(e[3] for e in entries)
-        self._hash = hashlib.sha256()
+        self._digest = digest.new()
         self._stages = stages or staging_buffers()
         self._stage, self._fill = self._stages[0], 0
-        self._in_flight: list[Future] = []  # the other stage's write and hash
+        self._in_flight: Future | None = None  # the other stage's write
         self._file = DirectFile(path)
         self._append(memoryview(header))
 
@@ -340,17 +333,17 @@ class ShardWriter:
 
     def _flush_stage(self) -> None:
         stage, fill = self._stage, self._fill
-        flushing = [_HASHER.submit(self._hash.update, memoryview(stage)[:fill]),
-                    _DISK.submit(self._file.write, stage, fill)]
-        self._settle()  # the other stage is free again (each thread keeps the order of its blocks)
+        self._digest.update(memoryview(stage)[:fill])
+        flushing = _DISK.submit(self._file.write, stage, fill)
+        self._settle()  # the other stage is free again (the disk thread keeps the order of the blocks)
         self._in_flight = flushing
         self._stage, self._fill = self._stages[self._stages[0] is stage], 0
 
     def _settle(self) -> None:
-        """Wait for the blocks in flight; raises their error."""
-        flushing, self._in_flight = self._in_flight, []
-        for future in flushing:
-            future.result()
+        """Wait for the block in flight; raises its error."""
+        flushing, self._in_flight = self._in_flight, None
+        if flushing is not None:
+            flushing.result()
 
     def write(self, name: str, data: np.ndarray) -> None:
         self.write_all([(name, data)])
@@ -366,7 +359,7 @@ class ShardWriter:
             self._next += 1
 
     def finish(self) -> str:
-        """Write the rest, flush to the disk and close; returns the sha256 hex digest. Raises when a tensor is
+        """Write the rest, flush to the disk and close; returns the file's digest (ktq.digest). Raises when a tensor is
         missing or the size is off."""
         if self._next != len(self._entries):
             raise RuntimeError(f"shard {self.path.name}: {len(self._entries) - self._next} tensors never written")
@@ -376,7 +369,7 @@ class ShardWriter:
         actual = self.path.stat().st_size
         if actual != self.size:
             raise KtqError(f"{self.path}: wrote {actual} bytes, expected {self.size} (disk full?)")
-        return self._hash.hexdigest()
+        return self._digest.hexdigest()
 
     def abort(self) -> None:
         """Remove the unfinished file, once no block of it is in flight."""

@@ -2,7 +2,7 @@
 
 Both write a layer under a temporary name, flush it to the disk, check every size against the Layout, and only
 then rename it into place, so a crash at any instant leaves whole layers and at most one temporary unit, which the
-next run removes. `commit` returns the layer's manifest record: its path, its bytes and its sha256. Any OSError
+next run removes. `commit` returns the layer's manifest record: its path, its bytes and its digest (ktq.digest). Any OSError
 (a full disk included) becomes a one-line KtqError; `abort` then removes the unit in flight.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ktq import digest
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout, Piece
-from ktq.manifest import PARTIAL_SUFFIX, fsync_dir, tree_digest
-from ktq.safetensors_io import (DirectFile, ShardWriter, aligned_buffer, byte_view, round_up, sha256_behind,
-                                staging_buffers)
+from ktq.manifest import PARTIAL_SUFFIX, fsync_dir
+from ktq.safetensors_io import DirectFile, ShardWriter, aligned_buffer, round_up, staging_buffers
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class MergedSink:
         assert writer is not None
         final = self.out / self.layout.shard_name(self._layer)
         try:
-            digest = writer.finish()  # flushed, fsynced, every tensor written, size checked
+            file_digest = writer.finish()  # flushed, fsynced, every tensor written, size checked
             if writer.size != self.layout.layer_bytes(self._layer):
                 raise KtqError(f"{writer.path}: {writer.size} bytes, the layout needs "
                                f"{self.layout.layer_bytes(self._layer)} (a bug in ktq)")
@@ -104,7 +104,7 @@ class MergedSink:
             raise write_error(writer.path, exc) from exc
         finally:
             self.abort()
-        return {"path": final.name, "bytes": writer.size, "sha256": digest}
+        return {"path": final.name, "bytes": writer.size, digest.KEY: file_digest}
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -152,12 +152,9 @@ class KtTreeSink:
             folder = fmt.numa_dir_name(p.part)
             files[f"{folder}/{body_name}"] = p.body
             files[f"{folder}/{scale_name}"] = p.scales.view(np.uint8)
-        digests = sha256_behind([byte_view(data) for data in files.values()])
-        try:
-            for relpath, data in files.items():
-                self._put(relpath, data)
-        finally:
-            self._digests.update(zip(files, digests.result()))  # the caller may reuse the arrays once this returns
+        for relpath, data in files.items():
+            self._put(relpath, data)
+            self._digests[relpath] = digest.of(data)
 
     def _flush_and_check(self, partial: Path) -> int:
         """fsync every file (one journal commit covers most of them), then compare names and sizes with the
@@ -194,7 +191,7 @@ class KtTreeSink:
             raise write_error(partial, exc) from exc
         finally:
             self.abort()
-        return {"path": final.name, "bytes": nbytes, "sha256": tree_digest(self._digests)}
+        return {"path": final.name, "bytes": nbytes, digest.KEY: digest.of_tree(self._digests)}
 
     def abort(self) -> None:
         if self._partial is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +59,21 @@ def ktq_subprocess(*args: object, **kwargs) -> Run:
 
 def tree_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def sha256_records(form: str, out: Path) -> None:
+    """Rewrite ktq.json as ktq wrote it before XXH3: sha256 of each shard, or over 'path sha256' lines of a folder."""
+    manifest = json.loads((out / "ktq.json").read_text())
+    for record in manifest["layers"].values():
+        del record["xxh3_128"]
+        path = out / record["path"]
+        if form == "merged":
+            record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            lines = "".join(f"{f.relative_to(path)} {hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in files)
+            record["sha256"] = hashlib.sha256(lines.encode()).hexdigest()
+    (out / "ktq.json").write_text(json.dumps(manifest))
 
 
 def rewrite_checkpoint(src: Path, dst: Path, transform, config_transform=None) -> Path:

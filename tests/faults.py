@@ -1,8 +1,9 @@
 """Fault injection for the crash-safety tests: counted file-system events, killed or failed on demand.
 
 `IoFaults` wraps the Python calls through which ktq changes a folder (open or os.open for writing, each write or
-os.write to such a file, rename, unlink, mkdir, rmtree) for paths under one root, numbers those events, and at event `at` either SIGKILLs the
-process (after writing half of the data, when the event is a write: a torn write) or raises OSError(ENOSPC).
+os.write to such a file, rename, unlink, mkdir, rmtree) for paths under one root, numbers those events, and at
+event `at` either SIGKILLs the process (after writing half of the data, when the event is a write: a torn write)
+or raises OSError(ENOSPC).
 ktq itself has no test hooks: the tests see exactly the code a user runs.
 
 Killing needs a process of its own. Starting `python -m ktq` per kill point costs a second (imports, Numba's

@@ -88,3 +88,25 @@ def test_real_process_exit_code_and_single_line(tmp_path):
 def test_input_type_contradicted(ktq, golden_input, tmp_path):
     result = ktq("cpu", "-i", golden_input, "-o", tmp_path / "out", "--input-type", "fp16")
     assert_one_line_error(result, "--input-type fp16 does not match", "BF16")
+
+
+def test_no_thread_safe_numba_layer_is_one_line(ktq, golden_input, tmp_path, monkeypatch):
+    """Where neither OpenMP nor TBB loads, Numba's "threadsafe" request fails at the first parallel launch: the
+    user reads what to install, not a traceback."""
+    from ktq import convert
+
+    def no_layer(method):
+        raise ValueError("No threading layer could be loaded.\nHINT:\nIntel TBB is required, try:\n$ pip install tbb")
+
+    monkeypatch.setattr(convert, "load_kernel", no_layer)
+    result = ktq("cpu", "-i", golden_input, "-o", tmp_path / "out", "--threadpool-count", "1", "--quiet")
+    assert_one_line_error(result, "No threading layer could be loaded", "libgomp1", "tbb")
+
+
+def test_kernels_run_on_a_thread_safe_layer(ktq, golden_input, tmp_path):
+    """The read thread decodes while the main thread quantises: never on Numba's workqueue layer, which aborts."""
+    import numba
+
+    assert ktq("cpu", "-i", golden_input, "-o", tmp_path / "out", "--threadpool-count", "1", "--quiet").code == 0
+    assert numba.config.THREADING_LAYER == "threadsafe"
+    assert numba.threading_layer() in ("omp", "tbb")

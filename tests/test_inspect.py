@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GOLDEN
+from conftest import GOLDEN, sha256_records
 from test_cli_errors import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("two_numa_nodes")
@@ -83,8 +84,20 @@ def test_verify_fails_on_a_single_flipped_bit(ktq, output):
     path.write_bytes(bytes(data))
     assert ktq("inspect", out).code == 0  # sizes and names are all right: only the hash can tell
     result = ktq("inspect", out, "--verify")
-    assert_one_line_error(result, "layer 2", "does not match its sha256")
+    assert_one_line_error(result, "layer 2", "does not match its xxh3_128")
     assert "layer 1" not in result.stderr and "layer 3" not in result.stderr
+
+
+def test_outputs_with_sha256_records_are_still_verified(ktq, output):
+    """Outputs of ktq before the switch to XXH3 record sha256: they verify, and damage is still found."""
+    form, out = output
+    sha256_records(form, out)
+    assert ktq("inspect", out, "--verify").code == 0
+    path, offset = _body_byte(form, out)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert_one_line_error(ktq("inspect", out, "--verify"), "layer 2", "does not match its sha256")
 
 
 def test_a_truncated_file_fails_even_without_verify(ktq, output):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GOLDEN, convert_in_process, tree_files
+from conftest import GOLDEN, convert_in_process, sha256_records, tree_files
 from faults import IoFaults
 from test_cli_errors import assert_one_line_error
 
@@ -80,13 +80,28 @@ def test_changed_content_stops_at_that_layer_and_the_merge_resumes(ktq, moe_samp
     victim.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])  # same size, one bit off
     out = tmp_path / "out"
     assert_one_line_error(ktq("merge", tree, out, "--original-path", moe_sample, "-q"), "layer 2 of",
-                          "does not match its sha256")
+                          "does not match its xxh3_128")
     assert sorted(json.loads((out / "ktq.json").read_text())["layers"]) == ["1"]
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
     victim.write_bytes(original)
     result = ktq("merge", tree, out, "--original-path", moe_sample)
     assert result.code == 0 and "2 layers merged, 1 kept" in result.stdout
     assert tree_files(out) == tree_files(converted["merged"])
+
+
+def test_a_tree_with_sha256_records_is_checked_with_sha256(ktq, moe_sample, converted, tmp_path):
+    """A tree written before the switch to XXH3 merges, and its damage is still found."""
+    tree = tmp_path / "tree"
+    shutil.copytree(converted["kt"], tree)
+    sha256_records("kt", tree)
+    assert ktq("merge", tree, tmp_path / "out", "--original-path", moe_sample, "-q").code == 0
+    assert tree_files(tmp_path / "out") == tree_files(converted["merged"])
+    victim = _kt_file(tree, 3, 0, "INT4_gate_0_*quant_.kt")
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    assert_one_line_error(ktq("merge", tree, tmp_path / "out2", "--original-path", moe_sample, "-q"), "layer 3 of",
+                          "does not match its sha256")
 
 
 def test_disk_full_during_a_merge_resumes(ktq, moe_sample, converted, tmp_path):

@@ -114,5 +114,5 @@ def _render(report: dict) -> None:
         if report["kind"] == "checkpoint":
             checked = "every header, expert tensor and shape"
         else:
-            checked = "every size and " + ("every sha256 in ktq.json" if report["manifest"] else "every scale")
+            checked = "every size and " + ("every digest in ktq.json" if report["manifest"] else "every scale")
         console.print(f"verified: {checked} checked, no problem")
