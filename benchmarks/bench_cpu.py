@@ -466,7 +466,7 @@ def main() -> None:
     idle += [row["idle"] for run in r["command"]["runs"] for row in run["rows"]]
     r["idle"] = f"{min(idle):.0%}-{max(idle):.0%}"
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{time.strftime('%Y-%m-%d')}-{r['machine']['cpu'].lower().replace(' ', '-')}"
+    stem = RESULTS / f"{time.strftime('%Y-%m-%d-%H%M')}-{r['machine']['cpu'].lower().replace(' ', '-')}"
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
     text = markdown(r)
     stem.with_suffix(".md").write_text(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -262,10 +263,22 @@ class DirectFile:
         view = memoryview(buffer)[: round_up(nbytes) if self.direct else nbytes]
         done = 0
         while done < len(view):
-            done += os.write(self._fd, view[done:])
+            try:
+                done += os.write(self._fd, view[done:])
+            except OSError as exc:
+                if not (self.direct and done == 0 and exc.errno == errno.EINVAL):
+                    raise
+                self._buffered()  # O_DIRECT accepted by open, refused by write (blocks larger than ALIGN)
+                view = view[:nbytes]
+                continue
             if self.direct and done % ALIGN:  # a regular file takes less than asked only when the disk is full
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.size += nbytes
+
+    def _buffered(self) -> None:
+        """Go on without O_DIRECT; every earlier write was whole blocks, so the file position is right."""
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def close(self, sync: bool = True) -> None:
         """Cut the padding, flush to the disk (file size and extents: O_DIRECT leaves those to fsync) and close.

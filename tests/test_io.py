@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -93,6 +94,22 @@ def test_shard_bytes_and_digest_across_stage_flushes(tmp_path, monkeypatch, dire
     data = (tmp_path / "s.safetensors").read_bytes()
     assert data == expected
     assert digest == xxhash.xxh3_128_hexdigest(data) and len(data) == size
+
+
+def test_direct_writes_refused_after_open_go_on_buffered(tmp_path, monkeypatch):
+    """A file system may accept O_DIRECT at open and refuse the writes (blocks larger than 4 KB): the file is
+    written without it, byte for byte the same."""
+    real_write = os.write
+
+    def refuse_direct(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse_direct)
+    expected, digest, size = _write_shard(tmp_path / "s.safetensors", (7, 25_000, 9_999, 1, 40_000), 2)
+    data = (tmp_path / "s.safetensors").read_bytes()
+    assert data == expected and len(data) == size and digest == xxhash.xxh3_128_hexdigest(data)
 
 
 def test_a_short_direct_write_is_a_full_disk(tmp_path, monkeypatch):
