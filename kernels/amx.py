@@ -18,6 +18,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from . import threadsafe  # noqa: F401  the threading layer, before any kernel runs
 from .decode import bf16_bits_to_f32
 from .ktformat import INT4, INT8, TILE_BYTES, TILE_ROWS
 

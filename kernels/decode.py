@@ -10,6 +10,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import threadsafe  # noqa: F401  the threading layer, before any kernel runs
+
 
 
 @intrinsic
