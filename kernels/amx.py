@@ -193,8 +193,8 @@ def quantize_pack_expert(gate, up, down, parts, bits, words, floats, offsets, th
     (proj 0, 1, 2 = gate, up, down; kt-format.md §1 for the NUMA split).
 
     The work units are the 32-row stripes of all six (or 3 * parts) matrices, largest first; idle threads take
-    the next unit, so a thread slowed by other work on its core delays nothing (threads: Numba's thread count). Returns (proj, row) of the first
-    row holding Inf or NaN (row in the full projection), or (-1, -1).
+    the next unit, so a thread slowed by other work on its core delays nothing (threads: Numba's thread count).
+    Returns (proj, row) of the first row holding Inf or NaN (row in the full projection), or (-1, -1).
     """
     part_rows = gate.shape[0] // parts
     gu_stripes = part_rows // TILE_ROWS  # stripes of one gate or up part

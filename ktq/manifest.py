@@ -1,9 +1,9 @@
 """ktq.json: what an output folder holds, rewritten atomically after every committed layer.
 
 It records what kt-kernel cannot tell from the files (the NUMA count the output must be served with, the method,
-the source it came from) and each committed layer's file or folder with its size and digest (ktq.digest), so an interrupted
-run resumes after its last committed layer and `ktq inspect --verify` can re-hash everything. Its name must not
-end in .safetensors: that would switch kt-kernel's loader mode.
+the source it came from) and each committed layer's file or folder with its size and digest (ktq.digest), so an
+interrupted run resumes after its last committed layer and `ktq inspect --verify` can re-hash everything. Its name
+must not end in .safetensors: that would switch kt-kernel's loader mode.
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSi
         sink.write_expert(e, slot)
         progress.expert_done(layout.expert_bytes())
     if recorded is not None and digest.of_tree(digests, algorithm) != expected:
-        raise KtqError(f"layer {layer} of {reader.found.path} does not match its {algorithm} in ktq.json (damaged since "
-                       "it was written): reconvert that layer, then merge again")
+        raise KtqError(f"layer {layer} of {reader.found.path} does not match its {algorithm} in ktq.json (damaged "
+                       "since it was written): reconvert that layer, then merge again")
     return sink.commit()
 
 

@@ -2,8 +2,8 @@
 
 Both write a layer under a temporary name, flush it to the disk, check every size against the Layout, and only
 then rename it into place, so a crash at any instant leaves whole layers and at most one temporary unit, which the
-next run removes. `commit` returns the layer's manifest record: its path, its bytes and its digest (ktq.digest). Any OSError
-(a full disk included) becomes a one-line KtqError; `abort` then removes the unit in flight.
+next run removes. `commit` returns the layer's manifest record: its path, its bytes and its digest (ktq.digest).
+Any OSError (a full disk included) becomes a one-line KtqError; `abort` then removes the unit in flight.
 """
 
 from __future__ import annotations
