@@ -1,6 +1,6 @@
 """`ktq inspect`: what a folder holds, whether every byte of it is right, and how close it is to its source.
 
-    report   ktq.scan.recognise + a summary (method, NUMA count, layers, experts, shapes, sizes, dtypes,
+    report   ktq.cpu.scan.recognise + a summary (method, NUMA count, layers, experts, shapes, sizes, dtypes,
              manifest, the kt-kernel flags to serve it with)
     verify   every layer re-hashed against ktq.json; without ktq.json every scale read and checked
     compare  every expert dequantised and measured against the source checkpoint, per layer and projection
@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from ktq import digest
-from ktq.checkpoint import open_checkpoint
+from ktq.cpu.checkpoint import open_checkpoint
 from ktq.errors import KtqError
-from ktq.experts import find_experts
+from ktq.cpu.experts import find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import unpack_dequantize
-from ktq.layout import Layout
-from ktq.output import index_data
+from ktq.cpu.layout import Layout
+from ktq.cpu.output import index_data
 from ktq.safetensors_io import TensorReader
-from ktq.scan import Found, PieceReader, recognise
-from ktq.sinks import packed_slot
+from ktq.cpu.scan import Found, PieceReader, recognise
+from ktq.cpu.sinks import packed_slot
 from ktq.system import cpu_cores, numa_nodes
 
 # |source - dequantised| of a correct conversion never exceeds this many row-amax (§2 of kt-format.md): INT8 rounds

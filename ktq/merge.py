@@ -14,16 +14,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ktq import digest
-from ktq.checkpoint import open_checkpoint
+from ktq.cpu.checkpoint import open_checkpoint
 from ktq.errors import KtqError
-from ktq.experts import find_experts
+from ktq.cpu.experts import find_experts
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout
-from ktq.manifest import identity, save_manifest
-from ktq.output import check_disk, finish_output, needed_bytes, plan_output
+from ktq.cpu.layout import Layout
+from ktq.cpu.manifest import identity, save_manifest
+from ktq.cpu.output import check_disk, finish_output, needed_bytes, plan_output
 from ktq.progress import LayerProgress
-from ktq.scan import Found, PieceReader, recognise
-from ktq.sinks import MergedSink, PackedProjection, packed_slot
+from ktq.cpu.scan import Found, PieceReader, recognise
+from ktq.cpu.sinks import MergedSink, PackedProjection, packed_slot
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from ktq.checkpoint import INDEX_FILE
+from ktq.cpu.checkpoint import INDEX_FILE
 from ktq.errors import KtqError
 from ktq.kernels.decode import E4M3_VALUES
 from ktq.safetensors_io import ShardWriter, encode_header

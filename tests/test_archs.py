@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import rewrite_checkpoint, tree_files
-from ktq.checkpoint import open_checkpoint
-from ktq.experts import find_experts
+from ktq.cpu.checkpoint import open_checkpoint
+from ktq.cpu.experts import find_experts
 from ktq.safetensors_io import TensorReader, read_header
 from test_cli_errors import assert_one_line_error
 

@@ -211,9 +211,9 @@ def test_resume_layer_needs_the_earlier_layers(ktq, moe_sample, tmp_path):
 
 def test_disk_check_counts_what_the_run_writes(moe_sample, converted):
     """The estimate behind the free-space check is never below what a run really writes."""
-    from ktq.layout import layout_from_manifest
-    from ktq.manifest import load_manifest
-    from ktq.output import needed_bytes
+    from ktq.cpu.layout import layout_from_manifest
+    from ktq.cpu.manifest import load_manifest
+    from ktq.cpu.output import needed_bytes
 
     for name, out in converted.items():
         layout = layout_from_manifest(load_manifest(out))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ktq.checkpoint import Checkpoint, open_checkpoint
+from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout, Piece, layout_from_manifest
-from ktq.manifest import PARTIAL_SUFFIX, load_manifest
+from ktq.cpu.layout import Layout, Piece, layout_from_manifest
+from ktq.cpu.manifest import PARTIAL_SUFFIX, load_manifest
 from ktq.safetensors_io import TensorInfo, TensorReader, read_header
 
 KT_FILE = re.compile(r"^(?P<tag>INT4|INT8)_(?P<proj>gate|up|down)_(?P<expert>\d+)_(?P<size>\d+)Byte_"

@@ -21,8 +21,8 @@ from pathlib import Path
 from ktq import __version__
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout, layout_from_manifest
-from ktq.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, identity_mismatch, json_text, load_manifest,
+from ktq.cpu.layout import Layout, layout_from_manifest
+from ktq.cpu.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, identity_mismatch, json_text, load_manifest,
                           new_manifest, save_manifest, write_json_atomic)
 from ktq.progress import gb
 

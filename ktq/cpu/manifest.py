@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ktq import __version__
 from ktq.errors import KtqError, write_error
-from ktq.layout import Layout
+from ktq.cpu.layout import Layout
 
 MANIFEST_NAME = "ktq.json"
 FORMAT = "ktq-cpu/1"

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ktq.checkpoint import Checkpoint, collector_paused
+from ktq.cpu.checkpoint import Checkpoint, collector_paused
 from ktq.errors import KtqError
 from ktq.kernels.decode import fp8_blocks_to_bf16, fp16_to_bf16, packed_int_to_bf16, transpose_u16
 from ktq.kernels.ktformat import PROJECTIONS

@@ -21,17 +21,17 @@ from threading import Event
 import numba
 import numpy as np
 
-from ktq.checkpoint import open_checkpoint
+from ktq.cpu.checkpoint import open_checkpoint
 from ktq.errors import KtqError
-from ktq.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
+from ktq.cpu.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
-from ktq.layout import Layout
-from ktq.manifest import identity, save_manifest
-from ktq.output import finish_output, plan_output
+from ktq.cpu.layout import Layout
+from ktq.cpu.manifest import identity, save_manifest
+from ktq.cpu.output import finish_output, plan_output
 from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
-from ktq.sinks import KtTreeSink, MergedSink, packed_slot
+from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
 WRITE_BEHIND = 4  # quantised experts waiting to be written
@@ -254,7 +254,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     layout = layout_of(job, model)
     plan = plan_output(job.output, identity(layout, model.input_type, ckpt.fingerprint()), layout, job.force)
     manifest = plan.manifest
-    todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.plan
+    todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.cpu.plan
     source = job.input_path if job.merge else None
     if plan.restarted:
         progress.note(f"starting {job.output} over (--force): deleting the {len(plan.remove)} files and folders "

@@ -18,8 +18,8 @@ import numpy as np
 from ktq import digest
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout, Piece
-from ktq.manifest import PARTIAL_SUFFIX, fsync_dir
+from ktq.cpu.layout import Layout, Piece
+from ktq.cpu.manifest import PARTIAL_SUFFIX, fsync_dir
 from ktq.safetensors_io import DirectFile, ShardWriter, aligned_buffer, round_up, staging_buffers
 
 

@@ -1,6 +1,6 @@
 """What a complete ktq output holds, file by file and byte by byte, in either form.
 
-The writers (ktq.sinks), resume, `ktq merge` and `ktq inspect` all take names, order and sizes from one Layout,
+The writers (ktq.cpu.sinks), resume, `ktq merge` and `ktq inspect` all take names, order and sizes from one Layout,
 so they cannot disagree about what "complete" means. A Layout is what ktq.json records about the output (the
 method, the NUMA count, the geometry and the MoE layers) or what ktq.inspect infers from a folder without one.
 """
