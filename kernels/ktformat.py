@@ -84,14 +84,6 @@ def merged_tensor_name(layer: int, proj: str, expert: int, part: int, kind: str)
     return f"blk.{layer}.ffn_{proj}_exps.{expert}.numa.{part}.{kind}"
 
 
-def shard_name(index: int, count: int) -> str:
-    """index is 1-based, as in the reference tool."""
-    return f"model-{index:05d}-of-{count:05d}.safetensors"
-
-
-INDEX_NAME = "model.safetensors.index.json"
-
-
 def layer_dir_name(layer: int) -> str:
     return f"_layer_{layer}"
 

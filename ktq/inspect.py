@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ktq import digest
+from ktq import digest, hfformat
 from ktq.cpu.checkpoint import open_checkpoint
 from ktq.errors import KtqError
 from ktq.cpu.experts import find_experts
@@ -144,21 +144,21 @@ def _verify_hashes(found: Found) -> list[str]:
 
 
 def _verify_index(found: Found) -> list[str]:
-    path = found.path / fmt.INDEX_NAME
+    path = found.path / hfformat.INDEX_NAME
     if not path.is_file():
-        return [f"{fmt.INDEX_NAME} is missing"] if found.manifest.get("complete") else []
+        return [f"{hfformat.INDEX_NAME} is missing"] if found.manifest.get("complete") else []
     try:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return [f"{fmt.INDEX_NAME} is not valid JSON ({exc})"]
+        return [f"{hfformat.INDEX_NAME} is not valid JSON ({exc})"]
     expected = index_data(found.layout)
     problems = []
     if not isinstance(index, dict) or index.get("weight_map") != expected["weight_map"]:
-        problems.append(f"{fmt.INDEX_NAME}'s weight_map does not list exactly the output's tensors and shards")
+        problems.append(f"{hfformat.INDEX_NAME}'s weight_map does not list exactly the output's tensors and shards")
     meta = index.get("metadata") if isinstance(index, dict) else None
     for key in ("total_size", "kt_method", "numa"):
         if not isinstance(meta, dict) or meta.get(key) != expected["metadata"][key]:
-            problems.append(f"{fmt.INDEX_NAME}'s metadata {key} is not {expected['metadata'][key]!r}")
+            problems.append(f"{hfformat.INDEX_NAME}'s metadata {key} is not {expected['metadata'][key]!r}")
     return problems
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ktq import hfformat
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import encode_header
@@ -61,7 +62,7 @@ class Layout:
 
     def shard_name(self, layer: int) -> str:
         """Merged form: one shard per MoE layer, numbered by the layer's rank among all MoE layers."""
-        return fmt.shard_name(self.layers.index(layer) + 1, len(self.layers))
+        return hfformat.shard_name(self.layers.index(layer) + 1, len(self.layers))
 
     def layer_path(self, layer: int) -> str:
         """The file (merged) or folder (kt) that holds one layer, relative to the output folder."""

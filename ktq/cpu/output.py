@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ktq import __version__
+from ktq import __version__, hfformat
 from ktq.errors import KtqError, write_error
-from ktq.kernels import ktformat as fmt
 from ktq.cpu.layout import Layout, layout_from_manifest
 from ktq.cpu.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, identity_mismatch, json_text, load_manifest,
                           new_manifest, save_manifest, write_json_atomic)
@@ -102,7 +101,7 @@ def ktq_files(out: Path, manifest: dict) -> list[Path]:
     """Everything in out that ktq wrote for this manifest, or would have: layers, index, copied files,
     temporaries. ktq.json itself is not listed."""
     layout = layout_from_manifest(manifest)  # its layer paths are those of every record too
-    names = {layout.layer_path(layer) for layer in layout.layers} | {fmt.INDEX_NAME}
+    names = {layout.layer_path(layer) for layer in layout.layers} | {hfformat.INDEX_NAME}
     found = [out / name for name in sorted(names) if (out / name).exists()]
     found += sorted(p for pattern in AUX_PATTERNS for p in out.glob(pattern) if p.is_file())
     found += sorted(p for p in out.iterdir() if _is_partial(p))
@@ -220,7 +219,7 @@ def needed_bytes(layout: Layout, layers: list[int], source: Path | None) -> int:
 
 
 def index_data(layout: Layout) -> dict:
-    """model.safetensors.index.json of a merged output."""
+    """The index (hfformat.INDEX_NAME) of a merged output."""
     weight_map: dict[str, str] = {}
     for layer in layout.layers:
         shard = layout.shard_name(layer)
@@ -251,7 +250,7 @@ def finish_output(out: Path, layout: Layout, manifest: dict, source: Path | None
     if layout.form == "merged":
         if source is not None:
             copy_aux_files(source, out)
-        write_json_atomic(out / fmt.INDEX_NAME, index_data(layout))
+        write_json_atomic(out / hfformat.INDEX_NAME, index_data(layout))
     manifest["complete"] = True
     save_manifest(out, manifest)
 
