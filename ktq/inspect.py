@@ -62,9 +62,8 @@ def _output_report(found: Found) -> dict:
     manifest = None
     if found.manifest is not None:
         m = found.manifest
-        manifest = {"ktq_version": m.get("ktq_version"), "complete": bool(m.get("complete")),
-                    "layers_done": len(m["layers"]), "input_type": m.get("input_type"),
-                    "input_fingerprint": m.get("input_fingerprint")}
+        manifest = {"ktq_version": m.ktq_version, "complete": m.complete, "layers_done": len(m.layers),
+                    "input_type": m.input_type, "input_fingerprint": m.input_fingerprint}
     return {
         "path": str(found.path.resolve()), "kind": found.kind, "form": layout.form,
         "method": layout.method.name, "kt_method": layout.method.kt_method, "numa": layout.numa,
@@ -125,11 +124,11 @@ def _layer_digest(found: Found, layer: int, algorithm: str) -> str:
 
 def _verify_hashes(found: Found) -> list[str]:
     """Every recorded layer whose files are all there, re-hashed on a few threads (file reads release the GIL)."""
-    records = {int(k): r for k, r in found.manifest["layers"].items()
-               if int(k) in found.layout.layers and int(k) not in found.broken}  # broken ones are reported
+    records = {layer: record for layer, record in found.manifest.layers.items()
+               if layer in found.layout.layers and layer not in found.broken}  # broken ones are reported
 
     def check(layer: int) -> str | None:
-        algorithm, expected = digest.recorded(records[layer])
+        algorithm, expected = records[layer].algorithm, records[layer].digest
         try:
             actual = _layer_digest(found, layer, algorithm)
         except OSError as exc:
@@ -146,7 +145,7 @@ def _verify_hashes(found: Found) -> list[str]:
 def _verify_index(found: Found) -> list[str]:
     path = found.path / hfformat.INDEX_NAME
     if not path.is_file():
-        return [f"{hfformat.INDEX_NAME} is missing"] if found.manifest.get("complete") else []
+        return [f"{hfformat.INDEX_NAME} is missing"] if found.manifest.complete else []
     try:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -213,7 +212,7 @@ def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
     if absent:
         raise KtqError(f"{source} has no MoE layer {absent[0]}, which {found.path} holds: not its source")
     problems = []
-    if found.manifest is not None and found.manifest.get("input_fingerprint") != ckpt.fingerprint():
+    if found.manifest is not None and found.manifest.input_fingerprint != ckpt.fingerprint():
         problems.append(f"{source} is not the checkpoint this output was converted from (its fingerprint differs)")
     bound = ERROR_BOUND[layout.method.bits] * (1 + BOUND_SLACK)
     per_part = layout.intermediate // layout.numa

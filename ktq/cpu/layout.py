@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ktq import hfformat
-from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import encode_header
 
@@ -118,14 +117,3 @@ def _shard_header_bytes(layout: Layout, digits: int) -> int:
     of one per layer: a DeepSeek-V3 plan encoded its 58 headers of 1536 tensors twice, 0.9 s."""
     return len(layout.shard_header(10 ** (digits - 1)))
 
-
-def layout_from_manifest(manifest: dict) -> Layout:
-    try:
-        layout = Layout(manifest["form"], fmt.METHODS[manifest["method"]], int(manifest["numa"]),
-                        int(manifest["hidden"]), int(manifest["intermediate"]), int(manifest["experts"]),
-                        tuple(int(layer) for layer in manifest["moe_layers"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KtqError(f"ktq.json lacks a valid {exc} entry: it was not written by this version of ktq") from exc
-    if layout.form not in FORMS:
-        raise KtqError(f"ktq.json names an unknown output form {layout.form!r}")
-    return layout

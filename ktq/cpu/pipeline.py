@@ -27,7 +27,7 @@ from ktq.cpu.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
 from ktq.cpu.layout import Layout
-from ktq.cpu.manifest import identity, save_manifest
+from ktq.cpu.manifest import Manifest, save_manifest
 from ktq.cpu.output import finish_output, plan_output
 from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
@@ -134,28 +134,27 @@ def _check_alignment(model: MoeModel, method: fmt.Method, numa: int) -> None:
         raise KtqError(problem)
 
 
-def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: dict) -> tuple[list[MoeLayer], list[int]]:
+def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: Manifest) -> tuple[list[MoeLayer], list[int]]:
     """The layers to convert now and those kept; --resume-layer N drops N and later ones from the manifest."""
-    done = manifest["layers"]
+    done = manifest.layers
     if job.resume_layer is None:
-        todo = [layer for layer in model.layers if str(layer.index) not in done]
+        todo = [layer for layer in model.layers if layer.index not in done]
     else:
-        missing = [layer.index for layer in model.layers
-                   if layer.index < job.resume_layer and str(layer.index) not in done]
+        missing = [layer.index for layer in model.layers if layer.index < job.resume_layer and layer.index not in done]
         if missing:
             raise KtqError(f"--resume-layer {job.resume_layer}: layers {missing[:5]} are not in {job.output} yet; "
                            "drop --resume-layer (ktq resumes by itself after the last finished layer)")
         todo = [layer for layer in model.layers if layer.index >= job.resume_layer]
         for layer in todo:
-            done.pop(str(layer.index), None)
-    kept = [layer.index for layer in model.layers if str(layer.index) in done]
+            done.pop(layer.index, None)
+    kept = [layer.index for layer in model.layers if layer.index in done]
     return todo, kept
 
 
 class _Pipeline:
     """Runs the work items (layer, expert) through read -> quantise -> write with bounded buffers."""
 
-    def __init__(self, job: CpuJob, model: MoeModel, layout: Layout, sink, manifest: dict, progress: LayerProgress,
+    def __init__(self, job: CpuJob, model: MoeModel, layout: Layout, sink, manifest: Manifest, progress: LayerProgress,
                  reader: TensorReader) -> None:
         self.job, self.model, self.layout, self.sink = job, model, layout, sink
         self.manifest, self.progress, self.reader = manifest, progress, reader
@@ -176,7 +175,7 @@ class _Pipeline:
                 self.sink.begin(layer.index)
             self.sink.write_expert(e, packed.projections)
             if e == len(layer.experts) - 1:
-                self.manifest["layers"][str(layer.index)] = self.sink.commit()
+                self.manifest.layers[layer.index] = self.sink.commit()
                 save_manifest(self.job.output, self.manifest)
                 self.progress.layer_done(layer.index, len(layer.experts), layer.input_bytes,
                                          time.perf_counter() - self._layer_started)
@@ -252,7 +251,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         raise KtqError(f"--resume-layer {job.resume_layer} is not a MoE layer of this model "
                        f"(MoE layers: {model.layers[0].index}..{model.layers[-1].index})")
     layout = layout_of(job, model)
-    plan = plan_output(job.output, identity(layout, model.input_type, ckpt.fingerprint()), layout, job.force)
+    plan = plan_output(job.output, Manifest(layout, model.input_type, ckpt.fingerprint()), job.force)
     manifest = plan.manifest
     todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.cpu.plan
     source = job.input_path if job.merge else None
@@ -269,7 +268,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
         _Pipeline(job, model, layout, sink, manifest, progress, reader).run(todo)
-    finish_output(job.output, layout, manifest, source)
-    result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
+    finish_output(job.output, manifest, source)
+    result.output_bytes = manifest.output_bytes
     result.seconds = time.perf_counter() - started
     return result

@@ -25,7 +25,7 @@ from ktq.errors import KtqError
 from ktq.cpu.experts import Geometry, MoeModel, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.cpu.layout import Layout, expert_pieces
-from ktq.cpu.manifest import identity, identity_mismatch, load_manifest
+from ktq.cpu.manifest import Manifest, identity_mismatch, load_manifest
 from ktq.cpu.measure import Rate, load_kernels, read_rate, rss, stage_rate
 from ktq.progress import gb
 from ktq.cpu.output import extra_files_bytes, needed_bytes, plan_output
@@ -131,10 +131,10 @@ def _layers_done(job: CpuJob, ckpt: Checkpoint, model: MoeModel, layout: Layout)
     existing = load_manifest(job.output) if job.output.is_dir() else None
     if existing is None:
         return set()
-    ident = identity(layout, model.input_type, ckpt.fingerprint())
-    if identity_mismatch(existing, ident):
+    wanted = Manifest(layout, model.input_type, ckpt.fingerprint())
+    if identity_mismatch(existing, wanted):
         return set()
-    return {int(layer) for layer in plan_output(job.output, ident, layout, force=False).manifest["layers"]}
+    return set(plan_output(job.output, wanted, force=False).manifest.layers)
 
 
 def _buffers(model: MoeModel, method: fmt.Method, numa: int, items: int) -> tuple[int, int]:

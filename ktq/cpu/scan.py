@@ -16,8 +16,8 @@ import numpy as np
 from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
-from ktq.cpu.layout import Layout, Piece, layout_from_manifest
-from ktq.cpu.manifest import PARTIAL_SUFFIX, load_manifest
+from ktq.cpu.layout import Layout, Piece
+from ktq.cpu.manifest import PARTIAL_SUFFIX, Manifest, load_manifest
 from ktq.safetensors_io import TensorInfo, TensorReader, read_header
 
 SHOWN = 3  # examples named in one problem line
@@ -28,7 +28,7 @@ class Found:
     path: Path
     kind: str  # "ktq-output", "kt-output" (no ktq.json) or "checkpoint"
     layout: Layout | None = None
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # merged outputs: every tensor of every shard
     checkpoint: Checkpoint | None = None
     problems: list[str] = field(default_factory=list)
@@ -197,15 +197,15 @@ def _span(layers: tuple[int, ...]) -> str:
 
 def _check_manifest(found: Found) -> None:
     manifest, layout = found.manifest, found.layout
-    records = manifest["layers"]
-    unrecorded = [layer for layer in layout.layers if str(layer) not in records]
-    if not manifest.get("complete") or unrecorded:
+    records = manifest.layers
+    unrecorded = [layer for layer in layout.layers if layer not in records]
+    if not manifest.complete or unrecorded:
         found.problems.append(f"unfinished conversion: {len(layout.layers) - len(unrecorded)} of "
                               f"{len(layout.layers)} layers done; re-run the same ktq cpu command to finish it")
-    for key, record in records.items():
-        if int(key) in layout.layers and (record.get("path") != layout.layer_path(int(key))
-                                          or record.get("bytes") != layout.layer_bytes(int(key))):
-            found.problems.append(f"ktq.json's record of layer {key} does not match its layout")
+    for layer, record in records.items():
+        expected = (layout.layer_path(layer), layout.layer_bytes(layer)) if layer in layout.layers else None
+        if expected is not None and (record.path, record.bytes) != expected:
+            found.problems.append(f"ktq.json's record of layer {layer} does not match its layout")
 
 
 def recognise(path: Path) -> Found:
@@ -214,12 +214,12 @@ def recognise(path: Path) -> Found:
     manifest = load_manifest(path)
     top_safetensors = sorted(path.glob("*.safetensors"))
     if manifest is not None:
-        found = Found(path, "ktq-output", layout_from_manifest(manifest), manifest)
+        found = Found(path, "ktq-output", manifest.layout, manifest)
     elif top_safetensors:
         tensors, unreadable = _read_tensors(path)
-        if not any(fmt.parse_merged_tensor_name(name) is not None for name in tensors) and (path / "config.json").is_file():
-            ckpt = open_checkpoint(path)
-            return Found(path, "checkpoint", checkpoint=ckpt)
+        experts = any(fmt.parse_merged_tensor_name(name) is not None for name in tensors)
+        if not experts and (path / "config.json").is_file():
+            return Found(path, "checkpoint", checkpoint=open_checkpoint(path))
         found = Found(path, "kt-output", tensors=tensors, problems=unreadable)
         found.layout = _infer_merged_layout(found)
     elif _kt_layer_dirs(path):
