@@ -20,15 +20,15 @@ import numpy as np
 
 from ktq import digest, hfformat
 from ktq.cpu.checkpoint import open_checkpoint
-from ktq.errors import KtqError
 from ktq.cpu.experts import find_experts
-from ktq.kernels import ktformat as fmt
-from ktq.kernels.amx import unpack_dequantize
 from ktq.cpu.layout import Layout
 from ktq.cpu.output import index_data
-from ktq.safetensors_io import TensorReader
 from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import packed_slot
+from ktq.errors import KtqError
+from ktq.kernels import ktformat as fmt
+from ktq.kernels.amx import unpack_dequantize
+from ktq.safetensors_io import TensorReader
 from ktq.system import cpu_cores, numa_nodes
 
 # |source - dequantised| of a correct conversion never exceeds this many row-amax (§2 of kt-format.md): INT8 rounds

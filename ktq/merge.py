@@ -15,15 +15,15 @@ from pathlib import Path
 
 from ktq import digest
 from ktq.cpu.checkpoint import open_checkpoint
-from ktq.errors import KtqError
 from ktq.cpu.experts import find_experts
-from ktq.kernels import ktformat as fmt
 from ktq.cpu.layout import Layout
 from ktq.cpu.manifest import LayerRecord, Manifest, save_manifest
 from ktq.cpu.output import check_disk, finish_output, needed_bytes, plan_output
-from ktq.progress import LayerProgress
 from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import MergedSink, PackedProjection, packed_slot
+from ktq.errors import KtqError
+from ktq.kernels import ktformat as fmt
+from ktq.progress import LayerProgress
 
 
 @dataclass

@@ -61,8 +61,8 @@ def cpu(
     import numba
 
     from ktq.cpu.pipeline import CpuJob, convert_cpu
-    from ktq.kernels.ktformat import METHODS
     from ktq.cpu.plan import numa_warning, plan_cpu, plan_table
+    from ktq.kernels.ktformat import METHODS
     from ktq.progress import LayerProgress, gb
 
     if as_json and not dry_run:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from ktq.errors import KtqError
 from ktq.cpu.experts import ProjectionSource
+from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import TensorInfo, TensorReader
 

@@ -19,10 +19,19 @@ from functools import lru_cache
 from pathlib import Path
 
 from ktq import __version__, hfformat
-from ktq.errors import KtqError, write_error
 from ktq.cpu.layout import Layout
-from ktq.cpu.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, LayerRecord, Manifest, identity_mismatch, json_text,
-                              load_manifest, save_manifest, write_json_atomic)
+from ktq.cpu.manifest import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    LayerRecord,
+    Manifest,
+    identity_mismatch,
+    json_text,
+    load_manifest,
+    save_manifest,
+    write_json_atomic,
+)
+from ktq.errors import KtqError, write_error
 from ktq.progress import gb
 
 # Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).

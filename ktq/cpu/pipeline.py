@@ -22,16 +22,16 @@ import numba
 import numpy as np
 
 from ktq.cpu.checkpoint import open_checkpoint
-from ktq.errors import KtqError
 from ktq.cpu.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
-from ktq.kernels import ktformat as fmt
-from ktq.kernels.amx import quantize_pack_expert
 from ktq.cpu.layout import Layout
 from ktq.cpu.manifest import Manifest, save_manifest
 from ktq.cpu.output import finish_output, plan_output
+from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
+from ktq.errors import KtqError
+from ktq.kernels import ktformat as fmt
+from ktq.kernels.amx import quantize_pack_expert
 from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
-from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
 WRITE_BEHIND = 4  # quantised experts waiting to be written
@@ -107,7 +107,7 @@ class PackedExpert:
                                  for p in self.projections], np.int64)
 
 
-def _quantise_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, packed: PackedExpert,
+def _quantize_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, packed: PackedExpert,
                      method: fmt.Method, numa: int, threads: int) -> None:
     m = slot.matrices
     proj, row = quantize_pack_expert(m["gate"], m["up"], m["down"], numa, method.bits, packed.words, packed.floats,
@@ -215,7 +215,7 @@ class _Pipeline:
                     if len(writes) == len(out_slots):
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
-                    _quantise_expert(layer.experts[e], slot, packed, self.job.method, self.job.numa, threads)
+                    _quantize_expert(layer.experts[e], slot, packed, self.job.method, self.job.numa, threads)
                     self.progress.expert_done(sum(s.input_bytes for s in layer.experts[e].values()))
                     nxt = i + len(in_slots)
                     if nxt < len(items):

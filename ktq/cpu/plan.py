@@ -9,8 +9,8 @@ safetensors headers only (tensor data is never read), plus a fraction of a secon
   of bf16 with their decode buffers and WRITE_BEHIND slots of packed output. Nothing else grows with the model.
 - Time is the expert bytes to read divided by the slower of two rates measured now: reading a slice of the largest
   shard, and decoding + quantising one projection with the run's threads and the input's own decoder (on synthetic
-  bytes, so any input type's decode counts). The stages overlap, so the slower sets the pace; writing is not measured (the output is
-  1/4 to 1/2 of the input).
+  bytes, so any input type's decode counts). The stages overlap, so the slower sets the pace; writing is not
+  measured (the output is 1/4 to 1/2 of the input).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from pathlib import Path
 
 from ktq.cpu import pipeline
 from ktq.cpu.checkpoint import Checkpoint, collector_paused, open_checkpoint
-from ktq.cpu.pipeline import CpuJob
-from ktq.errors import KtqError
 from ktq.cpu.experts import Geometry, MoeModel, find_experts
-from ktq.kernels import ktformat as fmt
 from ktq.cpu.layout import Layout, expert_pieces
 from ktq.cpu.manifest import Manifest, identity_mismatch, load_manifest
 from ktq.cpu.measure import Rate, load_kernels, read_rate, rss, stage_rate
-from ktq.progress import gb
 from ktq.cpu.output import extra_files_bytes, needed_bytes, plan_output
+from ktq.cpu.pipeline import CpuJob
+from ktq.errors import KtqError
+from ktq.kernels import ktformat as fmt
+from ktq.progress import gb
 from ktq.system import disk_free, existing_ancestor, numa_nodes, ram_available
 
 

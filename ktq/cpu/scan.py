@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
-from ktq.errors import KtqError
-from ktq.kernels import ktformat as fmt
 from ktq.cpu.layout import Layout, Piece
 from ktq.cpu.manifest import PARTIAL_SUFFIX, Manifest, load_manifest
+from ktq.errors import KtqError
+from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import TensorInfo, TensorReader, read_header
 
 SHOWN = 3  # examples named in one problem line

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ktq import digest
-from ktq.errors import KtqError, write_error
-from ktq.kernels import ktformat as fmt
 from ktq.cpu.layout import Layout, Piece
 from ktq.cpu.manifest import PARTIAL_SUFFIX, LayerRecord, fsync_dir
+from ktq.errors import KtqError, write_error
+from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import DirectFile, ShardWriter, aligned_buffer, round_up, staging_buffers
 
 

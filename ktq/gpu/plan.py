@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from ktq.gpu.devices import Device
 from ktq.gpu.layout import MoeLayout, Rule, ignore_reason
-from ktq.hfformat import expert_count, text_config
 from ktq.gpu.options import GpuOptions
+from ktq.hfformat import expert_count, text_config
 from ktq.progress import gb
 
 GROUP_SIZE = 128  # W4A16 and W8A16 quantise weights in groups of 128 input columns

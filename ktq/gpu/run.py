@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import ExitStack
 import sys
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,8 +31,16 @@ from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
 from ktq.gpu.layout import MoeLayout, ignore_reason, ignore_rules, stores_fused_experts
 from ktq.gpu.options import GpuOptions
-from ktq.gpu.plan import (SAVE_SHARD, Plan, auto_model_class, decoder_layers, make_plan, meta_model, plan_json,
-                          plan_table)
+from ktq.gpu.plan import (
+    SAVE_SHARD,
+    Plan,
+    auto_model_class,
+    decoder_layers,
+    make_plan,
+    meta_model,
+    plan_json,
+    plan_table,
+)
 from ktq.gpu.recipe import build_recipe
 from ktq.gpu.report import LOG_FILE, Report
 
