@@ -149,7 +149,7 @@ def test_rtn_needs_no_calibration(rtn_w4):
     assert rep["quantized_modules"] == 48
 
 
-def test_experts_without_routed_tokens_are_reported_and_still_quantised(src, work, ktq):
+def test_experts_without_routed_tokens_are_reported_and_still_quantized(src, work, ktq):
     """One sample of two tokens reaches at most 4 of 8 experts per layer; every expert is still calibrated (all
     tokens go through all experts), so every one has a GPTQ loss. The run is not quiet: the plan, progress and
     summary go to stderr, nothing to stdout."""

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import ExitStack
 import sys
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,19 +25,28 @@ from compressed_tensors.utils import patch_attr
 from loguru import logger
 from rich.console import Console
 
+from ktq import hfformat
 from ktq.errors import KtqError
 from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
 from ktq.gpu.layout import MoeLayout, ignore_reason, ignore_rules, stores_fused_experts
 from ktq.gpu.options import GpuOptions
-from ktq.gpu.plan import (SAVE_SHARD, Plan, auto_model_class, decoder_layers, make_plan, meta_model, plan_json,
-                          plan_table)
+from ktq.gpu.plan import (
+    SAVE_SHARD,
+    Plan,
+    auto_model_class,
+    decoder_layers,
+    make_plan,
+    meta_model,
+    plan_json,
+    plan_table,
+)
 from ktq.gpu.recipe import build_recipe
 from ktq.gpu.report import LOG_FILE, Report
 
 # files of a source checkpoint that the quantised one replaces rather than copies
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_REPLACED = {"config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+_REPLACED = {"config.json", "generation_config.json", hfformat.INDEX_NAME, "pytorch_model.bin.index.json",
              "recipe.yaml"}
 # warnings that ktq's own choices cause, left out of the report: linearising after load is deliberate (see
 # load_model), --force_cpu or a CPU-only machine is what the plan table already says, and the RAM for saving

@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from ktq.checkpoint import Checkpoint, collector_paused
+from ktq import hfformat
+from ktq.cpu.checkpoint import Checkpoint, collector_paused
 from ktq.errors import KtqError
 from ktq.kernels.decode import fp8_blocks_to_bf16, fp16_to_bf16, packed_int_to_bf16, transpose_u16
 from ktq.kernels.ktformat import PROJECTIONS
@@ -126,18 +127,14 @@ def geometry_of(config: dict) -> Geometry:
     return Geometry(
         hidden=_config_int(config, "hidden_size"),
         intermediate=_config_int(config, "moe_intermediate_size", "intermediate_size"),
-        experts=_config_int(config, "n_routed_experts", "num_experts", "num_local_experts"),
+        experts=_config_int(config, *hfformat.EXPERT_COUNT_KEYS),
     )
 
 
 def moe_layer_indices(config: dict) -> list[int]:
-    """Decoder layers with routed experts according to the config; MTP layers (>= num_hidden_layers) excluded."""
-    count = _config_int(config, "num_hidden_layers")
-    first_moe = config.get("first_k_dense_replace") or 0
-    dense = set(config.get("mlp_only_layers") or [])
-    step = config.get("decoder_sparse_step") or 1
-    return [layer for layer in range(count)
-            if layer >= first_moe and layer not in dense and (layer + 1) % step == 0]
+    """Decoder layers with routed experts according to the config (hfformat.moe_layers: MTP layers excluded)."""
+    _config_int(config, "num_hidden_layers")  # missing, it is named in one line
+    return list(hfformat.moe_layers(config))
 
 
 def _quantization_config(ckpt: Checkpoint) -> dict:
@@ -484,7 +481,7 @@ def find_experts(ckpt: Checkpoint, requested_type: str | None = None) -> MoeMode
     layer_indices = moe_layer_indices(ckpt.text_config)
     if not layer_indices:
         raise KtqError(f"{ckpt.path / 'config.json'} makes no decoder layer a MoE layer (see num_hidden_layers, "
-                       "first_k_dense_replace, mlp_only_layers, decoder_sparse_step)")
+                       f"{', '.join(hfformat.MOE_LAYER_RULES)})")
     if block == "fused":
         return _fused_model(ckpt, prefix, fused, geometry, layer_indices, requested_type)
     return _per_expert_model(ckpt, prefix, block, per_expert, geometry, layer_indices, requested_type)

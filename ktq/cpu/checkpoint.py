@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktq import hfformat
 from ktq.errors import KtqError
 from ktq.safetensors_io import TensorInfo, read_header
 
-INDEX_FILE = "model.safetensors.index.json"
 FINGERPRINT_SAMPLE = 4096  # bytes read in the middle and at the end of every shard for the fingerprint
 
 
@@ -22,7 +22,7 @@ FINGERPRINT_SAMPLE = 4096  # bytes read in the middle and at the end of every sh
 class Checkpoint:
     path: Path
     config: dict  # the full config.json
-    text_config: dict  # the language model's config (VL models keep it under text_config)
+    text_config: dict  # the language model's config (hfformat.text_config: VL models nest it)
     files: list[Path]
     tensors: dict[str, TensorInfo]
 
@@ -66,7 +66,7 @@ def load_config(path: Path) -> dict:
 
 def shard_files(path: Path) -> list[Path]:
     """The shards the index lists (each must exist), else every *.safetensors file of the folder."""
-    index = path / INDEX_FILE
+    index = path / hfformat.INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -75,7 +75,7 @@ def shard_files(path: Path) -> list[Path]:
         files = [path / name for name in sorted(set(weight_map.values()))]
         for file in files:
             if not file.is_file():
-                raise KtqError(f"shard {file.name} is listed in {INDEX_FILE} but missing from {path}")
+                raise KtqError(f"shard {file.name} is listed in {hfformat.INDEX_NAME} but missing from {path}")
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -105,10 +105,9 @@ def open_checkpoint(path: Path) -> Checkpoint:
     if not path.is_dir():
         raise KtqError(f"input path {path} is not a folder")
     config = load_config(path)
-    text_config = config.get("text_config") or config
     files = shard_files(path)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         found, _ = read_header(file)
         tensors.update(found)
-    return Checkpoint(path, config, text_config, files, tensors)
+    return Checkpoint(path, config, hfformat.text_config(config), files, tensors)
