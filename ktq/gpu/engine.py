@@ -15,7 +15,6 @@ so it ends with the same bytes as a run that was never interrupted.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from loguru import logger
 from ktq.errors import KtqError
 from ktq.gpu.gptq import Quantized, pack, qparams, solve_each, solve_shared, unpack, weight_scheme
 from ktq.gpu.output import StreamOutput, tensor_entry
-from ktq.gpu.source import SourceCheckpoint, layer_of
+from ktq.gpu.source import SourceCheckpoint
 from ktq.gpu.streamed_experts import LayerStatistics, StreamedExperts
 from ktq.kernels.ktformat import PROJECTIONS
 

@@ -18,8 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
-from compressed_tensors.quantization import (ActivationOrdering, QuantizationArgs, QuantizationScheme,
-                                             QuantizationStrategy, preset_name_to_scheme)
+from compressed_tensors.quantization import (
+    ActivationOrdering,
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+    preset_name_to_scheme,
+)
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update, quantize_weight
 from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, apply_activation_ordering, factorize_hessian

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ktq.cpu.manifest import PARTIAL_SUFFIX, fsync_dir, write_json_atomic
 from ktq.errors import KtqError, write_error
 from ktq.gpu.source import SAFETENSORS_DTYPES, TORCH_DTYPES
-from ktq.manifest import PARTIAL_SUFFIX, fsync_dir, write_json_atomic
 from ktq.safetensors_io import ShardWriter, TensorInfo, TensorReader, read_header
 
 MANIFEST = "ktq_gpu.json"

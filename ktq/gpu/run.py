@@ -29,19 +29,16 @@ from ktq import hfformat
 from ktq.errors import KtqError
 from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
-from ktq.gpu.layout import MoeLayout, ignore_reason, ignore_rules, stores_fused_experts
+from ktq.gpu.layout import MoeLayout, ignore_rules, stores_fused_experts
 from ktq.gpu.options import GpuOptions
 from ktq.gpu.plan import (
-    SAVE_SHARD,
     Plan,
-    auto_model_class,
     decoder_layers,
     make_plan,
     meta_model,
     plan_json,
     plan_table,
 )
-from ktq.gpu.recipe import build_recipe
 from ktq.gpu.report import LOG_FILE, Report
 
 # files of a source checkpoint that the quantised one replaces rather than copies
@@ -164,7 +161,8 @@ def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, repor
 
         dataset = rank_share(dataset, world) if dataset is not None else None
     output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(layer_names) + 1, writable))
-    with _llmcompressor_logs(staging if world.is_main else None, report, debug), GpuProgress(quiet, console) as progress:
+    logs = _llmcompressor_logs(staging if world.is_main else None, report, debug)
+    with logs, GpuProgress(quiet, console) as progress:
         engine = Engine(opts, source, skeleton, layer_names, rules, plan.device.torch_device, plan.cache_device,
                         world, progress, output)
         samples = len(dataset) if dataset is not None else 0

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ktq.checkpoint import Checkpoint, open_checkpoint
+from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
+from ktq.cpu.experts import MoeModel, find_experts
 from ktq.errors import KtqError
-from ktq.experts import MoeModel, find_experts
 from ktq.safetensors_io import TensorInfo, TensorReader
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
