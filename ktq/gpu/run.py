@@ -77,10 +77,13 @@ class World:
             for tensor in tensors:
                 dist.all_reduce(tensor)
 
-    def solve(self, solve):
-        """Every rank solves the same problems from the same summed statistics: the results agree bit for bit,
-        so each rank propagates its samples through the same weights."""
-        return solve()
+    def share(self, owner: int, tensors: list) -> None:
+        """Broadcast what rank `owner` computed to every rank, in place."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            for tensor in tensors:
+                dist.broadcast(tensor, src=owner)
 
     def open_output(self, make):
         """Rank 0 prepares the staging folder (resumed or cleared) before the other ranks read what it holds."""
@@ -172,6 +175,10 @@ def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, repor
                 engine.run(dataset)
         finally:
             source.close()
+        if world.distributed:
+            from ktq.gpu.distributed import gather_stages
+
+            gather_stages(report)
         report.gptq_loss = dict(sorted(engine.losses.items()))
         report.routed_tokens = engine.routed
         report.layer_seconds = engine.layer_seconds
