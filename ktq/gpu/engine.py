@@ -26,12 +26,11 @@ from loguru import logger
 from ktq.errors import KtqError
 from ktq.gpu.gptq import Quantized, SharedSolver, pack, qparams, solve_each, unpack, weight_scheme
 from ktq.gpu.output import StreamOutput, tensor_entry
+from ktq.gpu.plan import DOWN_BATCH, GATE_UP_CHUNK_ROWS, experts_module
 from ktq.gpu.source import SourceCheckpoint
 from ktq.gpu.streamed_experts import LayerStatistics, StreamedExperts
 from ktq.kernels.ktformat import PROJECTIONS
 
-GATE_UP_CHUNK_ROWS = 1 << 16  # rows of the stacked gate/up matrix solved at a time (fp32: 64k x H x 4 bytes)
-DOWN_BATCH = 32  # down projections solved together by quantize_weight
 OUTPUT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _FUSED_NAME = re.compile(r"^(?P<module>.*)\.(gate_up_proj|down_proj)\[expert (?P<e>\d+)")
 
@@ -105,9 +104,10 @@ class Engine:
 
     # ---- what is where ----------------------------------------------------------------------------------------
 
-    def _experts_path(self, name: str, layer) -> str | None:
-        paths = [f"{name}.{sub}" for sub, _ in layer.named_modules() if sub.split(".")[-1] == "experts"]
-        return paths[0] if paths else None
+    @staticmethod
+    def _experts_path(name: str, layer) -> str | None:
+        sub = experts_module(layer)
+        return f"{name}.{sub}" if sub is not None else None
 
     def unit_tensors(self, unit: int | None) -> list[str]:
         """Stored weights of decoder layer `unit` outside its routed experts (None: everything outside the decoder
@@ -151,7 +151,7 @@ class Engine:
             self.prefetch(layer)
         _, future = self._next
         self._next = None
-        bits = torch.from_numpy(future.result()).view(torch.bfloat16).to(self.device)
+        bits = torch.from_numpy(future.result()).view(torch.bfloat16).to(self.device, self.dtype)
         g = self.source.experts.geometry
         e, i, h = g.experts, g.intermediate, g.hidden
         return bits[:, 0].view(e, i, h), bits[:, 1].view(e, i, h), bits[:, 2].view(e, h, i)
