@@ -41,7 +41,7 @@ from ktq.gpu.report import LOG_FILE, Report
 
 # files of a source checkpoint that the quantised one replaces rather than copies
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_REPLACED = {"config.json", "generation_config.json", hfformat.INDEX_NAME, "pytorch_model.bin.index.json",
+_REPLACED = {"config.json", hfformat.INDEX_NAME, "pytorch_model.bin.index.json",
              "recipe.yaml"}
 # warnings that ktq's own choices cause, left out of the report: --force_cpu or a CPU-only machine is what the plan
 # table already says
