@@ -1,0 +1,326 @@
+"""Hostile and damaged input: a corpus of broken checkpoints, outputs and options, each of which must end in one
+`ktq: error:` line (exit code 2, no traceback) that names the file, tensor or key, leave the input as it was, write
+nothing outside the output folder and leave nothing there that looks complete.
+
+Each case damages a fresh copy of a tiny checkpoint (or of a tiny output) and runs every command that reads it,
+in this process; a timer turns a hang (a FIFO opened for reading waits for a writer forever) into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from test_cli_errors import assert_one_line_error
+
+SHARD = "model-00001-of-00002.safetensors"  # holds layer 0's experts
+SHARD2 = "model-00002-of-00002.safetensors"
+INDEX = "model.safetensors.index.json"
+TENSOR = "model.layers.0.mlp.experts.1.up_proj.weight"
+TWIN = "model.layers.0.mlp.experts.0.up_proj.weight"  # same shape and dtype as TENSOR
+HANG_SECONDS = 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """2 MoE layers of 2 experts, hidden and moe_intermediate 128 (the smallest INT4 allows), in 2 shards."""
+    from ktq.sample import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("hostile") / "src", layers=2, experts=2, hidden=128,
+                        moe_intermediate=128, shards=2)
+
+
+@dataclass
+class Scene:
+    """The folders of one case: `src` the (damaged) input, `out` the output folder, `root` both and more."""
+
+    root: Path
+
+    @property
+    def src(self) -> Path:
+        return self.root / "in"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def elsewhere(self) -> Path:
+        """A folder beside the input: what it holds must never be read or written."""
+        return self.root / "elsewhere"
+
+
+RUNS: dict[str, Callable[[Scene], list[object]]] = {
+    "cpu": lambda s: ["cpu", "-i", s.src, "-o", s.out, "--threadpool-count", "1", "--quiet"],
+    "dry-run": lambda s: ["cpu", "-i", s.src, "-o", s.out, "--threadpool-count", "1", "--dry-run"],
+    "inspect": lambda s: ["inspect", s.src],
+}
+READERS = ("cpu", "dry-run", "inspect")  # every command that reads a checkpoint
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # the class of input
+    name: str
+    damage: Callable[[Scene], None]
+    needles: tuple[str, ...]  # what the error line must name
+    runs: tuple[str, ...] = READERS
+    stricter: bool = False  # a header the Rust safetensors library accepts and ktq refuses (see the test)
+
+
+CASES: list[Case] = []
+
+
+def case(kind: str, name: str, *needles: str, runs: tuple[str, ...] = READERS, stricter: bool = False):
+    def register(damage: Callable[[Scene], None]) -> Callable[[Scene], None]:
+        CASES.append(Case(kind, name, damage, needles, runs, stricter))
+        return damage
+    return register
+
+
+# --- safetensors headers ----------------------------------------------------------------------------------------
+
+def split_shard(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]), data[8 + length:]
+
+
+def write_shard(path: Path, header: object, data: bytes, length: int | None = None) -> None:
+    """header: an object to encode as JSON, or the header's bytes as they are."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
+
+
+def header_case(name: str, *needles: str, stricter: bool = False):
+    """A case made by edit(header, data) -> (header, data) on SHARD; the error must name SHARD too."""
+    def register(edit: Callable[[dict, bytes], tuple[object, bytes]]) -> None:
+        def damage(scene: Scene) -> None:
+            write_shard(scene.src / SHARD, *edit(*split_shard(scene.src / SHARD)))
+        case("header", name, SHARD, *needles, stricter=stricter)(damage)
+    return register
+
+
+def _set(field: str, value: object, tensor: str = TENSOR) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    def edit(header: dict, data: bytes) -> tuple[dict, bytes]:
+        header[tensor][field] = value(header[tensor][field]) if callable(value) else value
+        return header, data
+    return edit
+
+
+# (name, field of TENSOR's entry, new value or function of the old one, what the error names besides SHARD)
+for _name, _field, _value, _needles in [
+    ("negative-offsets-into-the-header", "data_offsets", lambda o: [-64, o[1] - o[0] - 64], (TENSOR, "data_offsets")),
+    ("float-offsets", "data_offsets", lambda o: [float(o[0]), float(o[1])], (TENSOR, "data_offsets")),
+    ("string-offsets", "data_offsets", lambda o: [str(o[0]), str(o[1])], (TENSOR, "data_offsets")),
+    ("three-offsets", "data_offsets", lambda o: [o[0], o[1], o[1]], (TENSOR, "data_offsets")),
+    ("end-before-begin", "data_offsets", lambda o: [o[1], o[0]], (TENSOR, "data_offsets")),
+    ("infinite-offset", "data_offsets", lambda o: [o[0], float("inf")], ("Infinity is not JSON",)),
+    ("unknown-dtype", "dtype", "BF17", (TENSOR, "BF17", "not a safetensors dtype")),
+    ("dtype-not-a-string", "dtype", 16, (TENSOR, "dtype 16")),
+    ("byte-count-off", "shape", lambda s: [s[0], s[1] - 1], (TENSOR, "needs")),
+    ("negative-dims", "shape", lambda s: [-s[0], -s[1]], (TENSOR, "shape")),
+    ("dim-beyond-usize", "shape", lambda s: [2 ** 70, 0], (TENSOR, "shape")),
+    ("dims-whose-product-is-huge", "shape", lambda s: [2 ** 40, 2 ** 40], (TENSOR, "needs 2417851639229258349412352")),
+    ("boolean-dim", "shape", lambda s: [True, s[0] * s[1]], (TENSOR, "shape")),
+    ("nan-dim", "shape", lambda s: [float("nan")], ("NaN is not JSON",)),
+    ("shape-not-a-list", "shape", 128, (TENSOR, "shape 128")),
+]:
+    header_case(_name, *_needles)(_set(_field, _value))
+
+
+@header_case("overlapping-tensors", TENSOR, "overlap", TWIN)
+def _(header, data):  # TENSOR's offsets point at TWIN's bytes, its own bytes belong to nothing
+    header[TENSOR]["data_offsets"] = header[TWIN]["data_offsets"]
+    return header, data
+
+
+@header_case("gap-before-the-first-tensor", "bytes 0..64", "belong to no tensor")
+def _(header, data):
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entry["data_offsets"] = [o + 64 for o in entry["data_offsets"]]
+    return header, bytes(64) + data
+
+
+@header_case("bytes-after-the-last-tensor", "the last 8 bytes belong to no tensor")
+def _(header, data):
+    return header, data + bytes(8)
+
+
+@header_case("truncated-data", "truncated")
+def _(header, data):
+    return header, data[:-8]
+
+
+@header_case("header-a-list", "a JSON list, not an object")
+def _(header, data):
+    return [header], data
+
+
+@header_case("header-a-number", "a JSON int, not an object")
+def _(header, data):
+    return 42, data
+
+
+@header_case("entry-a-list", TENSOR, "malformed header entry")
+def _(header, data):
+    header[TENSOR] = [header[TENSOR]["dtype"], header[TENSOR]["shape"]]
+    return header, data
+
+
+@header_case("entry-without-offsets", TENSOR, "malformed header entry")
+def _(header, data):
+    del header[TENSOR]["data_offsets"]
+    return header, data
+
+
+@header_case("metadata-value-not-a-string", "__metadata__")
+def _(header, data):
+    header["__metadata__"] = {"format": 1}
+    return header, data
+
+
+@header_case("metadata-a-list", "__metadata__")
+def _(header, data):
+    header["__metadata__"] = ["pt"]
+    return header, data
+
+
+@header_case("tensor-named-twice", TENSOR, "twice", stricter=True)
+def _(header, data):  # same bytes, read as BF16 by a reader that keeps the first entry, as F16 by one keeping the last
+    text = json.dumps(header)
+    return (text[:-1] + f', "{TENSOR}": ' + json.dumps({**header[TENSOR], "dtype": "F16"}) + "}").encode(), data
+
+
+@header_case("field-named-twice", "dtype", "twice")
+def _(header, data):
+    text = json.dumps(header)
+    entry = json.dumps(header[TENSOR])
+    return text.replace(entry, '{"dtype": "F32", ' + entry[1:]).encode(), data
+
+
+@header_case("not-utf8", "not UTF-8")
+def _(header, data):
+    return json.dumps(header).replace(TENSOR, "caf\udce9", 1).encode("utf-8", "surrogateescape"), data
+
+
+@header_case("not-json", "not JSON")
+def _(header, data):
+    return b"{'single': 'quotes'}", data
+
+
+@header_case("nul-padding", "not JSON")
+def _(header, data):
+    return json.dumps(header).encode() + bytes(8), data
+
+
+def raw_case(name: str, content: Callable[[int], bytes], *needles: str, sparse: int = 0) -> None:
+    """SHARD replaced by content(its size); `sparse` extends the file with a hole (a file that size, no data)."""
+    def damage(scene: Scene) -> None:
+        path = scene.src / SHARD
+        path.write_bytes(content(path.stat().st_size))
+        if sparse:
+            os.truncate(path, sparse)
+    case("header", name, SHARD, *needles)(damage)
+
+
+raw_case("empty-file", lambda size: b"", "shorter than its 8-byte header length")
+raw_case("five-byte-file", lambda size: b"\x10\0\0\0\0", "shorter than its 8-byte header length")
+raw_case("header-length-2**63", lambda size: struct.pack("<Q", 2 ** 63) + b"{}", "header length 9223372036854775808")
+raw_case("header-length-past-the-end", lambda size: struct.pack("<Q", size) + b"{}", "truncated (header length")
+raw_case("header-length-over-100-MB", lambda size: struct.pack("<Q", 100_000_001) + b"{", "100000001",
+         "the format allows", sparse=100_000_016)
+
+
+# --- the test ---------------------------------------------------------------------------------------------------
+
+def snapshot(root: Path, skip: Path) -> dict[str, object]:
+    """Every entry below root (skip aside) without following links or opening anything but regular files."""
+    found: dict[str, object] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path == skip or skip in path.parents:
+                continue
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                found[rel] = ("link", os.readlink(path))
+            elif path.is_file():
+                found[rel] = path.read_bytes()
+            else:
+                found[rel] = ("not a file", path.lstat().st_mode)
+        dirs[:] = [d for d in dirs if not (Path(folder) / d).is_symlink()]
+    return found
+
+
+def assert_nothing_servable(out: Path) -> None:
+    """Nothing in out that kt-kernel would load or ktq would call complete."""
+    if not out.exists():
+        return
+    assert not list(out.glob("*.safetensors")), sorted(out.iterdir())
+    manifest = out / "ktq.json"
+    assert not manifest.is_file() or not json.loads(manifest.read_text())["complete"]
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """A hang becomes an exception (ktq reports it as an internal error, and the test fails)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _prepare(case: Case, sources: dict[str, Path], tmp_path: Path) -> Scene:
+    scene = Scene(tmp_path)
+    shutil.copytree(sources["checkpoint"], scene.src, symlinks=True)
+    scene.elsewhere.mkdir()
+    case.damage(scene)
+    return scene
+
+
+@pytest.fixture
+def sources(checkpoint) -> dict[str, Path]:
+    return {"checkpoint": checkpoint}
+
+
+@pytest.mark.parametrize("case,run", [pytest.param(c, r, id=f"{c.kind}-{c.name}-{r}") for c in CASES for r in c.runs])
+def test_refused_in_one_line_touching_nothing(ktq, sources, tmp_path, case, run):
+    scene = _prepare(case, sources, tmp_path)
+    before = snapshot(tmp_path, skip=scene.out)
+    with deadline(HANG_SECONDS):
+        result = ktq(*RUNS[run](scene))
+    assert_one_line_error(result, *case.needles)
+    assert snapshot(tmp_path, skip=scene.out) == before  # the input and everything beside it as they were
+    assert_nothing_servable(scene.out)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES if c.kind == "header"])
+def test_the_safetensors_library_refuses_the_same_headers(checkpoint, tmp_path, case):
+    """ktq's header rules are the format's: what ktq refuses, the Rust library refuses too, except a name given
+    twice, which that library resolves silently (the last one wins) and ktq refuses as ambiguous."""
+    from safetensors import SafetensorError, safe_open
+
+    scene = _prepare(case, {"checkpoint": checkpoint}, tmp_path)
+    try:
+        with safe_open(scene.src / SHARD, "numpy"):
+            refused = False
+    except SafetensorError:
+        refused = True
+    assert refused != case.stricter
