@@ -8,6 +8,7 @@ pieces back, whichever the form. `ktq inspect` and `ktq merge` are built on both
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout, Piece, layout_from_manifest
 from ktq.manifest import PARTIAL_SUFFIX, load_manifest
-from ktq.safetensors_io import TensorInfo, TensorReader, read_header
+from ktq.safetensors_io import TensorInfo, TensorReader, open_regular, read_header
 
 KT_FILE = re.compile(r"^(?P<tag>INT4|INT8)_(?P<proj>gate|up|down)_(?P<expert>\d+)_(?P<size>\d+)Byte_"
                      r"(?P<kind>quant|scale)_\.kt$")
@@ -224,7 +225,7 @@ def recognise(path: Path) -> Found:
         found = Found(path, "ktq-output", layout_from_manifest(manifest), manifest)
     elif top_safetensors:
         tensors, unreadable = _read_tensors(path)
-        if not any(MERGED_TENSOR.match(name) for name in tensors) and (path / "config.json").is_file():
+        if not any(MERGED_TENSOR.match(name) for name in tensors) and os.path.lexists(path / "config.json"):
             ckpt = open_checkpoint(path)
             return Found(path, "checkpoint", checkpoint=ckpt)
         found = Found(path, "kt-output", tensors=tensors, problems=unreadable)
@@ -265,7 +266,7 @@ class PieceReader:
     def _read_file(self, path: Path, out: np.ndarray) -> None:
         view = memoryview(out.reshape(-1).view(np.uint8))
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_regular(path), "rb") as f:
                 got = f.readinto(view)
                 extra = f.read(1)
         except OSError as exc:

@@ -242,6 +242,128 @@ raw_case("header-length-over-100-MB", lambda size: struct.pack("<Q", 100_000_001
          "the format allows", sparse=100_000_016)
 
 
+# --- the index as the authority ---------------------------------------------------------------------------------
+
+def edit_index(scene: Scene, edit: Callable[[dict], object]) -> None:
+    """edit(weight_map) changes it in place (and returns None) or returns its replacement."""
+    path = scene.src / INDEX
+    index = json.loads(path.read_text())
+    edited = edit(index["weight_map"])
+    index["weight_map"] = index["weight_map"] if edited is None else edited
+    path.write_text(json.dumps(index))
+
+
+def index_case(name: str, *needles: str):
+    """A case made by edit_index(edit)."""
+    def register(edit: Callable[[dict], object]) -> None:
+        case("index", name, *needles)(lambda scene: edit_index(scene, edit))
+    return register
+
+
+def add_copy(shard: Path, tensor_from: Path, name: str) -> None:
+    """Append tensor `name` of file tensor_from to shard, header and bytes."""
+    header, data = split_shard(shard)
+    source_header, source_data = split_shard(tensor_from)
+    begin, end = source_header[name]["data_offsets"]
+    header[name] = {**source_header[name], "data_offsets": [len(data), len(data) + end - begin]}
+    write_shard(shard, header, data + source_data[begin:end])
+
+
+@case("index", "tensor-in-two-shards", TENSOR, "in two shards", SHARD, SHARD2)
+def _(scene):
+    add_copy(scene.src / SHARD2, scene.src / SHARD, TENSOR)  # the index still lists it in SHARD only
+
+
+@case("index", "tensor-in-two-shards-without-index", TENSOR, "in two shards", SHARD, SHARD2)
+def _(scene):
+    add_copy(scene.src / SHARD2, scene.src / SHARD, TENSOR)
+    (scene.src / INDEX).unlink()
+
+
+@index_case("index-names-the-wrong-shard", TENSOR, SHARD, "disagree")
+def _(weight_map):
+    weight_map[TENSOR] = SHARD2
+
+
+@index_case("index-lacks-a-tensor", TENSOR, "not at all")
+def _(weight_map):
+    del weight_map[TENSOR]
+
+
+@index_case("index-lists-a-tensor-no-shard-holds", "ghost.weight", "which does not hold it")
+def _(weight_map):
+    weight_map["ghost.weight"] = SHARD
+
+
+def outside_case(name: str, shard_name: Callable[[Scene], str], prepare: Callable[[Scene], None] = lambda s: None):
+    """SHARD's tensors listed under another name, for a copy of SHARD outside the folder."""
+    def damage(scene: Scene) -> None:
+        shutil.copy(scene.src / SHARD, scene.elsewhere / SHARD)
+        prepare(scene)
+        listed = shard_name(scene)
+        edit_index(scene, lambda weight_map: {t: listed if s == SHARD else s for t, s in weight_map.items()})
+    case("index", name, "outside", INDEX)(damage)
+
+
+outside_case("shard-in-a-parent-folder", lambda scene: f"../elsewhere/{SHARD}")
+outside_case("shard-at-an-absolute-path", lambda scene: str(scene.elsewhere / SHARD))
+outside_case("shard-in-a-linked-folder", lambda scene: f"sub/{SHARD}",
+             lambda scene: (scene.src / "sub").symlink_to(scene.elsewhere, target_is_directory=True))
+
+
+@index_case("weight-map-a-list", "weight_map must map")
+def _(weight_map):
+    return list(weight_map.items())
+
+
+@index_case("shard-name-a-number", "weight_map must map")
+def _(weight_map):
+    weight_map[TENSOR] = 1
+
+
+@case("index", "index-not-json", INDEX, "not a valid safetensors index")
+def _(scene):
+    (scene.src / INDEX).write_text("{")
+
+
+@case("index", "index-without-weight-map", INDEX, "no weight_map")
+def _(scene):
+    (scene.src / INDEX).write_text('{"metadata": {}}')
+
+
+@case("index", "listed-shard-missing", SHARD2, "missing")
+def _(scene):
+    (scene.src / SHARD2).unlink()
+
+
+# --- files that are not regular files ---------------------------------------------------------------------------
+
+def replaced_case(name: str, file: str, make: Callable[[Path], None], *needles: str) -> None:
+    """`file` of the checkpoint replaced by what make(path) creates."""
+    def damage(scene: Scene) -> None:
+        path = scene.src / file
+        path.unlink()
+        make(path)
+    case("not a regular file", name, file, *needles)(damage)
+
+
+replaced_case("shard-a-fifo", SHARD2, os.mkfifo, "is a FIFO")
+replaced_case("shard-a-link-to-dev-zero", SHARD, lambda p: p.symlink_to("/dev/zero"), "character device")
+replaced_case("shard-a-link-to-dev-null", SHARD, lambda p: p.symlink_to("/dev/null"), "character device")
+replaced_case("shard-a-folder", SHARD, os.mkdir, "is a folder")
+replaced_case("shard-a-symlink-loop", SHARD, lambda p: p.symlink_to(p.name), "Too many levels of symbolic links")
+replaced_case("shard-a-dangling-link", SHARD2, lambda p: p.symlink_to("gone.safetensors"), "No such file")
+replaced_case("config-a-fifo", "config.json", os.mkfifo, "is a FIFO")
+replaced_case("config-a-link-to-dev-zero", "config.json", lambda p: p.symlink_to("/dev/zero"), "character device")
+replaced_case("index-a-fifo", INDEX, os.mkfifo, "is a FIFO")
+
+
+@case("not a regular file", "unlisted-fifo-without-index", "extra.safetensors", "is a FIFO")
+def _(scene):
+    (scene.src / INDEX).unlink()
+    os.mkfifo(scene.src / "extra.safetensors")
+
+
 # --- the test ---------------------------------------------------------------------------------------------------
 
 def snapshot(root: Path, skip: Path) -> dict[str, object]:
@@ -324,3 +446,23 @@ def test_the_safetensors_library_refuses_the_same_headers(checkpoint, tmp_path, 
     except SafetensorError:
         refused = True
     assert refused != case.stricter
+
+
+def test_a_hugging_face_cache_layout_is_read(ktq, checkpoint, tmp_path):
+    """Shards that are symlinks to blobs outside the folder (how Hugging Face caches store them) are the
+    checkpoint's own: converted as the plain folder is."""
+    from conftest import tree_files
+
+    snapshot_dir, blobs = tmp_path / "snapshots" / "abc123", tmp_path / "blobs"
+    snapshot_dir.mkdir(parents=True)
+    blobs.mkdir()
+    for file in checkpoint.iterdir():
+        blob = blobs / f"blob-{file.name}"
+        shutil.copy(file, blob)
+        (snapshot_dir / file.name).symlink_to(os.path.relpath(blob, snapshot_dir))
+    outputs = []
+    for name, source in (("plain", checkpoint), ("cache", snapshot_dir)):
+        result = ktq("cpu", "-i", source, "-o", tmp_path / name, "--threadpool-count", "1", "--quiet")
+        assert result.code == 0, result.stderr
+        outputs.append(tree_files(tmp_path / name))
+    assert outputs[0] == outputs[1]
