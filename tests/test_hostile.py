@@ -30,13 +30,24 @@ TWIN = "model.layers.0.mlp.experts.0.up_proj.weight"  # same shape and dtype as 
 HANG_SECONDS = 20
 
 
+TINY = {"layers": 2, "experts": 2, "hidden": 128, "moe_intermediate": 128, "shards": 2}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """2 MoE layers of 2 experts, hidden and moe_intermediate 128 (the smallest INT4 allows), in 2 shards."""
     from ktq.sample import write_sample
 
-    return write_sample(tmp_path_factory.mktemp("hostile") / "src", layers=2, experts=2, hidden=128,
-                        moe_intermediate=128, shards=2)
+    return write_sample(tmp_path_factory.mktemp("hostile") / "src", **TINY)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, checkpoint) -> dict[str, Path]:
+    """What a case starts from: the checkpoint, the same as compressed-tensors INT4."""
+    from ktq.sample import write_sample
+
+    return {"checkpoint": checkpoint,
+            "int4": write_sample(tmp_path_factory.mktemp("hostile") / "int4", dtype="int4", **TINY)}
 
 
 @dataclass
@@ -74,15 +85,17 @@ class Case:
     damage: Callable[[Scene], None]
     needles: tuple[str, ...]  # what the error line must name
     runs: tuple[str, ...] = READERS
+    source: str = "checkpoint"  # a key of the sources fixture: what `in` is a copy of
     stricter: bool = False  # a header the Rust safetensors library accepts and ktq refuses (see the test)
 
 
 CASES: list[Case] = []
 
 
-def case(kind: str, name: str, *needles: str, runs: tuple[str, ...] = READERS, stricter: bool = False):
+def case(kind: str, name: str, *needles: str, runs: tuple[str, ...] = READERS, source: str = "checkpoint",
+         stricter: bool = False):
     def register(damage: Callable[[Scene], None]) -> Callable[[Scene], None]:
-        CASES.append(Case(kind, name, damage, needles, runs, stricter))
+        CASES.append(Case(kind, name, damage, needles, runs, source, stricter))
         return damage
     return register
 
@@ -364,6 +377,75 @@ def _(scene):
     os.mkfifo(scene.src / "extra.safetensors")
 
 
+# --- config.json values -----------------------------------------------------------------------------------------
+
+def config_case(name: str, key: str, value: object, *needles: str) -> None:
+    """config.json with key set to value (written as JSON: NaN as NaN)."""
+    def damage(scene: Scene) -> None:
+        path = scene.src / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    case("config", name, *needles)(damage)
+
+
+config_case("num-hidden-layers-10**12", "num_hidden_layers", 10 ** 12, "num_hidden_layers is 1000000000000",
+            "2 decoder layers")
+config_case("num-hidden-layers-0", "num_hidden_layers", 0, "num_hidden_layers is 0")
+config_case("num-hidden-layers-a-float", "num_hidden_layers", 2.0, "num_hidden_layers is 2.0")
+config_case("negative-moe-intermediate-size", "moe_intermediate_size", -128, "moe_intermediate_size is -128")
+config_case("hidden-size-a-string", "hidden_size", "128", 'hidden_size is "128"')
+config_case("hidden-size-nan", "hidden_size", float("nan"), "hidden_size is NaN")
+config_case("hidden-size-10**12", "hidden_size", 10 ** 12, "hidden_size 1000000000000")
+config_case("num-experts-true", "num_experts", True, "num_experts is true")
+config_case("num-experts-10**12", "num_experts", 10 ** 12, "1000000000000 experts")
+config_case("mlp-only-layers-a-number", "mlp_only_layers", 5, "mlp_only_layers is 5")
+config_case("mlp-only-layers-negative", "mlp_only_layers", [-1], "mlp_only_layers is [-1]")
+config_case("first-k-dense-replace-negative", "first_k_dense_replace", -1, "first_k_dense_replace is -1")
+config_case("decoder-sparse-step-0", "decoder_sparse_step", 0, "decoder_sparse_step is 0")
+config_case("text-config-a-number", "text_config", 5, "text_config is 5")
+
+
+def quantization_case(name: str, edit: Callable[[dict], None], *needles: str) -> None:
+    """The INT4 checkpoint's quantization_config changed in place by edit."""
+    def damage(scene: Scene) -> None:
+        path = scene.src / "config.json"
+        config = json.loads(path.read_text())
+        edit(config["quantization_config"])
+        path.write_text(json.dumps(config))
+    case("config", name, *needles, source="int4")(damage)
+
+
+quantization_case("config-groups-a-list", lambda q: q.update(config_groups=[1]), "config_groups is [1]")
+quantization_case("group-size-negative", lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=-32),
+                  "group_size (-32)")
+
+
+def weight_shape_case(name: str, dtype: str, shape: list[int]) -> None:
+    """A weight_shape tensor (the rows and columns a packed INT4 projection stands for) of another dtype or shape,
+    the same bytes."""
+    tensor = "model.layers.0.mlp.experts.1.up_proj.weight_shape"
+
+    def damage(scene: Scene) -> None:
+        shard = next(p for p in scene.src.glob("*.safetensors") if tensor in split_shard(p)[0])
+        header, data = split_shard(shard)
+        header[tensor].update(dtype=dtype, shape=shape)
+        write_shard(shard, header, data)
+    case("config", name, tensor, f"{dtype} {shape}", "needs I32 or I64 [2]", source="int4")(damage)
+
+
+weight_shape_case("weight-shape-a-table", "I64", [1, 2])
+weight_shape_case("weight-shape-of-floats", "F32", [4])
+
+
+@case("config", "config-a-list", "config.json", "does not hold a JSON object")
+def _(scene):
+    (scene.src / "config.json").write_text("[]")
+
+
+@case("config", "config-not-utf8", "config.json", "not valid JSON")
+def _(scene):
+    (scene.src / "config.json").write_bytes(b'{"model_type": "\xff"}')
+
+
 # --- the test ---------------------------------------------------------------------------------------------------
 
 def snapshot(root: Path, skip: Path) -> dict[str, object]:
@@ -411,15 +493,10 @@ def deadline(seconds: int) -> Iterator[None]:
 
 def _prepare(case: Case, sources: dict[str, Path], tmp_path: Path) -> Scene:
     scene = Scene(tmp_path)
-    shutil.copytree(sources["checkpoint"], scene.src, symlinks=True)
+    shutil.copytree(sources[case.source], scene.src, symlinks=True)
     scene.elsewhere.mkdir()
     case.damage(scene)
     return scene
-
-
-@pytest.fixture
-def sources(checkpoint) -> dict[str, Path]:
-    return {"checkpoint": checkpoint}
 
 
 @pytest.mark.parametrize("case,run", [pytest.param(c, r, id=f"{c.kind}-{c.name}-{r}") for c in CASES for r in c.runs])
@@ -434,12 +511,12 @@ def test_refused_in_one_line_touching_nothing(ktq, sources, tmp_path, case, run)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES if c.kind == "header"])
-def test_the_safetensors_library_refuses_the_same_headers(checkpoint, tmp_path, case):
+def test_the_safetensors_library_refuses_the_same_headers(sources, tmp_path, case):
     """ktq's header rules are the format's: what ktq refuses, the Rust library refuses too, except a name given
     twice, which that library resolves silently (the last one wins) and ktq refuses as ambiguous."""
     from safetensors import SafetensorError, safe_open
 
-    scene = _prepare(case, {"checkpoint": checkpoint}, tmp_path)
+    scene = _prepare(case, sources, tmp_path)
     try:
         with safe_open(scene.src / SHARD, "numpy"):
             refused = False
