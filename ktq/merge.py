@@ -20,7 +20,7 @@ from ktq.experts import find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.layout import Layout
 from ktq.manifest import identity, save_manifest
-from ktq.output import check_disk, finish_output, needed_bytes, plan_output
+from ktq.output import check_disk, finish_output, needed_bytes, plan_output, refuse_inside
 from ktq.progress import LayerProgress
 from ktq.scan import Found, PieceReader, recognise
 from ktq.sinks import MergedSink, PackedProjection, packed_slot
@@ -71,9 +71,7 @@ def _check_input(found: Found, out: Path) -> None:
     if found.problems:
         more = f" (and {len(found.problems) - 1} more: see ktq inspect)" if len(found.problems) > 1 else ""
         raise KtqError(f"{found.path} is incomplete or damaged, nothing was written: {found.problems[0]}{more}")
-    src, dst = found.path.resolve(), out.resolve()
-    if dst == src or src in dst.parents:
-        raise KtqError(f"OUT {out} must not be {found.path} or inside it: choose a folder beside it")
+    refuse_inside(out, found.path, "OUT", "IN")
 
 
 def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSink, slot: list[PackedProjection],

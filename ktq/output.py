@@ -158,6 +158,15 @@ def plan_output(out: Path, ident: dict, layout: Layout, force: bool) -> OutputPl
     return OutputPlan(out, new_manifest(ident, kept), remove=[p for p in out.iterdir() if _is_partial(p)])
 
 
+def refuse_inside(out: Path, source: Path, out_option: str, source_option: str) -> None:
+    """The output folder must not be the input folder or lie inside it (links resolved): the run would write into
+    what it reads, and the input would then hold a second copy of the weights that loaders would find."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise KtqError(f"{out_option} {out} must not be {source_option} {source} or inside it: choose a folder "
+                       "beside it")
+
+
 def _existing_parent(path: Path) -> Path:
     path = path.absolute()
     while not path.exists():

@@ -446,6 +446,42 @@ def _(scene):
     (scene.src / "config.json").write_bytes(b'{"model_type": "\xff"}')
 
 
+# --- options ----------------------------------------------------------------------------------------------------
+
+def option_case(name: str, argv: Callable[[Scene], list[object]], *needles: str,
+                prepare: Callable[[Scene], None] = lambda scene: None) -> None:
+    """A command line of its own, run on the intact checkpoint (after prepare)."""
+    RUNS[name] = argv
+    case("options", name, *needles, runs=(name,))(prepare)
+
+
+def cpu_with(*options: object) -> Callable[[Scene], list[object]]:
+    return lambda s: ["cpu", "-i", s.src, "-o", s.out, "--quiet", *options]
+
+
+option_case("threadpool-count-0", cpu_with("--threadpool-count", 0), "--threadpool-count", "greater than or equal to 1")
+option_case("threadpool-count-negative", cpu_with("--threadpool-count", -2), "--threadpool-count")
+option_case("threadpool-count-not-a-number", cpu_with("--threadpool-count", "two"), "--threadpool-count",
+            "valid integer")
+option_case("cpuinfer-threads-0", cpu_with("--threadpool-count", 1, "--cpuinfer-threads", 0), "--cpuinfer-threads",
+            "greater than or equal to 1")
+option_case("resume-layer-negative", cpu_with("--threadpool-count", 1, "--resume-layer", -1), "--resume-layer")
+option_case("dry-run-threadpool-count-0", cpu_with("--threadpool-count", 0, "--dry-run"), "--threadpool-count")
+option_case("unknown-option", cpu_with("--threadpool-count", 1, "--merge"), "No such option: --merge",
+            "see ktq cpu --help")
+option_case("unknown-choice", cpu_with("--threadpool-count", 1, "--quant-method", "int3"), "--quant-method", "int3")
+option_case("missing-output", lambda s: ["cpu", "-i", s.src], "Missing option '--output'")
+option_case("unknown-command", lambda s: ["convert", s.src], "No such command 'convert'", "see ktq --help")
+option_case("output-inside-the-input", lambda s: ["cpu", "-i", s.src, "-o", s.src / "out", "--threadpool-count", 1],
+            "must not be --input-path", "or inside it")
+option_case("output-is-the-input", lambda s: ["cpu", "-i", s.src, "-o", s.src, "--threadpool-count", 1,
+                                              "--dry-run"], "must not be --input-path")
+option_case("output-a-link-into-the-input",
+            lambda s: ["cpu", "-i", s.src, "-o", s.root / "link" / "out", "--threadpool-count", 1],
+            "must not be --input-path", prepare=lambda s: (s.root / "link").symlink_to(s.src))
+option_case("inspect-two-paths", lambda s: ["inspect", s.src, s.src], "unexpected extra argument")
+
+
 # --- the test ---------------------------------------------------------------------------------------------------
 
 def snapshot(root: Path, skip: Path) -> dict[str, object]:
@@ -499,7 +535,8 @@ def _prepare(case: Case, sources: dict[str, Path], tmp_path: Path) -> Scene:
     return scene
 
 
-@pytest.mark.parametrize("case,run", [pytest.param(c, r, id=f"{c.kind}-{c.name}-{r}") for c in CASES for r in c.runs])
+@pytest.mark.parametrize("case,run", [pytest.param(c, r, id=f"{c.kind}-{c.name}" + (f"-{r}" if r != c.name else ""))
+                                      for c in CASES for r in c.runs])
 def test_refused_in_one_line_touching_nothing(ktq, sources, tmp_path, case, run):
     scene = _prepare(case, sources, tmp_path)
     before = snapshot(tmp_path, skip=scene.out)
