@@ -24,6 +24,7 @@ demo: venv
 	$(BIN)/ktq inspect $(DEMO)/cpu-int4
 
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -43,12 +43,12 @@ import numba
 import numpy as np
 import psutil
 
-from ktq.checkpoint import open_checkpoint
-from ktq.convert import PackedExpert
-from ktq.experts import find_experts
+from ktq.cpu.checkpoint import open_checkpoint
+from ktq.cpu.experts import find_experts
+from ktq.cpu.layout import Layout
+from ktq.cpu.pipeline import PackedExpert
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
-from ktq.layout import Layout
 from ktq.safetensors_io import TensorReader
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -13,7 +13,6 @@ from numba.extending import intrinsic, overload
 from . import threadsafe  # noqa: F401  the threading layer, before any kernel runs
 
 
-
 @intrinsic
 def bf16_bits_to_f32(typingctx, bits):
     """The fp32 whose upper half is the bf16 pattern `bits` (exact widening), as a register bitcast.

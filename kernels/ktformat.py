@@ -2,11 +2,12 @@
 
 ../shared/docs/kt-format.md is the specification; the bytes written by kt-kernel 0.7.2 are the contract. The
 kernels import their tile constants from here and ktq imports names, sizes and alignment rules from here, so a
-rule is never written twice.
+rule is never written twice: each name's parser stands beside the function that builds it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 PROJECTIONS = ("gate", "up", "down")
@@ -77,30 +78,87 @@ def working_numa_counts(method: Method, intermediate: int, limit: int = 16) -> l
     return [c for c in range(1, limit + 1) if intermediate % c == 0 and (intermediate // c) % method.align == 0]
 
 
-# --- names -------------------------------------------------------------------------------------------------
+# --- names, and their parsers (each beside the function that builds the name) ------------------------------------
 
 def merged_tensor_name(layer: int, proj: str, expert: int, part: int, kind: str) -> str:
     """kind is 'weight' (the packed body, I8) or 'scale' (F32)."""
     return f"blk.{layer}.ffn_{proj}_exps.{expert}.numa.{part}.{kind}"
 
 
-def shard_name(index: int, count: int) -> str:
-    """index is 1-based, as in the reference tool."""
-    return f"model-{index:05d}-of-{count:05d}.safetensors"
+@dataclass(frozen=True)
+class MergedTensorName:
+    layer: int
+    proj: str
+    expert: int
+    part: int
+    kind: str  # "weight" or "scale"
 
 
-INDEX_NAME = "model.safetensors.index.json"
+_PROJ = "|".join(PROJECTIONS)
+_MERGED_TENSOR = re.compile(rf"blk\.(\d+)\.ffn_({_PROJ})_exps\.(\d+)\.numa\.(\d+)\.(weight|scale)")
+
+
+def parse_merged_tensor_name(name: str) -> MergedTensorName | None:
+    """The parts of a merged_tensor_name, or None for any other tensor name."""
+    m = _MERGED_TENSOR.fullmatch(name)
+    if m is None:
+        return None
+    return MergedTensorName(int(m[1]), m[2], int(m[3]), int(m[4]), m[5])
+
+
+_LAYER_DIR, _NUMA_DIR = "_layer_", "_numa_"
 
 
 def layer_dir_name(layer: int) -> str:
-    return f"_layer_{layer}"
+    return f"{_LAYER_DIR}{layer}"
+
+
+def parse_layer_dir_name(name: str) -> int | None:
+    """The layer of a layer_dir_name, or None for any other name."""
+    return _parse_index(_LAYER_DIR, name)
 
 
 def numa_dir_name(part: int) -> str:
-    return f"_numa_{part}"
+    return f"{_NUMA_DIR}{part}"
+
+
+def parse_numa_dir_name(name: str) -> int | None:
+    """The NUMA part of a numa_dir_name, or None for any other name."""
+    return _parse_index(_NUMA_DIR, name)
+
+
+def _parse_index(prefix: str, name: str) -> int | None:
+    digits = name.removeprefix(prefix)
+    return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
 
 
 def kt_file_names(method: Method, proj: str, expert: int, n: int, k: int) -> tuple[str, str]:
     """(body, scale) file names of one projection of one expert in the low-memory form."""
-    prefix = f"{method.file_tag}_{proj}_{expert}_"
-    return (f"{prefix}{method.body_bytes(n, k)}Byte_quant_.kt", f"{prefix}{scale_bytes(n)}Byte_scale_.kt")
+    return (_kt_file_name(method, proj, expert, method.body_bytes(n, k), "quant"),
+            _kt_file_name(method, proj, expert, scale_bytes(n), "scale"))
+
+
+def _kt_file_name(method: Method, proj: str, expert: int, nbytes: int, kind: str) -> str:
+    return f"{method.file_tag}_{proj}_{expert}_{nbytes}Byte_{kind}_.kt"
+
+
+@dataclass(frozen=True)
+class KtFileName:
+    method: Method
+    proj: str
+    expert: int
+    nbytes: int  # the file's size, which its name records
+    kind: str  # "quant" (the packed body) or "scale"
+
+
+_TAGS = "|".join(method.file_tag for method in METHODS.values())
+_KT_FILE = re.compile(rf"({_TAGS})_({_PROJ})_(\d+)_(\d+)Byte_(quant|scale)_\.kt")
+
+
+def parse_kt_file_name(name: str) -> KtFileName | None:
+    """The parts of one of kt_file_names, or None for any other file name."""
+    m = _KT_FILE.fullmatch(name)
+    if m is None:
+        return None
+    method = next(method for method in METHODS.values() if method.file_tag == m[1])
+    return KtFileName(method, m[2], int(m[3]), int(m[4]), m[5])

@@ -1,6 +1,6 @@
 """`ktq inspect`: what a folder holds, whether every byte of it is right, and how close it is to its source.
 
-    report   ktq.scan.recognise + a summary (method, NUMA count, layers, experts, shapes, sizes, dtypes,
+    report   ktq.cpu.scan.recognise + a summary (method, NUMA count, layers, experts, shapes, sizes, dtypes,
              manifest, the kt-kernel flags to serve it with)
     verify   every layer re-hashed against ktq.json; without ktq.json every scale read and checked
     compare  every expert dequantised and measured against the source checkpoint, per layer and projection
@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ktq import digest
-from ktq.checkpoint import open_checkpoint
+from ktq import digest, hfformat
+from ktq.cpu.checkpoint import open_checkpoint
+from ktq.cpu.experts import find_experts
+from ktq.cpu.layout import Layout
+from ktq.cpu.output import index_data
+from ktq.cpu.scan import Found, PieceReader, recognise
+from ktq.cpu.sinks import packed_slot
 from ktq.errors import KtqError
-from ktq.experts import find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import unpack_dequantize
-from ktq.layout import Layout
-from ktq.output import index_data
 from ktq.safetensors_io import TensorReader
-from ktq.scan import Found, PieceReader, recognise
-from ktq.sinks import packed_slot
 from ktq.system import cpu_cores, numa_nodes
 
 # |source - dequantised| of a correct conversion never exceeds this many row-amax (§2 of kt-format.md): INT8 rounds
@@ -62,9 +62,8 @@ def _output_report(found: Found) -> dict:
     manifest = None
     if found.manifest is not None:
         m = found.manifest
-        manifest = {"ktq_version": m.get("ktq_version"), "complete": bool(m.get("complete")),
-                    "layers_done": len(m["layers"]), "input_type": m.get("input_type"),
-                    "input_fingerprint": m.get("input_fingerprint")}
+        manifest = {"ktq_version": m.ktq_version, "complete": m.complete, "layers_done": len(m.layers),
+                    "input_type": m.input_type, "input_fingerprint": m.input_fingerprint}
     return {
         "path": str(found.path.resolve()), "kind": found.kind, "form": layout.form,
         "method": layout.method.name, "kt_method": layout.method.kt_method, "numa": layout.numa,
@@ -125,11 +124,11 @@ def _layer_digest(found: Found, layer: int, algorithm: str) -> str:
 
 def _verify_hashes(found: Found) -> list[str]:
     """Every recorded layer whose files are all there, re-hashed on a few threads (file reads release the GIL)."""
-    records = {int(k): r for k, r in found.manifest["layers"].items()
-               if int(k) in found.layout.layers and int(k) not in found.broken}  # broken ones are reported
+    records = {layer: record for layer, record in found.manifest.layers.items()
+               if layer in found.layout.layers and layer not in found.broken}  # broken ones are reported
 
     def check(layer: int) -> str | None:
-        algorithm, expected = digest.recorded(records[layer])
+        algorithm, expected = records[layer].algorithm, records[layer].digest
         try:
             actual = _layer_digest(found, layer, algorithm)
         except OSError as exc:
@@ -144,21 +143,21 @@ def _verify_hashes(found: Found) -> list[str]:
 
 
 def _verify_index(found: Found) -> list[str]:
-    path = found.path / fmt.INDEX_NAME
+    path = found.path / hfformat.INDEX_NAME
     if not path.is_file():
-        return [f"{fmt.INDEX_NAME} is missing"] if found.manifest.get("complete") else []
+        return [f"{hfformat.INDEX_NAME} is missing"] if found.manifest.complete else []
     try:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return [f"{fmt.INDEX_NAME} is not valid JSON ({exc})"]
+        return [f"{hfformat.INDEX_NAME} is not valid JSON ({exc})"]
     expected = index_data(found.layout)
     problems = []
     if not isinstance(index, dict) or index.get("weight_map") != expected["weight_map"]:
-        problems.append(f"{fmt.INDEX_NAME}'s weight_map does not list exactly the output's tensors and shards")
+        problems.append(f"{hfformat.INDEX_NAME}'s weight_map does not list exactly the output's tensors and shards")
     meta = index.get("metadata") if isinstance(index, dict) else None
     for key in ("total_size", "kt_method", "numa"):
         if not isinstance(meta, dict) or meta.get(key) != expected["metadata"][key]:
-            problems.append(f"{fmt.INDEX_NAME}'s metadata {key} is not {expected['metadata'][key]!r}")
+            problems.append(f"{hfformat.INDEX_NAME}'s metadata {key} is not {expected['metadata'][key]!r}")
     return problems
 
 
@@ -213,7 +212,7 @@ def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
     if absent:
         raise KtqError(f"{source} has no MoE layer {absent[0]}, which {found.path} holds: not its source")
     problems = []
-    if found.manifest is not None and found.manifest.get("input_fingerprint") != ckpt.fingerprint():
+    if found.manifest is not None and found.manifest.input_fingerprint != ckpt.fingerprint():
         problems.append(f"{source} is not the checkpoint this output was converted from (its fingerprint differs)")
     bound = ERROR_BOUND[layout.method.bits] * (1 + BOUND_SLACK)
     per_part = layout.intermediate // layout.numa

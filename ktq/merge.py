@@ -14,16 +14,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ktq import digest
-from ktq.checkpoint import open_checkpoint
+from ktq.cpu.checkpoint import open_checkpoint
+from ktq.cpu.experts import find_experts
+from ktq.cpu.layout import Layout
+from ktq.cpu.manifest import LayerRecord, Manifest, save_manifest
+from ktq.cpu.output import check_disk, finish_output, needed_bytes, plan_output, refuse_inside
+from ktq.cpu.scan import Found, PieceReader, recognise
+from ktq.cpu.sinks import MergedSink, PackedProjection, packed_slot
 from ktq.errors import KtqError
-from ktq.experts import find_experts
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout
-from ktq.manifest import identity, save_manifest
-from ktq.output import check_disk, finish_output, needed_bytes, plan_output, refuse_inside
 from ktq.progress import LayerProgress
-from ktq.scan import Found, PieceReader, recognise
-from ktq.sinks import MergedSink, PackedProjection, packed_slot
 
 
 @dataclass
@@ -43,10 +43,10 @@ def _source_identity(found: Found, original: Path | None) -> tuple[str, str]:
     manifest, layout = found.manifest, found.layout
     ckpt = open_checkpoint(original) if original is not None else None
     if manifest is not None:
-        if ckpt is not None and ckpt.fingerprint() != manifest["input_fingerprint"]:
+        if ckpt is not None and ckpt.fingerprint() != manifest.input_fingerprint:
             raise KtqError(f"--original-path {original} is not the checkpoint {found.path} was converted from "
                            f"(its fingerprint differs from the one in {found.path}/ktq.json)")
-        return manifest["input_type"], manifest["input_fingerprint"]
+        return manifest.input_type, manifest.input_fingerprint
     if ckpt is None:
         raise KtqError(f"{found.path} has no ktq.json, so which layers it must hold is unknown: pass "
                        "--original-path with the checkpoint it was converted from")
@@ -75,11 +75,12 @@ def _check_input(found: Found, out: Path) -> None:
 
 
 def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSink, slot: list[PackedProjection],
-                 recorded: dict | None, progress: LayerProgress) -> dict:
+                 recorded: dict[int, LayerRecord] | None, progress: LayerProgress) -> LayerRecord:
     """One layer's files into one shard; re-hashed against the tree's ktq.json (when it has one) before the
     shard is committed. Returns the shard's manifest record."""
     sink.begin(layer)
-    algorithm, expected = digest.recorded(recorded[str(layer)]) if recorded is not None else (digest.KEY, None)
+    record = recorded[layer] if recorded is not None else None
+    algorithm, expected = (record.algorithm, record.digest) if record is not None else (digest.KEY, None)
     digests = {}
     for e in range(layout.experts):
         for piece, packed in zip(layout.pieces, slot):
@@ -89,7 +90,7 @@ def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSi
                 digests[f"{path.parent.name}/{path.name}"] = digest.of(data, algorithm)
         sink.write_expert(e, slot)
         progress.expert_done(layout.expert_bytes())
-    if recorded is not None and digest.of_tree(digests, algorithm) != expected:
+    if record is not None and digest.of_tree(digests, algorithm) != expected:
         raise KtqError(f"layer {layer} of {reader.found.path} does not match its {algorithm} in ktq.json (damaged "
                        "since it was written): reconvert that layer, then merge again")
     return sink.commit()
@@ -101,12 +102,12 @@ def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progre
     _check_input(found, out)
     input_type, fingerprint = _source_identity(found, original)
     layout = replace(found.layout, form="merged")
-    plan = plan_output(out, identity(layout, input_type, fingerprint), layout, force)
+    plan = plan_output(out, Manifest(layout, input_type, fingerprint), force)
     manifest = plan.manifest
-    todo = [layer for layer in layout.layers if str(layer) not in manifest["layers"]]
+    todo = [layer for layer in layout.layers if layer not in manifest.layers]
     check_disk(out, needed_bytes(layout, todo, original), plan.freed_bytes(), force, progress.note)
-    result = MergeResult(out, layout.method, layout.numa, todo, [int(k) for k in manifest["layers"]])
-    recorded = found.manifest["layers"] if found.manifest is not None else None
+    result = MergeResult(out, layout.method, layout.numa, todo, list(manifest.layers))
+    recorded = found.manifest.layers if found.manifest is not None else None
     sink = MergedSink(out, layout)
     slot = packed_slot(layout.pieces)
     layer_input = layout.experts * layout.expert_bytes()
@@ -117,14 +118,14 @@ def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progre
         for layer in todo:
             layer_started = time.perf_counter()
             try:
-                manifest["layers"][str(layer)] = _merge_layer(layer, layout, reader, sink, slot, recorded, progress)
+                manifest.layers[layer] = _merge_layer(layer, layout, reader, sink, slot, recorded, progress)
             except BaseException:
                 sink.abort()
                 raise
             save_manifest(out, manifest)
             progress.layer_done(layer, layout.experts, layer_input, time.perf_counter() - layer_started)
-    finish_output(out, layout, manifest, original)
+    finish_output(out, manifest, original)
     result.copied_aux = original is not None
-    result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
+    result.output_bytes = manifest.output_bytes
     result.seconds = time.perf_counter() - started
     return result

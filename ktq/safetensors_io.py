@@ -14,7 +14,6 @@ import errno
 import fcntl
 import json
 import mmap
-import math
 import os
 import stat
 import struct

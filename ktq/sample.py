@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from ktq.checkpoint import INDEX_FILE
+from ktq import hfformat
 from ktq.errors import KtqError
 from ktq.kernels.decode import E4M3_VALUES
 from ktq.safetensors_io import ShardWriter, encode_header
@@ -580,7 +580,7 @@ def write_sample(out: Path, arch: str = "qwen3_moe", layers: int = 2, experts: i
     weight_map: dict[str, str] = {}
     total = 0
     for k, shard in enumerate(plan, start=1):
-        name = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
+        name = hfformat.shard_name(k, len(plan))
         stored = [entry for entries in shard for entry in entries]
         weight_map.update((entry[0], name) for entry in stored)
         total += sum(entry[3] for entry in stored)
@@ -595,7 +595,7 @@ def write_sample(out: Path, arch: str = "qwen3_moe", layers: int = 2, experts: i
                 if on_tensor:
                     on_tensor(entry[3])
         writer.finish()
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+    (out / hfformat.INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                              indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}, indent=2) + "\n")

@@ -82,7 +82,7 @@ def rewrite_checkpoint(src: Path, dst: Path, transform, config_transform=None) -
     import json
     import shutil
 
-    from ktq.checkpoint import open_checkpoint
+    from ktq.cpu.checkpoint import open_checkpoint
     from ktq.safetensors_io import ShardWriter, TensorReader
 
     ckpt = open_checkpoint(src)

@@ -191,7 +191,7 @@ def _serve() -> None:
     import contextlib
     import io
 
-    import ktq.convert  # noqa: F401  everything a run needs, imported once
+    import ktq.cpu.pipeline  # noqa: F401  everything a run needs, imported once
     import ktq.safetensors_io
     from ktq.cli import main
     from ktq.safetensors_io import ALIGN

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import rewrite_checkpoint, tree_files
-from ktq.checkpoint import open_checkpoint
-from ktq.experts import find_experts
+from ktq.cpu.checkpoint import open_checkpoint
+from ktq.cpu.experts import find_experts
 from ktq.safetensors_io import TensorReader, read_header
 from test_cli_errors import assert_one_line_error
 
@@ -465,8 +465,8 @@ def test_unknown_architecture(ktq, samples, tmp_path):
     def llama4(name, bits, dtype):
         return [(name.replace(".mlp.", ".feed_forward."), bits, dtype)]
 
-    src = rewrite_checkpoint(samples("qwen3_vl_moe"), tmp_path / "input", llama4,
-                             lambda c: {**c, "model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"]})
+    as_llama4 = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"]}
+    src = rewrite_checkpoint(samples("qwen3_vl_moe"), tmp_path / "input", llama4, lambda c: {**c, **as_llama4})
     fails(ktq, src, tmp_path, "model_type 'llama4'", "model.language_model.layers.0.feed_forward.experts.down_proj",
           "layout ktq does not know")
 

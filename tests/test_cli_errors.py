@@ -93,12 +93,12 @@ def test_input_type_contradicted(ktq, golden_input, tmp_path):
 def test_no_thread_safe_numba_layer_is_one_line(ktq, golden_input, tmp_path, monkeypatch):
     """Where neither OpenMP nor TBB loads, Numba's "threadsafe" request fails at the first parallel launch: the
     user reads what to install, not a traceback."""
-    from ktq import convert
+    from ktq.cpu import pipeline
 
     def no_layer(method):
         raise ValueError("No threading layer could be loaded.\nHINT:\nIntel TBB is required, try:\n$ pip install tbb")
 
-    monkeypatch.setattr(convert, "load_kernel", no_layer)
+    monkeypatch.setattr(pipeline, "load_kernel", no_layer)
     result = ktq("cpu", "-i", golden_input, "-o", tmp_path / "out", "--threadpool-count", "1", "--quiet")
     assert_one_line_error(result, "No threading layer could be loaded", "libgomp1", "tbb")
 

@@ -93,7 +93,7 @@ def test_matching_agrees_with_compressed_tensors():
 
 def _linears_of(config):
     from ktq.gpu.plan import list_linears, meta_model
-    from ktq.gpu.layout import text_config
+    from ktq.hfformat import text_config
 
     layout = MoeLayout.from_config(config.to_dict())
     return list_linears(meta_model(config, "bfloat16", False), text_config(config.to_dict()), ignore_rules(layout))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -176,7 +175,7 @@ def test_a_folder_that_is_neither_is_refused(ktq, tmp_path):
 
 def _reference_error(source: Path, layer: int, proj: str, bits: int, numa: int) -> tuple[float, float]:
     """Relative RMS and max abs error of one layer's projection, straight from kt-format.md §2 in numpy."""
-    from ktq.checkpoint import open_checkpoint
+    from ktq.cpu.checkpoint import open_checkpoint
     from ktq.safetensors_io import TensorReader
 
     ckpt = open_checkpoint(source)

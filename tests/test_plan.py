@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ktq import plan as plan_module
+from ktq.cpu import plan as plan_module
+from ktq.cpu.layout import Layout
+from ktq.cpu.manifest import json_text
+from ktq.cpu.measure import READ_PROBE_BYTES
+from ktq.cpu.output import extra_files_bytes, index_data
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout
-from ktq.manifest import json_text
-from ktq.measure import READ_PROBE_BYTES
-from ktq.output import extra_files_bytes, index_data
-from ktq.sample import write_sample
 from ktq.safetensors_io import TensorReader, read_header
+from ktq.sample import write_sample
 
 # (sample, ktq cpu options): the big samples make the pipeline's buffers a large share of the peak, so a wrong
 # buffer model cannot hide inside the 20% tolerance; FP8 adds the decode buffers and the decoder's code.

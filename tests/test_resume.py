@@ -211,12 +211,11 @@ def test_resume_layer_needs_the_earlier_layers(ktq, moe_sample, tmp_path):
 
 def test_disk_check_counts_what_the_run_writes(moe_sample, converted):
     """The estimate behind the free-space check is never below what a run really writes."""
-    from ktq.layout import layout_from_manifest
-    from ktq.manifest import load_manifest
-    from ktq.output import needed_bytes
+    from ktq.cpu.manifest import load_manifest
+    from ktq.cpu.output import needed_bytes
 
     for name, out in converted.items():
-        layout = layout_from_manifest(load_manifest(out))
+        layout = load_manifest(out).layout
         written = sum(len(data) for data in tree_files(out).values())
         estimate = needed_bytes(layout, list(layout.layers), moe_sample if layout.form == "merged" else None)
         assert written <= estimate <= written + (2 << 20), (name, written, estimate)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from conftest import tree_files
-from ktq.checkpoint import open_checkpoint
-from ktq.experts import find_experts
+from ktq.cpu.checkpoint import open_checkpoint
+from ktq.cpu.experts import find_experts
 
 ARGS = ("--layers", "3", "--experts", "4", "--hidden", "256", "--moe-intermediate", "128", "--dense-layers", "1",
         "--shards", "3")

@@ -60,10 +60,10 @@ def cpu(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numba
 
-    from ktq.convert import CpuJob, convert_cpu
+    from ktq.cpu.output import refuse_inside
+    from ktq.cpu.pipeline import CpuJob, convert_cpu
+    from ktq.cpu.plan import numa_warning, plan_cpu, plan_table
     from ktq.kernels.ktformat import METHODS
-    from ktq.output import refuse_inside
-    from ktq.plan import numa_warning, plan_cpu, plan_table
     from ktq.progress import LayerProgress, gb
 
     if as_json and not dry_run:

@@ -15,12 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ktq import hfformat
 from ktq.errors import KtqError
-
-# config keys that hold the number of routed experts, by architecture family
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-# where multimodal configs keep the language model's config
-TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config", "thinker_config")
 
 _ANY_PREFIX = r"(.*\.)?"
 BASE_RULES: tuple[tuple[str, str], ...] = (
@@ -65,46 +61,17 @@ class MoeLayout:
 
     @classmethod
     def from_config(cls, config: dict, source: str = "config.json") -> "MoeLayout":
-        text = text_config(config)
-        experts = next((text[k] for k in EXPERT_COUNT_KEYS if isinstance(text.get(k), int)), 0)
-        if experts <= 0:
+        text = hfformat.text_config(config)
+        experts = hfformat.expert_count(text)
+        if not experts:
             kind = text.get("model_type") or config.get("model_type") or "unknown"
-            raise KtqError(f"{source} describes a dense model ({kind}: no {' / '.join(EXPERT_COUNT_KEYS)}); "
+            raise KtqError(f"{source} describes a dense model ({kind}: no {' / '.join(hfformat.EXPERT_COUNT_KEYS)}); "
                            "ktq gpu quantises the routed experts of Mixture-of-Experts models only")
-        layers = text.get("num_hidden_layers")
-        if not isinstance(layers, int) or layers <= 0:
+        layers = hfformat.num_layers(text)
+        if not layers:
             raise KtqError(f"{source} has no valid num_hidden_layers")
         return cls(model_type=str(text.get("model_type") or config.get("model_type")), num_layers=layers,
-                   num_experts=experts, dense_layers=dense_layers(text, layers))
-
-
-def text_config(config: dict) -> dict:
-    """The language model's part of a (possibly multimodal) config."""
-    for key in TEXT_CONFIG_KEYS:
-        nested = config.get(key)
-        if isinstance(nested, dict) and "num_hidden_layers" in nested:
-            return text_config(nested)
-    return config
-
-
-def dense_layers(text: dict, num_layers: int) -> tuple[int, ...]:
-    """Layers with a dense MLP, by each family's convention.
-
-    Qwen2/3-MoE: `mlp_only_layers` plus layers with (i + 1) % decoder_sparse_step != 0.
-    DeepSeek-V2/V3, Kimi-K2, GLM-4.5: the first `first_k_dense_replace` layers, then every layer with
-    i % moe_layer_freq != 0.
-    """
-    dense = set(int(i) for i in text.get("mlp_only_layers") or [])
-    step = text.get("decoder_sparse_step")
-    if isinstance(step, int) and step > 1:
-        dense |= {i for i in range(num_layers) if (i + 1) % step != 0}
-    first_k = text.get("first_k_dense_replace")
-    if isinstance(first_k, int) and first_k > 0:
-        dense |= set(range(min(first_k, num_layers)))
-        freq = text.get("moe_layer_freq")
-        if isinstance(freq, int) and freq > 1:
-            dense |= {i for i in range(first_k, num_layers) if i % freq != 0}
-    return tuple(sorted(i for i in dense if 0 <= i < num_layers))
+                   num_experts=experts, dense_layers=hfformat.dense_layers(text))
 
 
 def dense_layer_rule(layers: Iterable[int]) -> Rule | None:
@@ -150,7 +117,7 @@ def stores_fused_experts(model_id: str) -> bool:
     from ktq.safetensors_io import read_header
 
     folder = Path(model_id).expanduser()
-    index = folder / "model.safetensors.index.json"
+    index = folder / hfformat.INDEX_NAME
     if index.is_file():
         names = list(json.loads(index.read_text()).get("weight_map", {}))
     else:

@@ -26,8 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ktq.gpu.devices import Device
-from ktq.gpu.layout import MoeLayout, Rule, ignore_reason, text_config
+from ktq.gpu.layout import MoeLayout, Rule, ignore_reason
 from ktq.gpu.options import GpuOptions
+from ktq.hfformat import expert_count, text_config
 from ktq.progress import gb
 
 GROUP_SIZE = 128  # W4A16 and W8A16 quantise weights in groups of 128 input columns
@@ -259,8 +260,7 @@ def activation_bytes(text: dict, seq_len: int, dtype_bytes: int, max_d_in: int) 
     head_dim = int(text.get("head_dim") or hidden // heads)
     kv = int(text.get("num_key_value_heads") or heads) * head_dim
     inter = int(text.get("moe_intermediate_size") or text.get("intermediate_size") or hidden)
-    experts = next((int(text[k]) for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-                    if isinstance(text.get(k), int)), 0)
+    experts = expert_count(text)
     per_token = dtype_bytes * (4 * hidden + 2 * heads * head_dim + 2 * kv + 3 * inter) + 8 * experts + 8 * max_d_in
     return seq_len * per_token
 

@@ -36,6 +36,7 @@ class Report:
     gptq_loss: dict[str, float] = field(default_factory=dict)  # module -> loss
     routed_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> tokens per expert
     unrouted_experts: dict[str, list[int]] = field(default_factory=dict)
+    layer_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # decoder layer -> stage -> seconds
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over the run
     warnings: list[str] = field(default_factory=list)  # llm-compressor's warnings, e.g. RTN fallbacks
 

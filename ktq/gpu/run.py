@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import ExitStack
 import sys
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,19 +25,25 @@ from compressed_tensors.utils import patch_attr
 from loguru import logger
 from rich.console import Console
 
+from ktq import hfformat
 from ktq.errors import KtqError
 from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
-from ktq.gpu.layout import MoeLayout, ignore_reason, ignore_rules, stores_fused_experts
+from ktq.gpu.layout import MoeLayout, ignore_rules, stores_fused_experts
 from ktq.gpu.options import GpuOptions
-from ktq.gpu.plan import (SAVE_SHARD, Plan, auto_model_class, decoder_layers, make_plan, meta_model, plan_json,
-                          plan_table)
-from ktq.gpu.recipe import build_recipe
+from ktq.gpu.plan import (
+    Plan,
+    decoder_layers,
+    make_plan,
+    meta_model,
+    plan_json,
+    plan_table,
+)
 from ktq.gpu.report import LOG_FILE, Report
 
 # files of a source checkpoint that the quantised one replaces rather than copies
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_REPLACED = {"config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+_REPLACED = {"config.json", "generation_config.json", hfformat.INDEX_NAME, "pytorch_model.bin.index.json",
              "recipe.yaml"}
 # warnings that ktq's own choices cause, left out of the report: linearising after load is deliberate (see
 # load_model), --force_cpu or a CPU-only machine is what the plan table already says, and the RAM for saving
@@ -62,6 +68,29 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def reduce(self, tensors: list) -> None:
+        """Sum calibration statistics over the ranks (each saw its share of the samples), in place."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+
+    def solve(self, solve):
+        """Every rank solves the same problems from the same summed statistics: the results agree bit for bit,
+        so each rank propagates its samples through the same weights."""
+        return solve()
+
+    def open_output(self, make):
+        """Rank 0 prepares the staging folder (resumed or cleared) before the other ranks read what it holds."""
+        if not self.distributed:
+            return make(True)
+        import torch.distributed as dist
+
+        output = make(True) if self.is_main else None
+        dist.barrier()
+        return output if output is not None else make(False)
 
 
 def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = False,
@@ -92,13 +121,9 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     if opts.dry_run:
         return report
 
-    staging = _staging_folder(opts.output_dir) if world.is_main else None
-    try:
-        _quantize_and_save(opts, config_object, plan, rules, report, staging, console, quiet, debug, world)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # a staging folder left by an interrupted run of the same command is continued, any other one started over
+    staging = _staging_path(opts.output_dir)
+    _quantize_and_save(opts, config_object, plan, rules, report, staging, console, quiet, debug, world)
     if world.is_main:
         report.write(staging)
         _commit(staging, opts.output_dir)
@@ -109,51 +134,92 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     return report
 
 
-def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, report: Report, staging: Path | None,
+def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, report: Report, staging: Path,
                        console: Console, quiet: bool, debug: bool, world: World) -> None:
-    from ktq.gpu.observe import CalibrationObserver, GpuProgress  # imports llm-compressor: not needed for a plan
+    from ktq.gpu.engine import Engine
+    from ktq.gpu.observe import GpuProgress
+    from ktq.gpu.output import StreamOutput
+    from ktq.gpu.source import SourceCheckpoint
 
-    with _llmcompressor_logs(staging, report, debug), GpuProgress(quiet, console) as progress:
-        if plan.device.is_gpu:
-            torch.cuda.reset_peak_memory_stats(0)
-        with report.stage("load"):
-            model = load_model(opts, plan, config_object, world)
-            tokenizer = load_tokenizer(opts)
-        dataset = None
-        if opts.calibrated:
-            with report.stage("dataset"):
-                dataset = calibration_dataset(opts.dataset, opts.split, opts.text_column, tokenizer,
-                                              opts.num_calibration_samples, opts.max_sequence_length,
-                                              opts.random_seed)
-            report.calibration_samples = len(dataset)
-            report.calibration_tokens = sum(len(ids) for ids in dataset["input_ids"])
-            if world.distributed:
-                from ktq.gpu.distributed import rank_share
+    if plan.device.is_gpu:
+        torch.cuda.reset_peak_memory_stats(0)
+    with report.stage("load"):
+        source = SourceCheckpoint.open(Path(opts.model_id).expanduser())
+        skeleton = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
+        layer_names = [name for name, _ in decoder_layers(skeleton)]
+        tokenizer = load_tokenizer(opts)
+    dataset = None
+    if opts.calibrated:
+        with report.stage("dataset"):
+            dataset = calibration_dataset(opts.dataset, opts.split, opts.text_column, tokenizer,
+                                          opts.num_calibration_samples, opts.max_sequence_length, opts.random_seed)
+        report.calibration_samples = len(dataset)
+        report.calibration_tokens = sum(len(ids) for ids in dataset["input_ids"])
+    fingerprint = _run_fingerprint(opts, source, dataset, plan, world)
+    if world.distributed:
+        from ktq.gpu.distributed import rank_share
 
-                dataset = rank_share(dataset, world)
-        observer = CalibrationObserver(model, progress)
-        with report.stage("quantize"):
-            quantize(model, tokenizer, dataset, opts, plan, rules, observer, progress, world)
-        if world.distributed:
-            from ktq.gpu.distributed import gather_results
-
-            gather_results(observer, report)
-        report.gptq_loss = observer.losses
-        report.routed_tokens = observer.routed
-        report.unrouted_experts = observer.unrouted()
-        report.count_modules(_linear_reasons(model, rules))
+        dataset = rank_share(dataset, world) if dataset is not None else None
+    output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(layer_names) + 1, writable))
+    logs = _llmcompressor_logs(staging if world.is_main else None, report, debug)
+    with logs, GpuProgress(quiet, console) as progress:
+        engine = Engine(opts, source, skeleton, layer_names, rules, plan.device.torch_device, plan.cache_device,
+                        world, progress, output)
+        samples = len(dataset) if dataset is not None else 0
+        progress.start(layers=len(layer_names) if samples else 0, samples=samples, modules=0)
+        try:
+            with report.stage("quantize"), torch.no_grad():
+                engine.run(dataset)
+        finally:
+            source.close()
+        report.gptq_loss = dict(sorted(engine.losses.items()))
+        report.routed_tokens = engine.routed
+        report.layer_seconds = engine.layer_seconds
+        report.unrouted_experts = {name: [e for e, n in enumerate(counts) if n == 0]
+                                   for name, counts in engine.routed.items() if 0 in counts}
+        report.count_modules(engine.module_reasons())
         if stores_fused_experts(opts.model_id):
             report.warnings.append(
                 "the source checkpoint stores each layer's experts fused in 3-D tensors; the output stores one "
                 "tensor per expert projection, as llm-compressor 0.14 saves quantised experts (compressed-tensors "
                 "0.19 cannot pack fused experts); transformers 5.17 reads that layout back only for architectures "
                 "with a per-expert loading rule (qwen2/3_moe, deepseek, ...), not e.g. qwen3_vl_moe")
-        # every rank takes part in a distributed save (compression is shared out, offloaded weights live in memory
-        # shared between the ranks); only rank 0 writes
-        with report.stage("save"):
-            save(model, tokenizer, opts, staging or _staging_path(opts.output_dir), world)
+        if engine.fallbacks:
+            report.warnings.append(f"the Hessian of {len(engine.fallbacks)} expert projections was not positive "
+                                   f"definite; they were rounded to nearest (e.g. {engine.fallbacks[0]})")
+        if world.is_main:
+            with report.stage("save"):
+                _finish(opts, output, engine, staging)
         if plan.device.is_gpu:
             report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(0))
+
+
+def _run_fingerprint(opts: GpuOptions, source, dataset, plan: Plan, world: World) -> dict:
+    """Everything that changes an output byte: a staging folder made with anything else is started over."""
+    import hashlib
+
+    tokens = hashlib.sha256(json.dumps(list(dataset["input_ids"]) if dataset is not None else []).encode())
+    return {"source": source.ckpt.fingerprint(), "quant_method": opts.quant_method, "quant_type": opts.quant_type,
+            "dampening_frac": opts.dampening_frac, "torch_dtype": opts.torch_dtype,
+            "ignore_patterns": list(opts.ignore_patterns), "calibration_tokens": tokens.hexdigest()[:32],
+            "device": "cuda" if plan.device.is_gpu else "cpu", "world_size": world.size}
+
+
+def _finish(opts: GpuOptions, output, engine, staging: Path) -> None:
+    """Index, config with quantization_config, and the source's side files, once every shard is in."""
+    output.check_complete()
+    index = {"metadata": {"total_size": output.total_size()}, "weight_map": output.weight_map()}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    source = Path(opts.model_id).expanduser()
+    config = json.loads((source / "config.json").read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    for holder in (config, text):
+        if holder is not None and isinstance(holder.get("quantization_config"), dict):
+            del holder["quantization_config"]  # the source's FP8 scheme: its weights are decoded now
+            holder["torch_dtype"] = opts.torch_dtype
+    config["quantization_config"] = engine.quantization_config()
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _copy_side_files(source, staging)
 
 
 def read_config(opts: GpuOptions):
@@ -166,84 +232,10 @@ def read_config(opts: GpuOptions):
         raise KtqError(f"cannot read the config of --model_id {opts.model_id}: {first}") from exc
 
 
-def load_model(opts: GpuOptions, plan: Plan, config, world: World = World()):
-    """The weights on the planned devices, fused experts split into one Linear per expert projection. In a
-    distributed run rank 0 reads the checkpoint, the other ranks start on the meta device and receive the weights
-    from it (compressed-tensors' load_offloaded_model)."""
-    from contextlib import nullcontext
-
-    from compressed_tensors.offload import from_accelerate, load_offloaded_model
-    from llmcompressor.modeling.moe.linearize import linearize_moe
-
-    kwargs = {"dtype": getattr(torch, opts.torch_dtype), "trust_remote_code": opts.trust_remote_code}
-    if plan.device_map is not None:
-        kwargs["device_map"] = plan.device_map
-    model_class = auto_model_class(config)
-    if world.distributed:
-        # the plan's budgets; without them load_offloaded_model asks for an accelerator, which the CPU lacks
-        kwargs["max_memory"] = {"cpu": plan.cpu_budget} | ({0: plan.gpu_budget} if plan.device.is_gpu else {})
-    with load_offloaded_model(model_class) if world.distributed else nullcontext():
-        model = model_class.from_pretrained(opts.model_id, **kwargs)
-    if hasattr(model, "hf_device_map"):
-        # before linearising: compressed-tensors' offloading onloads a CPU-resident expert when it is read,
-        # accelerate's hooks only around forward
-        from_accelerate(model)
-    # Linearising after load, not through load_quantizable_moe: the latter patches transformers classes in a way that
-    # imports every model's image processor, torchvision included, which many installs lack.
-    linearize_moe(model)
-    return model
-
-
 def load_tokenizer(opts: GpuOptions):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(opts.model_id, trust_remote_code=opts.trust_remote_code)
-
-
-def quantize(model, tokenizer, dataset, opts: GpuOptions, plan: Plan, rules, observer, progress,
-             world: World = World()) -> None:
-    from llmcompressor import oneshot
-
-    recipe = build_recipe(opts.quant_method, opts.quant_type, rules, opts.dampening_frac,
-                          plan.gptq_batch if plan.device.is_gpu else 1)
-    layers = [module for _, module in decoder_layers(model)]
-    samples = len(dataset) if dataset is not None else 0  # this rank's share in a distributed run
-    # GPTQ modules are counted only in a single process: which rank quantises which is decided after calibration
-    progress.start(layers=len(layers) if samples else 0, samples=samples,
-                   modules=plan.quantized if opts.calibrated and world.size == 1 else 0)
-    if not opts.calibrated:
-        progress.note(f"quantising {plan.quantized} Linears with round-to-nearest")
-    with observer.watching(layers):
-        oneshot(model=model, processor=tokenizer, recipe=recipe, dataset=dataset,
-                num_calibration_samples=max(samples, 1), max_seq_length=opts.max_sequence_length,
-                shuffle_calibration_samples=False, moe_calibrate_all_experts=True,
-                sequential_offload_device=plan.cache_device,
-                trust_remote_code_model=opts.trust_remote_code)
-
-
-def _linear_reasons(model, rules) -> list[str | None]:
-    """For each Linear: None if llm-compressor attached a weight scheme to it, else why it was kept."""
-    reasons = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            scheme = getattr(module, "quantization_scheme", None)
-            if scheme is not None and scheme.weights is not None:
-                reasons.append(None)
-            else:
-                classes = [c.__name__ for c in type(module).__mro__]
-                reasons.append(ignore_reason(rules, name, classes) or "not targeted")
-    return reasons
-
-
-def save(model, tokenizer, opts: GpuOptions, staging: Path, world: World = World()) -> None:
-    model.save_pretrained(staging, save_compressed=True, max_shard_size=SAVE_SHARD)
-    if not world.is_main:
-        return
-    source = Path(opts.model_id).expanduser()
-    if source.is_dir():
-        _copy_side_files(source, staging)
-    else:
-        tokenizer.save_pretrained(staging)
 
 
 def _copy_side_files(source: Path, staging: Path) -> None:
@@ -258,14 +250,6 @@ def _copy_side_files(source: Path, staging: Path) -> None:
 def _staging_path(output_dir: Path) -> Path:
     output_dir = output_dir.expanduser()
     return output_dir.parent / f".{output_dir.name}.ktq-partial"
-
-
-def _staging_folder(output_dir: Path) -> Path:
-    staging = _staging_path(output_dir)
-    if staging.exists():  # left by an interrupted run
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
 
 
 def _commit(staging: Path, output_dir: Path) -> None:

@@ -21,17 +21,17 @@ from threading import Event
 import numba
 import numpy as np
 
-from ktq.checkpoint import open_checkpoint
+from ktq.cpu.checkpoint import open_checkpoint
+from ktq.cpu.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
+from ktq.cpu.layout import Layout
+from ktq.cpu.manifest import Manifest, save_manifest
+from ktq.cpu.output import finish_output, plan_output
+from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 from ktq.errors import KtqError
-from ktq.experts import MoeLayer, MoeModel, ProjectionSource, find_experts
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
-from ktq.layout import Layout
-from ktq.manifest import identity, save_manifest
-from ktq.output import finish_output, plan_output
 from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
-from ktq.sinks import KtTreeSink, MergedSink, packed_slot
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
 WRITE_BEHIND = 4  # quantised experts waiting to be written
@@ -107,7 +107,7 @@ class PackedExpert:
                                  for p in self.projections], np.int64)
 
 
-def _quantise_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, packed: PackedExpert,
+def _quantize_expert(expert: dict[str, ProjectionSource], slot: _ExpertSlot, packed: PackedExpert,
                      method: fmt.Method, numa: int, threads: int) -> None:
     m = slot.matrices
     proj, row = quantize_pack_expert(m["gate"], m["up"], m["down"], numa, method.bits, packed.words, packed.floats,
@@ -134,28 +134,27 @@ def _check_alignment(model: MoeModel, method: fmt.Method, numa: int) -> None:
         raise KtqError(problem)
 
 
-def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: dict) -> tuple[list[MoeLayer], list[int]]:
+def _layers_to_convert(job: CpuJob, model: MoeModel, manifest: Manifest) -> tuple[list[MoeLayer], list[int]]:
     """The layers to convert now and those kept; --resume-layer N drops N and later ones from the manifest."""
-    done = manifest["layers"]
+    done = manifest.layers
     if job.resume_layer is None:
-        todo = [layer for layer in model.layers if str(layer.index) not in done]
+        todo = [layer for layer in model.layers if layer.index not in done]
     else:
-        missing = [layer.index for layer in model.layers
-                   if layer.index < job.resume_layer and str(layer.index) not in done]
+        missing = [layer.index for layer in model.layers if layer.index < job.resume_layer and layer.index not in done]
         if missing:
             raise KtqError(f"--resume-layer {job.resume_layer}: layers {missing[:5]} are not in {job.output} yet; "
                            "drop --resume-layer (ktq resumes by itself after the last finished layer)")
         todo = [layer for layer in model.layers if layer.index >= job.resume_layer]
         for layer in todo:
-            done.pop(str(layer.index), None)
-    kept = [layer.index for layer in model.layers if str(layer.index) in done]
+            done.pop(layer.index, None)
+    kept = [layer.index for layer in model.layers if layer.index in done]
     return todo, kept
 
 
 class _Pipeline:
     """Runs the work items (layer, expert) through read -> quantise -> write with bounded buffers."""
 
-    def __init__(self, job: CpuJob, model: MoeModel, layout: Layout, sink, manifest: dict, progress: LayerProgress,
+    def __init__(self, job: CpuJob, model: MoeModel, layout: Layout, sink, manifest: Manifest, progress: LayerProgress,
                  reader: TensorReader) -> None:
         self.job, self.model, self.layout, self.sink = job, model, layout, sink
         self.manifest, self.progress, self.reader = manifest, progress, reader
@@ -176,7 +175,7 @@ class _Pipeline:
                 self.sink.begin(layer.index)
             self.sink.write_expert(e, packed.projections)
             if e == len(layer.experts) - 1:
-                self.manifest["layers"][str(layer.index)] = self.sink.commit()
+                self.manifest.layers[layer.index] = self.sink.commit()
                 save_manifest(self.job.output, self.manifest)
                 self.progress.layer_done(layer.index, len(layer.experts), layer.input_bytes,
                                          time.perf_counter() - self._layer_started)
@@ -216,7 +215,7 @@ class _Pipeline:
                     if len(writes) == len(out_slots):
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
-                    _quantise_expert(layer.experts[e], slot, packed, self.job.method, self.job.numa, threads)
+                    _quantize_expert(layer.experts[e], slot, packed, self.job.method, self.job.numa, threads)
                     self.progress.expert_done(sum(s.input_bytes for s in layer.experts[e].values()))
                     nxt = i + len(in_slots)
                     if nxt < len(items):
@@ -252,9 +251,9 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         raise KtqError(f"--resume-layer {job.resume_layer} is not a MoE layer of this model "
                        f"(MoE layers: {model.layers[0].index}..{model.layers[-1].index})")
     layout = layout_of(job, model)
-    plan = plan_output(job.output, identity(layout, model.input_type, ckpt.fingerprint()), layout, job.force)
+    plan = plan_output(job.output, Manifest(layout, model.input_type, ckpt.fingerprint()), job.force)
     manifest = plan.manifest
-    todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.plan
+    todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.cpu.plan
     source = job.input_path if job.merge else None
     if plan.restarted:
         progress.note(f"starting {job.output} over (--force): deleting the {len(plan.remove)} files and folders "
@@ -269,7 +268,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
         _Pipeline(job, model, layout, sink, manifest, progress, reader).run(todo)
-    finish_output(job.output, layout, manifest, source)
-    result.output_bytes = sum(record["bytes"] for record in manifest["layers"].values())
+    finish_output(job.output, manifest, source)
+    result.output_bytes = manifest.output_bytes
     result.seconds = time.perf_counter() - started
     return result

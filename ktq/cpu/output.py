@@ -18,12 +18,20 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ktq import __version__
+from ktq import __version__, hfformat
+from ktq.cpu.layout import Layout
+from ktq.cpu.manifest import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    LayerRecord,
+    Manifest,
+    identity_mismatch,
+    json_text,
+    load_manifest,
+    save_manifest,
+    write_json_atomic,
+)
 from ktq.errors import KtqError, write_error
-from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout, layout_from_manifest
-from ktq.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, identity_mismatch, json_text, load_manifest,
-                          new_manifest, save_manifest, write_json_atomic)
 from ktq.progress import gb
 
 # Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
@@ -35,7 +43,7 @@ METADATA_RESERVE = 1 << 20  # room for ktq.json (a few hundred bytes per layer)
 @dataclass
 class OutputPlan:
     out: Path
-    manifest: dict  # what the run starts from: the identity and the layers kept
+    manifest: Manifest  # what the run starts from: the identity and the layers kept
     remove: list[Path] = field(default_factory=list)  # ktq's own files to delete first
     created: bool = False  # the folder does not exist yet
     restarted: bool = False  # --force starts over an output made with other settings
@@ -58,7 +66,7 @@ class OutputPlan:
                 save_manifest(self.out, self.manifest)  # last: until here a killed run leaves the old one in charge
                 yield
             except BaseException:
-                if self.created and not self.manifest["layers"]:
+                if self.created and not self.manifest.layers:
                     shutil.rmtree(self.out, ignore_errors=True)
                 raise
 
@@ -98,29 +106,29 @@ def _is_partial(path: Path) -> bool:
     return path.name.endswith(PARTIAL_SUFFIX)
 
 
-def ktq_files(out: Path, manifest: dict) -> list[Path]:
+def ktq_files(out: Path, manifest: Manifest) -> list[Path]:
     """Everything in out that ktq wrote for this manifest, or would have: layers, index, copied files,
     temporaries. ktq.json itself is not listed."""
-    layout = layout_from_manifest(manifest)  # its layer paths are those of every record too
-    names = {layout.layer_path(layer) for layer in layout.layers} | {fmt.INDEX_NAME}
+    layout = manifest.layout  # its layer paths are those of every record too
+    names = {layout.layer_path(layer) for layer in layout.layers} | {hfformat.INDEX_NAME}
     found = [out / name for name in sorted(names) if (out / name).exists()]
     found += sorted(p for pattern in AUX_PATTERNS for p in out.glob(pattern) if p.is_file())
     found += sorted(p for p in out.iterdir() if _is_partial(p))
     return list(dict.fromkeys(found))
 
 
-def layer_intact(out: Path, layout: Layout, layer: int, record: dict) -> bool:
+def layer_intact(out: Path, layout: Layout, layer: int, record: LayerRecord) -> bool:
     """A committed layer is kept when its file or folder is where the layout puts it with exactly the layout's
     sizes (and, merged, the layout's header). Content is re-hashed by `ktq inspect --verify`, not here: files are
     flushed to the disk before they are renamed, so a crash cannot leave a renamed file with the wrong bytes."""
-    if record.get("path") != layout.layer_path(layer) or record.get("bytes") != layout.layer_bytes(layer):
+    if record.path != layout.layer_path(layer) or record.bytes != layout.layer_bytes(layer):
         return False
-    path = out / record["path"]
+    path = out / record.path
     if layout.form == "merged":
         header = layout.shard_header(layer)
         try:
             with open(path, "rb") as f:
-                return f.read(len(header)) == header and path.stat().st_size == record["bytes"]
+                return f.read(len(header)) == header and path.stat().st_size == record.bytes
         except OSError:
             return False
     for relpath, size in layout.kt_files(layer):
@@ -131,12 +139,12 @@ def layer_intact(out: Path, layout: Layout, layer: int, record: dict) -> bool:
     return len(files) == layout.experts * len(layout.pieces) * 2
 
 
-def plan_output(out: Path, ident: dict, layout: Layout, force: bool) -> OutputPlan:
-    """What to do with --output for a run of this identity; raises KtqError to refuse. Writes nothing."""
+def plan_output(out: Path, wanted: Manifest, force: bool) -> OutputPlan:
+    """What to do with --output for a run of wanted's identity; raises KtqError to refuse. Writes nothing."""
     if out.exists() and not out.is_dir():
         raise KtqError(f"--output {out} is a file, not a folder")
     if not out.exists():
-        return OutputPlan(out, new_manifest(ident), created=True)
+        return OutputPlan(out, wanted.fresh(), created=True)
     existing = load_manifest(out)
     if existing is None:
         # the only file a run can leave before its first ktq.json exists is that manifest's temporary
@@ -146,16 +154,17 @@ def plan_output(out: Path, ident: dict, layout: Layout, force: bool) -> OutputPl
             listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise KtqError(f"--output {out} already holds files ktq did not write ({listed}); choose a new or "
                            "empty folder" + (" (--force only starts over a ktq output)" if force else ""))
-        return OutputPlan(out, new_manifest(ident), remove=[first_manifest] if first_manifest.exists() else [])
-    mismatch = identity_mismatch(existing, ident)
+        return OutputPlan(out, wanted.fresh(), remove=[first_manifest] if first_manifest.exists() else [])
+    mismatch = identity_mismatch(existing, wanted)
     if mismatch:
         if not force:
             raise KtqError(f"--output {out} holds a ktq conversion with other settings ({mismatch}); pass --force "
                            "to start it over (deletes only the files ktq wrote there) or choose another --output")
-        return OutputPlan(out, new_manifest(ident), remove=ktq_files(out, existing), restarted=True)
-    kept = {key: record for key, record in existing["layers"].items()
-            if int(key) in layout.layers and layer_intact(out, layout, int(key), record)}
-    return OutputPlan(out, new_manifest(ident, kept), remove=[p for p in out.iterdir() if _is_partial(p)])
+        return OutputPlan(out, wanted.fresh(), remove=ktq_files(out, existing), restarted=True)
+    layout = wanted.layout
+    kept = {layer: record for layer, record in existing.layers.items()
+            if layer in layout.layers and layer_intact(out, layout, layer, record)}
+    return OutputPlan(out, wanted.fresh(kept), remove=[p for p in out.iterdir() if _is_partial(p)])
 
 
 def refuse_inside(out: Path, source: Path, out_option: str, source_option: str) -> None:
@@ -229,7 +238,7 @@ def needed_bytes(layout: Layout, layers: list[int], source: Path | None) -> int:
 
 
 def index_data(layout: Layout) -> dict:
-    """model.safetensors.index.json of a merged output."""
+    """The index (hfformat.INDEX_NAME) of a merged output."""
     weight_map: dict[str, str] = {}
     for layer in layout.layers:
         shard = layout.shard_name(layer)
@@ -255,12 +264,12 @@ def copy_aux_files(source: Path, out: Path) -> None:
             raise write_error(out / path.name, exc) from exc
 
 
-def finish_output(out: Path, layout: Layout, manifest: dict, source: Path | None) -> None:
+def finish_output(out: Path, manifest: Manifest, source: Path | None) -> None:
     """After the last layer: the merged form's copied files and index, then ktq.json marked complete."""
-    if layout.form == "merged":
+    if manifest.layout.form == "merged":
         if source is not None:
             copy_aux_files(source, out)
-        write_json_atomic(out / fmt.INDEX_NAME, index_data(layout))
-    manifest["complete"] = True
+        write_json_atomic(out / hfformat.INDEX_NAME, index_data(manifest.layout))
+    manifest.complete = True
     save_manifest(out, manifest)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ktq import digest
+from ktq.cpu.layout import Layout, Piece
+from ktq.cpu.manifest import PARTIAL_SUFFIX, LayerRecord, fsync_dir
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout, Piece
-from ktq.manifest import PARTIAL_SUFFIX, fsync_dir
 from ktq.safetensors_io import DirectFile, ShardWriter, aligned_buffer, round_up, staging_buffers
 
 
@@ -88,7 +88,7 @@ class MergedSink:
         except OSError as exc:
             raise write_error(self._writer.path, exc) from exc
 
-    def commit(self) -> dict:
+    def commit(self) -> LayerRecord:
         writer = self._writer
         assert writer is not None
         final = self.out / self.layout.shard_name(self._layer)
@@ -104,7 +104,7 @@ class MergedSink:
             raise write_error(writer.path, exc) from exc
         finally:
             self.abort()
-        return {"path": final.name, "bytes": writer.size, digest.KEY: file_digest}
+        return LayerRecord(final.name, writer.size, digest.KEY, file_digest)
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -176,7 +176,7 @@ class KtTreeSink:
             fsync_dir(partial / fmt.numa_dir_name(part))
         return sum(expected.values())
 
-    def commit(self) -> dict:
+    def commit(self) -> LayerRecord:
         partial = self._partial
         assert partial is not None
         final = self.out / fmt.layer_dir_name(self._layer)
@@ -191,7 +191,7 @@ class KtTreeSink:
             raise write_error(partial, exc) from exc
         finally:
             self.abort()
-        return {"path": final.name, "bytes": nbytes, digest.KEY: digest.of_tree(self._digests)}
+        return LayerRecord(final.name, nbytes, digest.KEY, digest.of_tree(self._digests))
 
     def abort(self) -> None:
         if self._partial is not None:

@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from ktq.checkpoint import Checkpoint, collector_paused
+from ktq import hfformat
+from ktq.cpu.checkpoint import Checkpoint, collector_paused
 from ktq.errors import KtqError
 from ktq.kernels.decode import fp8_blocks_to_bf16, fp16_to_bf16, packed_int_to_bf16, transpose_u16
 from ktq.kernels.ktformat import PROJECTIONS
@@ -115,53 +116,34 @@ class MoeModel:
         return max(src.scratch_bytes for layer in self.layers for expert in layer.experts for src in expert.values())
 
 
-def _shown(value: object) -> str:
-    """A config value as JSON (true, not True), cut short: a hostile one may be huge."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _config_count(config: dict, key: str, minimum: int) -> int | None:
-    """config[key], an integer of at least minimum, or None when unset (a null is unset, as in Hugging Face configs);
-    anything else is an error that names the key and value, not a value taken from another key."""
-    value = config.get(key)
-    if value is not None and (type(value) is not int or value < minimum):  # type(): true is no count
-        raise KtqError(f"config.json: {key} is {_shown(value)}, not an integer of at least {minimum}")
-    return value
-
-
 def _config_int(config: dict, *keys: str) -> int:
-    """The first of keys that config sets, a positive integer."""
-    for key in keys:
-        value = _config_count(config, key, 1)
-        if value is not None:
-            return value
-    raise KtqError(f"config.json has no {' / '.join(keys)}: is this a Mixture-of-Experts model?")
+    """The first of keys that config sets, a positive integer (hfformat.count)."""
+    value = hfformat.count(config, *keys)
+    if value is None:
+        raise KtqError(f"config.json has no {' / '.join(keys)}: is this a Mixture-of-Experts model?")
+    return value
 
 
 def geometry_of(config: dict) -> Geometry:
     return Geometry(
         hidden=_config_int(config, "hidden_size"),
         intermediate=_config_int(config, "moe_intermediate_size", "intermediate_size"),
-        experts=_config_int(config, "n_routed_experts", "num_experts", "num_local_experts"),
+        experts=_config_int(config, *hfformat.EXPERT_COUNT_KEYS),
     )
 
 
-def moe_layer_indices(config: dict, held_layers: int) -> list[int]:
-    """Decoder layers with routed experts according to the config; MTP layers (>= num_hidden_layers) excluded.
-    held_layers (the layers the shards hold tensors of) bounds num_hidden_layers, which sizes the list."""
+def moe_layer_indices(config: dict) -> list[int]:
+    """Decoder layers with routed experts according to the config (hfformat.moe_layers: MTP layers excluded)."""
+    _config_int(config, "num_hidden_layers")  # missing, it is named in one line
+    return list(hfformat.moe_layers(config))
+
+
+def _check_layer_count(config: dict, held_layers: int) -> None:
+    """num_hidden_layers sizes the layer list: it cannot exceed the decoder layers the shards hold tensors of."""
     count = _config_int(config, "num_hidden_layers")
     if count > held_layers:
         raise KtqError(f"config.json: num_hidden_layers is {count}, but the shards hold tensors of {held_layers} "
                        "decoder layers: the config does not describe these shards")
-    first_moe = _config_count(config, "first_k_dense_replace", 0) or 0
-    step = _config_count(config, "decoder_sparse_step", 1) or 1
-    dense = config.get("mlp_only_layers") or []
-    if type(dense) is not list or not all(type(layer) is int and layer >= 0 for layer in dense):
-        raise KtqError(f"config.json: mlp_only_layers is {_shown(dense)}, not a list of layer indices")
-    dense = set(dense)
-    return [layer for layer in range(count)
-            if layer >= first_moe and layer not in dense and (layer + 1) % step == 0]
 
 
 def _quantization_config(ckpt: Checkpoint) -> dict:
@@ -294,7 +276,7 @@ def _packed_args(ckpt: Checkpoint) -> _PackedArgs:
                        f"pack-quantized (quant_method {config.get('quant_method')!r}, format {config.get('format')!r})")
     groups = config.get("config_groups") or {}
     if not isinstance(groups, dict):
-        raise KtqError(f"{where}: config_groups is {_shown(groups)}, not an object of weight schemes")
+        raise KtqError(f"{where}: config_groups is {hfformat.shown(groups)}, not an object of weight schemes")
     schemes = [group["weights"] for group in groups.values()
                if isinstance(group, dict) and isinstance(group.get("weights"), dict)]
     if len({json.dumps(s, sort_keys=True) for s in schemes}) != 1:
@@ -517,10 +499,11 @@ def find_experts(ckpt: Checkpoint, requested_type: str | None = None) -> MoeMode
     """The model's MoE layers with every expert's projections, checked for completeness, shapes and storage."""
     prefix, block, per_expert, fused, held_layers = _scan(ckpt)
     geometry = geometry_of(ckpt.text_config)
-    layer_indices = moe_layer_indices(ckpt.text_config, held_layers)
+    _check_layer_count(ckpt.text_config, held_layers)
+    layer_indices = moe_layer_indices(ckpt.text_config)
     if not layer_indices:
         raise KtqError(f"{ckpt.path / 'config.json'} makes no decoder layer a MoE layer (see num_hidden_layers, "
-                       "first_k_dense_replace, mlp_only_layers, decoder_sparse_step)")
+                       f"{', '.join(hfformat.MOE_LAYER_RULES)})")
     if block == "fused":
         return _fused_model(ckpt, prefix, fused, geometry, layer_indices, requested_type)
     return _per_expert_model(ckpt, prefix, block, per_expert, geometry, layer_indices, requested_type)

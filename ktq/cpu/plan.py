@@ -9,8 +9,8 @@ safetensors headers only (tensor data is never read), plus a fraction of a secon
   of bf16 with their decode buffers and WRITE_BEHIND slots of packed output. Nothing else grows with the model.
 - Time is the expert bytes to read divided by the slower of two rates measured now: reading a slice of the largest
   shard, and decoding + quantising one projection with the run's threads and the input's own decoder (on synthetic
-  bytes, so any input type's decode counts). The stages overlap, so the slower sets the pace; writing is not measured (the output is
-  1/4 to 1/2 of the input).
+  bytes, so any input type's decode counts). The stages overlap, so the slower sets the pace; writing is not
+  measured (the output is 1/4 to 1/2 of the input).
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ktq import convert
-from ktq.checkpoint import Checkpoint, collector_paused, open_checkpoint
-from ktq.convert import CpuJob
+from ktq.cpu import pipeline
+from ktq.cpu.checkpoint import Checkpoint, collector_paused, open_checkpoint
+from ktq.cpu.experts import Geometry, MoeModel, find_experts
+from ktq.cpu.layout import Layout, expert_pieces
+from ktq.cpu.manifest import Manifest, identity_mismatch, load_manifest
+from ktq.cpu.measure import Rate, load_kernels, read_rate, rss, stage_rate
+from ktq.cpu.output import extra_files_bytes, needed_bytes, plan_output
+from ktq.cpu.pipeline import CpuJob
 from ktq.errors import KtqError
-from ktq.experts import Geometry, MoeModel, find_experts
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout, expert_pieces
-from ktq.manifest import identity, identity_mismatch, load_manifest
-from ktq.measure import Rate, load_kernels, read_rate, rss, stage_rate
 from ktq.progress import gb
-from ktq.output import extra_files_bytes, needed_bytes, plan_output
 from ktq.system import disk_free, existing_ancestor, numa_nodes, ram_available
 
 
@@ -131,10 +131,10 @@ def _layers_done(job: CpuJob, ckpt: Checkpoint, model: MoeModel, layout: Layout)
     existing = load_manifest(job.output) if job.output.is_dir() else None
     if existing is None:
         return set()
-    ident = identity(layout, model.input_type, ckpt.fingerprint())
-    if identity_mismatch(existing, ident):
+    wanted = Manifest(layout, model.input_type, ckpt.fingerprint())
+    if identity_mismatch(existing, wanted):
         return set()
-    return {int(layer) for layer in plan_output(job.output, ident, layout, force=False).manifest["layers"]}
+    return set(plan_output(job.output, wanted, force=False).manifest.layers)
 
 
 def _buffers(model: MoeModel, method: fmt.Method, numa: int, items: int) -> tuple[int, int]:
@@ -142,11 +142,11 @@ def _buffers(model: MoeModel, method: fmt.Method, numa: int, items: int) -> tupl
     here (so they take no memory), counted."""
     if items == 0:
         return 0, 0
-    slot = convert._ExpertSlot(model)  # its owned buffers: an upper bound of what a mapped bf16 expert takes
+    slot = pipeline._ExpertSlot(model)  # its owned buffers: an upper bound of what a mapped bf16 expert takes
     read = sum(a.nbytes for a in slot.owned.values()) + slot.scratch.nbytes
     g = model.geometry
     write = sum(p.body_bytes + p.scale_bytes for p in expert_pieces(method, numa, g.hidden, g.intermediate))
-    return min(convert.READ_AHEAD, items) * read, min(convert.WRITE_BEHIND, items) * write
+    return min(pipeline.READ_AHEAD, items) * read, min(pipeline.WRITE_BEHIND, items) * write
 
 
 def _time(ckpt: Checkpoint, model: MoeModel, method: fmt.Method, numa: int, first_layer: int,
@@ -171,7 +171,7 @@ def plan_cpu(job: CpuJob, threads: int, measure_time: bool) -> CpuPlan:
     if problem:
         raise KtqError(problem)
     moe_layers = [layer.index for layer in model.layers]
-    layout = convert.layout_of(job, model)
+    layout = pipeline.layout_of(job, model)
     done = _layers_done(job, ckpt, model, layout)
     todo = [layer for layer in moe_layers if layer not in done
             or (job.resume_layer is not None and layer >= job.resume_layer)]

@@ -9,24 +9,18 @@ pieces back, whichever the form. `ktq inspect` and `ktq merge` are built on both
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ktq.checkpoint import Checkpoint, open_checkpoint
+from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
+from ktq.cpu.layout import Layout, Piece
+from ktq.cpu.manifest import PARTIAL_SUFFIX, Manifest, load_manifest
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
-from ktq.layout import Layout, Piece, layout_from_manifest
-from ktq.manifest import PARTIAL_SUFFIX, load_manifest
 from ktq.safetensors_io import TensorInfo, TensorReader, open_regular, read_header
 
-KT_FILE = re.compile(r"^(?P<tag>INT4|INT8)_(?P<proj>gate|up|down)_(?P<expert>\d+)_(?P<size>\d+)Byte_"
-                     r"(?P<kind>quant|scale)_\.kt$")
-KT_LAYER_DIR = re.compile(r"^_layer_(\d+)$")
-MERGED_TENSOR = re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<expert>\d+)\.numa\."
-                           r"(?P<part>\d+)\.(?P<kind>weight|scale)$")
 SHOWN = 3  # examples named in one problem line
 
 
@@ -35,7 +29,7 @@ class Found:
     path: Path
     kind: str  # "ktq-output", "kt-output" (no ktq.json) or "checkpoint"
     layout: Layout | None = None
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # merged outputs: every tensor of every shard
     checkpoint: Checkpoint | None = None
     problems: list[str] = field(default_factory=list)
@@ -55,10 +49,6 @@ def _examples(items: list[str]) -> str:
     return ", ".join(items[:SHOWN]) + (", ..." if len(items) > SHOWN else "")
 
 
-def _method_by_tag(tag: str) -> fmt.Method:
-    return next(m for m in fmt.METHODS.values() if m.file_tag == tag)
-
-
 def _method_by_bits(body: int, n: int, k: int) -> fmt.Method | None:
     return next((m for m in fmt.METHODS.values() if m.body_bytes(n, k) == body), None)
 
@@ -66,28 +56,30 @@ def _method_by_bits(body: int, n: int, k: int) -> fmt.Method | None:
 # --- the low-memory tree ----------------------------------------------------------------------------------------
 
 def _kt_layer_dirs(path: Path) -> dict[int, Path]:
-    return {int(m[1]): p for p in path.iterdir() if p.is_dir() and (m := KT_LAYER_DIR.match(p.name))}
+    return {layer: p for p in path.iterdir()
+            if p.is_dir() and (layer := fmt.parse_layer_dir_name(p.name)) is not None}
 
 
 def _infer_kt_layout(path: Path) -> Layout:
     """method, NUMA count, experts, H and I from the names and sizes kt-kernel's files carry."""
     dirs = _kt_layer_dirs(path)
-    tags, parts, experts, scale_n = set(), set(), set(), {}
+    methods, parts, experts, scale_n = set(), set(), set(), {}
     for layer_dir in dirs.values():
-        for file in layer_dir.glob("_numa_*/*.kt"):
-            m = KT_FILE.match(file.name)
-            if m is None:
+        for file in layer_dir.glob("*/*.kt"):
+            name, part = fmt.parse_kt_file_name(file.name), fmt.parse_numa_dir_name(file.parent.name)
+            if name is None or part is None:
                 continue
-            tags.add(m["tag"])
-            parts.add(int(file.parent.name.removeprefix("_numa_")))
-            experts.add(int(m["expert"]))
-            if m["kind"] == "scale":
-                scale_n[m["proj"]] = int(m["size"]) // fmt.scale_bytes(1)
-    if len(tags) != 1 or {"gate", "down"} - set(scale_n):
+            methods.add(name.method)
+            parts.add(part)
+            experts.add(name.expert)
+            if name.kind == "scale":
+                scale_n[name.proj] = name.nbytes // fmt.scale_bytes(1)
+    if len(methods) != 1 or {"gate", "down"} - set(scale_n):
+        tags = sorted(method.file_tag for method in methods)
         raise KtqError(f"{path} has _layer_* folders but no complete set of kt-kernel .kt files "
-                       f"(methods found: {sorted(tags) or 'none'}): not a kt-kernel output")
+                       f"(methods found: {tags or 'none'}): not a kt-kernel output")
     numa = max(parts) + 1
-    return Layout("kt", _method_by_tag(tags.pop()), numa, scale_n["down"], scale_n["gate"] * numa, max(experts) + 1,
+    return Layout("kt", methods.pop(), numa, scale_n["down"], scale_n["gate"] * numa, max(experts) + 1,
                   tuple(sorted(dirs)))
 
 
@@ -95,7 +87,7 @@ def _check_kt_tree(found: Found) -> None:
     layout, path = found.layout, found.path
     dirs = _kt_layer_dirs(path)
     for layer in sorted(set(dirs) - set(layout.layers)):
-        found.problems.append(f"_layer_{layer} is not a MoE layer of this output (MoE layers: "
+        found.problems.append(f"{fmt.layer_dir_name(layer)} is not a MoE layer of this output (MoE layers: "
                               f"{_span(layout.layers)}): kt-kernel would read it")
     for layer in layout.layers:
         folder = path / fmt.layer_dir_name(layer)
@@ -134,16 +126,16 @@ def _read_tensors(path: Path) -> tuple[dict[str, TensorInfo], list[str]]:
 
 def _infer_merged_layout(found: Found) -> Layout:
     layers, experts, parts, scale_n, gate_body = set(), set(), set(), {}, None
-    for name, info in found.tensors.items():
-        m = MERGED_TENSOR.match(name)
-        if m is None:
+    for tensor, info in found.tensors.items():
+        name = fmt.parse_merged_tensor_name(tensor)
+        if name is None:
             continue
-        layers.add(int(m["layer"]))
-        experts.add(int(m["expert"]))
-        parts.add(int(m["part"]))
-        if m["kind"] == "scale" and info.shape:
-            scale_n[m["proj"]] = info.shape[0]
-        elif m["proj"] == "gate":
+        layers.add(name.layer)
+        experts.add(name.expert)
+        parts.add(name.part)
+        if name.kind == "scale" and info.shape:
+            scale_n[name.proj] = info.shape[0]
+        elif name.proj == "gate":
             gate_body = info.nbytes
     if {"gate", "down"} - set(scale_n) or gate_body is None:
         raise KtqError(f"{found.path} holds safetensors but no kt-kernel expert tensors (blk.L.ffn_*_exps.E.numa.P.*) "
@@ -176,7 +168,8 @@ def _check_merged(found: Found) -> None:
         if wrong:
             found.layer_problem(layer, f"layer {layer}: {len(wrong)} tensors of the wrong type or size: "
                                 f"{_examples(wrong)}")
-    extra = sorted(name for name in found.tensors if MERGED_TENSOR.match(name) and name not in expected_names)
+    extra = sorted(name for name in found.tensors
+                   if fmt.parse_merged_tensor_name(name) is not None and name not in expected_names)
     if extra:
         found.problems.append(f"{len(extra)} expert tensors beyond the layout (a stray shard?): {_examples(extra)}")
     if found.manifest is None:
@@ -205,15 +198,15 @@ def _span(layers: tuple[int, ...]) -> str:
 
 def _check_manifest(found: Found) -> None:
     manifest, layout = found.manifest, found.layout
-    records = manifest["layers"]
-    unrecorded = [layer for layer in layout.layers if str(layer) not in records]
-    if not manifest.get("complete") or unrecorded:
+    records = manifest.layers
+    unrecorded = [layer for layer in layout.layers if layer not in records]
+    if not manifest.complete or unrecorded:
         found.problems.append(f"unfinished conversion: {len(layout.layers) - len(unrecorded)} of "
                               f"{len(layout.layers)} layers done; re-run the same ktq cpu command to finish it")
-    for key, record in records.items():
-        if int(key) in layout.layers and (record.get("path") != layout.layer_path(int(key))
-                                          or record.get("bytes") != layout.layer_bytes(int(key))):
-            found.problems.append(f"ktq.json's record of layer {key} does not match its layout")
+    for layer, record in records.items():
+        expected = (layout.layer_path(layer), layout.layer_bytes(layer)) if layer in layout.layers else None
+        if expected is not None and (record.path, record.bytes) != expected:
+            found.problems.append(f"ktq.json's record of layer {layer} does not match its layout")
 
 
 def recognise(path: Path) -> Found:
@@ -222,12 +215,12 @@ def recognise(path: Path) -> Found:
     manifest = load_manifest(path)
     top_safetensors = sorted(path.glob("*.safetensors"))
     if manifest is not None:
-        found = Found(path, "ktq-output", layout_from_manifest(manifest), manifest)
+        found = Found(path, "ktq-output", manifest.layout, manifest)
     elif top_safetensors:
         tensors, unreadable = _read_tensors(path)
-        if not any(MERGED_TENSOR.match(name) for name in tensors) and os.path.lexists(path / "config.json"):
-            ckpt = open_checkpoint(path)
-            return Found(path, "checkpoint", checkpoint=ckpt)
+        experts = any(fmt.parse_merged_tensor_name(name) is not None for name in tensors)
+        if not experts and os.path.lexists(path / "config.json"):
+            return Found(path, "checkpoint", checkpoint=open_checkpoint(path))
         found = Found(path, "kt-output", tensors=tensors, problems=unreadable)
         found.layout = _infer_merged_layout(found)
     elif _kt_layer_dirs(path):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from ktq.cpu.experts import ProjectionSource
 from ktq.errors import KtqError
-from ktq.experts import ProjectionSource
 from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import TensorInfo, TensorReader
 
@@ -165,6 +165,6 @@ def _time_stage(memory: _ProbeMemory, source: ProjectionSource, method: fmt.Meth
 def load_kernels(method: fmt.Method) -> None:
     """Load the quantising kernel the run uses (from Numba's cache, compiled the first time): part of a run's fixed
     memory."""
-    from ktq.convert import load_kernel
+    from ktq.cpu.pipeline import load_kernel
 
     load_kernel(method)

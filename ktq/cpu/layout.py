@@ -1,6 +1,6 @@
 """What a complete ktq output holds, file by file and byte by byte, in either form.
 
-The writers (ktq.sinks), resume, `ktq merge` and `ktq inspect` all take names, order and sizes from one Layout,
+The writers (ktq.cpu.sinks), resume, `ktq merge` and `ktq inspect` all take names, order and sizes from one Layout,
 so they cannot disagree about what "complete" means. A Layout is what ktq.json records about the output (the
 method, the NUMA count, the geometry and the MoE layers) or what ktq.inspect infers from a folder without one.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ktq.errors import KtqError
+from ktq import hfformat
 from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import encode_header
 
@@ -61,7 +61,7 @@ class Layout:
 
     def shard_name(self, layer: int) -> str:
         """Merged form: one shard per MoE layer, numbered by the layer's rank among all MoE layers."""
-        return fmt.shard_name(self.layers.index(layer) + 1, len(self.layers))
+        return hfformat.shard_name(self.layers.index(layer) + 1, len(self.layers))
 
     def layer_path(self, layer: int) -> str:
         """The file (merged) or folder (kt) that holds one layer, relative to the output folder."""
@@ -117,14 +117,3 @@ def _shard_header_bytes(layout: Layout, digits: int) -> int:
     of one per layer: a DeepSeek-V3 plan encoded its 58 headers of 1536 tensors twice, 0.9 s."""
     return len(layout.shard_header(10 ** (digits - 1)))
 
-
-def layout_from_manifest(manifest: dict) -> Layout:
-    try:
-        layout = Layout(manifest["form"], fmt.METHODS[manifest["method"]], int(manifest["numa"]),
-                        int(manifest["hidden"]), int(manifest["intermediate"]), int(manifest["experts"]),
-                        tuple(int(layer) for layer in manifest["moe_layers"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KtqError(f"ktq.json lacks a valid {exc} entry: it was not written by this version of ktq") from exc
-    if layout.form not in FORMS:
-        raise KtqError(f"ktq.json names an unknown output form {layout.form!r}")
-    return layout

@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktq import hfformat
 from ktq.errors import KtqError
 from ktq.safetensors_io import TensorInfo, open_regular, read_header, read_regular
 
-INDEX_FILE = "model.safetensors.index.json"
 FINGERPRINT_SAMPLE = 4096  # bytes read in the middle and at the end of every shard for the fingerprint
 
 
@@ -23,7 +23,7 @@ FINGERPRINT_SAMPLE = 4096  # bytes read in the middle and at the end of every sh
 class Checkpoint:
     path: Path
     config: dict  # the full config.json
-    text_config: dict  # the language model's config (VL models keep it under text_config)
+    text_config: dict  # the language model's config (hfformat.text_config: VL models nest it)
     files: list[Path]
     tensors: dict[str, TensorInfo]
 
@@ -68,7 +68,7 @@ def load_config(path: Path) -> dict:
 
 def _weight_map(path: Path) -> dict[str, str] | None:
     """The index's tensor -> shard map, or None when the folder has no index."""
-    index = path / INDEX_FILE
+    index = path / hfformat.INDEX_NAME
     if not os.path.lexists(index):
         return None
     try:
@@ -87,10 +87,10 @@ def _listed_shard(path: Path, name: str) -> Path:
     file = path / name
     root, parent = path.resolve(), file.parent.resolve()
     if parent != root and root not in parent.parents:
-        raise KtqError(f"{path / INDEX_FILE} lists shard {name!r}, which is outside {path}: shards must be files "
-                       "of the checkpoint folder")
+        raise KtqError(f"{path / hfformat.INDEX_NAME} lists shard {name!r}, which is outside {path}: shards must "
+                       "be files of the checkpoint folder")
     if not os.path.lexists(file):  # a link that leads nowhere, or anything but a file, fails when its header is read
-        raise KtqError(f"shard {name} is listed in {INDEX_FILE} but missing from {path}")
+        raise KtqError(f"shard {name} is listed in {hfformat.INDEX_NAME} but missing from {path}")
     return file
 
 
@@ -119,9 +119,9 @@ def _tensors(path: Path, weight_map: dict[str, str] | None) -> tuple[list[Path],
                            "holds each tensor once; re-download or re-export it")
         if weight_map is not None and found.keys() != listed[file]:
             unlisted = found.keys() - listed[file]
-            disagreement = (f"{file.name} holds tensor {min(unlisted)}, which {INDEX_FILE} places elsewhere or not at "
-                            "all" if unlisted else f"{INDEX_FILE} places tensor {min(listed[file] - found.keys())} in "
-                            f"{file.name}, which does not hold it")
+            disagreement = (f"{file.name} holds tensor {min(unlisted)}, which {hfformat.INDEX_NAME} places elsewhere "
+                            "or not at all" if unlisted else f"{hfformat.INDEX_NAME} places tensor "
+                            f"{min(listed[file] - found.keys())} in {file.name}, which does not hold it")
             raise KtqError(f"{disagreement}: the index and the shards disagree; re-download the checkpoint")
         tensors.update(found)
     return files, tensors
@@ -149,8 +149,5 @@ def open_checkpoint(path: Path) -> Checkpoint:
     if not path.is_dir():
         raise KtqError(f"input path {path} is not a folder")
     config = load_config(path)
-    text_config = config.get("text_config") or config
-    if not isinstance(text_config, dict):
-        raise KtqError(f"{path / 'config.json'}: text_config is {json.dumps(text_config)}, not an object")
     files, tensors = _tensors(path, _weight_map(path))
-    return Checkpoint(path, config, text_config, files, tensors)
+    return Checkpoint(path, config, hfformat.checked_text_config(config), files, tensors)

@@ -1,0 +1,158 @@
+"""ktq.json: what an output folder holds, rewritten atomically after every committed layer.
+
+It records what kt-kernel cannot tell from the files (the NUMA count the output must be served with, the method,
+the source it came from) and each committed layer's file or folder with its size and digest (ktq.digest), so an
+interrupted run resumes after its last committed layer and `ktq inspect --verify` can re-hash everything. Its name
+must not end in .safetensors: that would switch kt-kernel's loader mode.
+
+The file is read into a Manifest (layers keyed by int) and written back from it; JSON exists only in
+`Manifest.from_json` and `Manifest.to_json`, which keep the key order of every file ktq has written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ktq import __version__, digest
+from ktq.cpu.layout import FORMS, Layout
+from ktq.errors import KtqError, write_error
+from ktq.kernels import ktformat as fmt
+
+MANIFEST_NAME = "ktq.json"
+FORMAT = "ktq-cpu/1"
+PARTIAL_SUFFIX = ".partial"  # every file or folder ktq writes is first written under its name + this suffix
+
+# Fields that must agree for a run to continue an existing output: anything that changes a single output byte.
+IDENTITY_FIELDS = ("format", "form", "method", "numa", "hidden", "intermediate", "experts", "moe_layers",
+                   "input_type", "input_fingerprint")
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One committed layer: its file (merged) or folder (kt) relative to the output folder, bytes and digest."""
+
+    path: str
+    bytes: int
+    algorithm: str  # digest.KEY; "sha256" in outputs of ktq versions before XXH3
+    digest: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "bytes": self.bytes, self.algorithm: self.digest}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "LayerRecord":
+        algorithm, value = digest.recorded(record)
+        if not isinstance(record["path"], str) or not isinstance(record["bytes"], int):
+            raise TypeError("path or bytes")
+        return cls(record["path"], record["bytes"], algorithm, value)
+
+
+@dataclass
+class Manifest:
+    """What one output is (its layout and source: the identity a run must match to continue it) and what of it
+    is done."""
+
+    layout: Layout
+    input_type: str
+    input_fingerprint: str
+    layers: dict[int, LayerRecord] = field(default_factory=dict)  # the committed layers
+    complete: bool = False
+    ktq_version: str | None = __version__  # of the ktq that wrote the file
+
+    def fresh(self, layers: dict[int, LayerRecord] | None = None) -> "Manifest":
+        """This identity, written by this ktq, not complete, holding `layers`."""
+        return Manifest(self.layout, self.input_type, self.input_fingerprint, dict(layers or {}))
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(record.bytes for record in self.layers.values())
+
+    def identity(self) -> dict:
+        layout = self.layout
+        return {"format": FORMAT, "form": layout.form, "method": layout.method.name,
+                "kt_method": layout.method.kt_method, "numa": layout.numa, "hidden": layout.hidden,
+                "intermediate": layout.intermediate, "experts": layout.experts, "input_type": self.input_type,
+                "input_fingerprint": self.input_fingerprint, "moe_layers": list(layout.layers)}
+
+    def to_json(self) -> dict:
+        """Layers in layer order, whatever order they were committed in, so that resumed and uninterrupted runs
+        write the same bytes."""
+        return {**self.identity(), "ktq_version": self.ktq_version, "complete": self.complete,
+                "layers": {str(layer): self.layers[layer].to_json() for layer in sorted(self.layers)}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        try:
+            layout = Layout(data["form"], fmt.METHODS[data["method"]], int(data["numa"]), int(data["hidden"]),
+                            int(data["intermediate"]), int(data["experts"]),
+                            tuple(int(layer) for layer in data["moe_layers"]))
+            layers = {int(key): LayerRecord.from_json(record) for key, record in data["layers"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KtqError(f"{MANIFEST_NAME} lacks a valid {exc} entry: it was not written by this version of "
+                           "ktq") from exc
+        if layout.form not in FORMS:
+            raise KtqError(f"{MANIFEST_NAME} names an unknown output form {layout.form!r}")
+        if not isinstance(data.get("input_type"), str) or not isinstance(data.get("input_fingerprint"), str):
+            raise KtqError(f"{MANIFEST_NAME} lacks a valid input_type or input_fingerprint entry: it was not written "
+                           "by this version of ktq")
+        return cls(layout, data["input_type"], data["input_fingerprint"], layers, bool(data.get("complete")),
+                   data.get("ktq_version"))
+
+
+def identity_mismatch(existing: Manifest, wanted: Manifest) -> str | None:
+    """A readable list of the identity fields that differ, or None."""
+    def show(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    old, new = existing.identity(), wanted.identity()
+    diffs = [f"{key} {show(old[key])} -> {show(new[key])}" for key in IDENTITY_FIELDS if old[key] != new[key]]
+    return ", ".join(diffs) or None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside path durable (a crash after it can no longer bring the old name back)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def json_text(data: object) -> str:
+    """How ktq writes every JSON file (so its size can be known before writing)."""
+    return json.dumps(data, indent=2) + "\n"
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json_text(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
+
+
+def load_manifest(out: Path) -> Manifest | None:
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KtqError(f"{path} is damaged ({exc}); delete the output folder and convert again") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("layers"), dict):
+        raise KtqError(f"{path} is not a ktq manifest of format {FORMAT}")
+    return Manifest.from_json(data)
+
+
+def save_manifest(out: Path, manifest: Manifest) -> None:
+    write_json_atomic(out / MANIFEST_NAME, manifest.to_json())

@@ -1,0 +1,458 @@
+"""The streaming engine of `ktq gpu`: one decoder layer at a time from the source's shards to the output's.
+
+    source shards --(one layer, next one decoded ahead on a thread)--> transformers' own decoder layer class
+        (meta skeleton, the layer's weights assigned; routed experts in a StreamedExperts)
+    calibration pass over every sample: shared gate/up Hessian, per-expert down Hessians, routed-token counts
+    GPTQ (gptq.py) -> packed experts -> the layer's shard, committed atomically (output.py)
+    propagation pass: the layer again, with the weights the shard holds -> the next layer's inputs
+
+Memory: the GPU holds one layer, its Hessians, the GPTQ working set and (when the plan puts them there) the
+calibration hidden states; the host one decoded layer ahead, whatever the model's depth. A killed run re-run with
+the same command keeps the committed layers and replays them (propagation only, from the packed weights they hold),
+so it ends with the same bytes as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from loguru import logger
+
+from ktq.errors import KtqError
+from ktq.gpu.gptq import Quantized, pack, qparams, solve_each, solve_shared, unpack, weight_scheme
+from ktq.gpu.output import StreamOutput, tensor_entry
+from ktq.gpu.source import SourceCheckpoint
+from ktq.gpu.streamed_experts import LayerStatistics, StreamedExperts
+from ktq.kernels.ktformat import PROJECTIONS
+
+GATE_UP_CHUNK_ROWS = 1 << 16  # rows of the stacked gate/up matrix solved at a time (fp32: 64k x H x 4 bytes)
+DOWN_BATCH = 32  # down projections solved together by quantize_weight
+OUTPUT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_FUSED_NAME = re.compile(r"^(?P<module>.*)\.(gate_up_proj|down_proj)\[expert (?P<e>\d+)")
+
+
+class _Stop(Exception):
+    """Raised by the last input catcher: nothing past the decoder layers is needed."""
+
+
+@dataclass
+class Captured:
+    """The calibration samples at the first decoder layer, and what the model passes every layer besides them."""
+
+    hidden: list[torch.Tensor]  # per sample [1, T, H], on the cache device
+    kwargs: list[list[dict]]  # [sample][layer] keyword arguments (position embeddings, masks, ...)
+
+
+class _Catcher(torch.nn.Module):
+    def __init__(self, index: int, last: bool, sink: list) -> None:
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if args[1:]:
+            raise KtqError("the decoder layers take positional arguments besides the hidden states; ktq gpu passes "
+                           "them by name only")
+        self.sink.append((self.index, hidden, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+def expert_module_name(source_name: str, e: int, proj: str) -> str:
+    """The output name of one expert projection: the source's own (`...experts.7.gate_proj`, Mixtral's
+    `...experts.7.w1`); fused sources get llm-compressor's per-expert names (`...experts.7.gate_proj`)."""
+    fused = _FUSED_NAME.match(source_name)
+    if fused:
+        return f"{fused['module']}.{e}.{OUTPUT_NAMES[proj]}"
+    return source_name.rsplit(".", 1)[0]
+
+
+class Engine:
+    def __init__(self, opts, source: SourceCheckpoint, skeleton, layer_names: list[str], rules, device, cache_device,
+                 world, progress, output: StreamOutput) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        from ktq.gpu.layout import ignore_reason
+
+        self.opts, self.source, self.skeleton, self.rules = opts, source, skeleton, rules
+        self.layer_names, self.device, self.cache_device = layer_names, torch.device(device), cache_device
+        self.world, self.progress, self.output = world, progress, output
+        self.dtype = getattr(torch, opts.torch_dtype)
+        self.scheme = weight_scheme(opts.quant_type, opts.quant_method)
+        self._ignore_reason = ignore_reason
+        text = skeleton.config.get_text_config()
+        self.hidden_act = getattr(text, "hidden_act", None) or "silu"
+        renamings = [t for t in get_model_conversion_mapping(skeleton) if isinstance(t, WeightRenaming)]
+        self.logical = source.logical_names()
+        # module path of every stored weight (transformers' renamings applied), and the reverse
+        self.module_of = {name: rename_source_key(name, renamings, [])[0] for name in self.logical}
+        self.stored_as = {module: name for name, module in self.module_of.items()}
+        self.layers = [skeleton.get_submodule(name) for name in layer_names]
+        self.experts_path = [self._experts_path(name, layer) for name, layer in zip(layer_names, self.layers)]
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="ktq-prefetch")
+        self._next: tuple[int, Future] | None = None
+        self.losses: dict[str, float] = {}
+        self.routed: dict[str, list[int]] = {}
+        self.fallbacks: list[str] = []
+        self.layer_seconds: dict[str, dict[str, float]] = {}  # decoder layer -> stage -> seconds
+
+    # ---- what is where ----------------------------------------------------------------------------------------
+
+    def _experts_path(self, name: str, layer) -> str | None:
+        paths = [f"{name}.{sub}" for sub, _ in layer.named_modules() if sub.split(".")[-1] == "experts"]
+        return paths[0] if paths else None
+
+    def unit_tensors(self, unit: int | None) -> list[str]:
+        """Stored weights of decoder layer `unit` outside its routed experts (None: everything outside the decoder
+        layers, the embeddings, final norm, lm_head and MTP layers included), sorted."""
+        names = []
+        for name, module in self.module_of.items():
+            layer = self._layer_index(module)
+            if layer != unit:
+                continue
+            experts = self.experts_path[layer] if layer is not None else None
+            if experts is not None and module.startswith(experts + "."):
+                continue
+            names.append(name)
+        return sorted(names)
+
+    def _layer_index(self, module: str) -> int | None:
+        for index, name in enumerate(self.layer_names):
+            if module.startswith(name + "."):
+                return index
+        return None
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+
+    def _expert_weights(self, layer: int) -> np.ndarray:
+        """All experts of a decoder layer as bf16 bits [E, 3, I * H] (gate, up, down), decoded on the CPU."""
+        moe_layer = self.source.experts.layers[self.source.moe_layers[layer]]
+        g = self.source.experts.geometry
+        out = np.empty((g.experts, 3, g.intermediate * g.hidden), np.uint16)
+        scratch = np.empty(max(self.source.experts.scratch_bytes, 1), np.uint8)
+        for e, expert in enumerate(moe_layer.experts):
+            for p, proj in enumerate(PROJECTIONS):
+                expert[proj].read(self.source.reader, out[e, p], scratch)
+        return out
+
+    def prefetch(self, layer: int) -> None:
+        if layer < len(self.layers) and layer in self.source.moe_layers and self._next is None:
+            self._next = (layer, self._ahead.submit(self._expert_weights, layer))
+
+    def experts_on_device(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._next is None or self._next[0] != layer:
+            self.prefetch(layer)
+        _, future = self._next
+        self._next = None
+        bits = torch.from_numpy(future.result()).view(torch.bfloat16).to(self.device)
+        g = self.source.experts.geometry
+        e, i, h = g.experts, g.intermediate, g.hidden
+        return bits[:, 0].view(e, i, h), bits[:, 1].view(e, i, h), bits[:, 2].view(e, h, i)
+
+    def materialise(self, index: int):
+        """Decoder layer `index` with its weights on the device, routed experts left out (on meta)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        layer, name = self.layers[index], self.layer_names[index]
+        experts = self.experts_path[index]
+        for pname, _ in list(layer.named_parameters()):
+            full = f"{name}.{pname}"
+            if experts is not None and full.startswith(experts + "."):
+                continue
+            stored = self.stored_as.get(full)
+            if stored is None:
+                raise KtqError(f"{full} is missing from the checkpoint (transformers' "
+                               f"{type(self.skeleton).__name__} has this parameter)")
+            set_module_tensor_to_device(layer, pname, self.device,
+                                        value=self.source.read(self.logical[stored], self.device, self.dtype))
+        for bname, buffer in list(layer.named_buffers()):
+            set_module_tensor_to_device(layer, bname, self.device, value=buffer)
+        return layer
+
+    def release(self, index: int) -> None:
+        self.layers[index].to_empty(device="meta")
+
+    # ---- calibration inputs -----------------------------------------------------------------------------------
+
+    def capture(self, dataset) -> Captured:
+        """Each sample's hidden states at the first decoder layer and every layer's other arguments, from the
+        model's own forward up to the first layer (embeddings, rotary embeddings, masks)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        base_name = self.layer_names[0].rsplit(".", 2)[0]
+        base = self.skeleton.get_submodule(base_name)
+        container = self.skeleton.get_submodule(self.layer_names[0].rsplit(".", 1)[0])
+        for pname, _ in list(base.named_parameters()):
+            full = f"{base_name}.{pname}"
+            if self._layer_index(full) is not None:
+                continue
+            stored = self.stored_as.get(full)
+            if stored is not None:
+                set_module_tensor_to_device(base, pname, self.device,
+                                            value=self.source.read(self.logical[stored], self.device, self.dtype))
+        for bname, buffer in list(base.named_buffers()):
+            if self._layer_index(f"{base_name}.{bname}") is None:
+                set_module_tensor_to_device(base, bname, self.device, value=buffer)
+        originals = list(container)
+        sink: list = []
+        count = len(originals)
+        for i in range(count):
+            container[i] = _Catcher(i, i == count - 1, sink)
+        captured = Captured([], [])
+        try:
+            for ids in dataset["input_ids"]:
+                sink.clear()
+                try:
+                    with torch.no_grad():
+                        base(input_ids=torch.tensor([ids], device=self.device), use_cache=False)
+                except _Stop:
+                    pass
+                captured.hidden.append(sink[0][1].to(self.cache_device))
+                captured.kwargs.append([kwargs for _, _, kwargs in sink])
+        finally:
+            for i, layer in enumerate(originals):
+                container[i] = layer
+        return captured
+
+    # ---- one layer --------------------------------------------------------------------------------------------
+
+    def forward_all(self, layer, captured: Captured, index: int, keep: bool) -> None:
+        for s, hidden in enumerate(captured.hidden):
+            out = layer(hidden.to(self.device), **captured.kwargs[s][index])
+            out = out[0] if isinstance(out, tuple) else out
+            if keep:
+                captured.hidden[s] = out.to(self.cache_device)
+            else:
+                self.progress.sample(index)
+
+    def expert_names(self, index: int) -> list[list[str]]:
+        """Output module name of each expert's gate, up and down projection."""
+        moe_layer = self.source.experts.layers[self.source.moe_layers[index]]
+        return [[expert_module_name(expert[proj].name, e, proj) for proj in PROJECTIONS]
+                for e, expert in enumerate(moe_layer.experts)]
+
+    def report_name(self, index: int, e: int, proj: str) -> str:
+        """The name llm-compressor gives the Linear of one expert projection (its report key and ignore target)."""
+        return f"{self.experts_path[index]}.{e}.{OUTPUT_NAMES[proj]}"
+
+    def quantize_layer(self, index: int, weights, stats: LayerStatistics | None) -> list[list[Quantized | None]]:
+        """GPTQ (stats given) or RTN of every expert projection not ignored; None for those kept as they are."""
+        gate, up, down = weights
+        e_count, inter, hidden = gate.shape
+        args = self.scheme.weights
+        keep = [[self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"]) is not None
+                 for proj in PROJECTIONS] for e in range(e_count)]
+        result: list[list[Quantized | None]] = [[None] * 3 for _ in range(e_count)]
+        stacked = torch.stack([gate, up], dim=1).reshape(e_count * 2 * inter, hidden)  # rows: expert, proj, row
+        scale, zp = qparams(stacked, args)
+        if stats is not None:
+            hessian = stats.gate_up / stats.samples
+            q, row_losses, fallback = solve_shared(stacked, hessian, scale, zp, args, self.opts.dampening_frac,
+                                                   GATE_UP_CHUNK_ROWS)
+            del hessian
+            losses = row_losses.view(e_count, 2, inter).sum(-1).tolist()
+        else:
+            q, losses, fallback = stacked, None, False
+        q = q.view(e_count, 2, inter, hidden)
+        scale, zp = scale.view(e_count, 2, inter, -1), zp.view(e_count, 2, inter, -1)
+        for e in range(e_count):
+            for p in range(2):
+                if not keep[e][p]:
+                    result[e][p] = pack(q[e, p], scale[e, p], zp[e, p], self.scheme, self.dtype)
+                    if losses is not None:
+                        self.losses[self.report_name(index, e, PROJECTIONS[p])] = losses[e][p]
+                    if fallback:
+                        self.fallbacks.append(self.report_name(index, e, PROJECTIONS[p]))
+        del q, stacked
+        for first in range(0, e_count, DOWN_BATCH):
+            batch = list(range(first, min(first + DOWN_BATCH, e_count)))
+            w = down[batch]
+            d_scale, d_zp = qparams(w.reshape(-1, inter), args)
+            d_scale, d_zp = d_scale.view(len(batch), hidden, -1), d_zp.view(len(batch), hidden, -1)
+            if stats is not None:
+                qd, d_losses, d_fallback = solve_each(w, stats.down[batch] / stats.samples, d_scale, d_zp, args,
+                                                      self.opts.dampening_frac)
+            else:
+                qd, d_losses, d_fallback = w, None, None
+            for j, e in enumerate(batch):
+                if keep[e][2]:
+                    continue
+                result[e][2] = pack(qd[j], d_scale[j], d_zp[j], self.scheme, self.dtype)
+                name = self.report_name(index, e, "down")
+                if d_losses is not None:
+                    self.losses[name] = float(d_losses[j])
+                    if bool(d_fallback[j]):
+                        self.fallbacks.append(name)
+        return result
+
+    def serving_weights(self, weights, quantized: list[list[Quantized | None]]):
+        """The expert weights a loader of the output computes with: the packed ones dequantised, the kept ones."""
+        out = []
+        for p, stacked in enumerate(weights):
+            out.append(torch.stack([unpack(quantized[e][p], self.scheme).to(stacked.dtype)
+                                    if quantized[e][p] is not None else stacked[e] for e in range(len(quantized))]))
+        return tuple(out)
+
+    # ---- writing ----------------------------------------------------------------------------------------------
+
+    def write_unit(self, unit: int | None, quantized=None, expert_names=None, weights=None, extra: dict | None = None):
+        """The shard of one decoder layer (or, unit None, of everything outside them): its stored weights on the
+        CPU as the source holds them (FP8 decoded to bf16), then the experts packed or, where ignored, as read."""
+        names = self.unit_tensors(unit)
+        tensors: list[tuple[str, object]] = [(name, lambda n=name: self.source.read(self.logical[n], "cpu", None))
+                                             for name in names]
+        entries = [tensor_entry(name, self._stored_dtype(name), self._stored_shape(name)) for name in names]
+        if quantized is not None:
+            for e, projections in enumerate(quantized):
+                for p, q in enumerate(projections):
+                    module = expert_names[e][p]
+                    if q is None:
+                        tensor = weights[p][e].cpu()
+                        entries.append(tensor_entry(f"{module}.weight", tensor.dtype, tuple(tensor.shape)))
+                        tensors.append((f"{module}.weight", lambda t=tensor: t))
+                        continue
+                    for suffix, tensor in (("weight_packed", q.packed), ("weight_scale", q.scale),
+                                           ("weight_shape", q.shape)):
+                        tensor = tensor.cpu()
+                        entries.append(tensor_entry(f"{module}.{suffix}", tensor.dtype, tuple(tensor.shape)))
+                        tensors.append((f"{module}.{suffix}", lambda t=tensor: t))
+        self.output.write_unit("rest" if unit is None else unit, entries, tensors, extra or {})
+
+    def _stored_dtype(self, name: str) -> torch.dtype:
+        from ktq.gpu.source import TORCH_DTYPES
+
+        weight = next(i for i in self.logical[name] if not i.name.endswith("_scale_inv"))
+        return torch.bfloat16 if weight.dtype.startswith("F8_") else TORCH_DTYPES[weight.dtype]
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(next(i for i in self.logical[name] if not i.name.endswith("_scale_inv")).shape)
+
+    def read_back(self, index: int) -> list[list[Quantized | None]]:
+        """The packed experts of a committed layer, from its shard, on the device."""
+        shard = self.output.read_unit(index)
+        names = self.expert_names(index)
+        result = []
+        for projections in names:
+            row = []
+            for module in projections:
+                if f"{module}.weight_packed" in shard:
+                    row.append(Quantized(*(shard[f"{module}.{s}"].to(self.device)
+                                           for s in ("weight_packed", "weight_scale", "weight_shape"))))
+                else:
+                    row.append(None)
+            result.append(row)
+        return result
+
+    # ---- what the output says about itself ------------------------------------------------------------------
+
+    def module_reasons(self) -> list[str | None]:
+        """For the report: each Linear of the model and each expert projection, None when quantised, else why
+        it was kept."""
+        reasons: list[str | None] = []
+        for name, module in self.skeleton.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                classes = [c.__name__ for c in type(module).__mro__]
+                reasons.append(self._ignore_reason(self.rules, name, classes) or "not a routed expert")
+        g = self.source.experts.geometry
+        for index in self.source.moe_layers:
+            reasons += [self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"])
+                        for e in range(g.experts) for proj in PROJECTIONS]
+        return reasons
+
+    def quantization_config(self) -> dict:
+        """config.json's quantization_config, as llm-compressor's save writes it: the scheme, and every Linear
+        left unquantised under its checkpoint name (compressed-tensors' own mapping from module names)."""
+        import compressed_tensors
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+        from compressed_tensors.quantization.quant_config import _map_to_checkpoint_names, get_vllm_module_type
+
+        kept = [name for name, module in self.skeleton.named_modules()
+                if get_vllm_module_type(type(module).__name__) == "Linear"]
+        kept = _map_to_checkpoint_names(self.skeleton, kept)
+        g = self.source.experts.geometry
+        for index in self.source.moe_layers:
+            names = self.expert_names(index)
+            kept += [names[e][p] for e in range(g.experts) for p, proj in enumerate(PROJECTIONS)
+                     if self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"]) is not None]
+        config = QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=kept, format="pack-quantized",
+                                    quantization_status=QuantizationStatus.COMPRESSED)
+        return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+                "sparsity_config": {}, "transform_config": {}, **config.model_dump(exclude=["quant_method"])}
+
+    # ---- the run ----------------------------------------------------------------------------------------------
+
+    def run(self, dataset) -> None:
+        """Every decoder layer in order (committed ones only replayed), then everything outside them."""
+        captured = self.capture(dataset) if dataset is not None else None
+        self.prefetch(self._next_moe_layer(-1))
+        for index in range(len(self.layers)):
+            self._layer(index, captured)
+        if self.world.is_main and self.output.done("rest") is None:
+            self.write_unit(None)
+        self._ahead.shutdown()
+
+    def _next_moe_layer(self, after: int) -> int:
+        return next((i for i in range(after + 1, len(self.layers)) if i in self.source.moe_layers), len(self.layers))
+
+    def _layer(self, index: int, captured: Captured | None) -> None:
+        done = self.output.done(index)
+        if done is not None:
+            self.losses.update(done.get("losses", {}))
+            self.routed.update(done.get("routed", {}))
+        propagate = captured is not None and index < len(self.layers) - 1
+        if done is not None and not propagate:
+            return
+        times: dict[str, float] = {}
+        clock = time.perf_counter()
+        is_moe = index in self.source.moe_layers
+        weights = self.experts_on_device(index) if is_moe else None
+        self.prefetch(self._next_moe_layer(index))
+        layer = self.materialise(index) if captured is not None else None
+        experts = None
+        if is_moe and layer is not None:
+            experts = StreamedExperts(*weights, self.hidden_act)
+            layer.set_submodule(self.experts_path[index][len(self.layer_names[index]) + 1:], experts)
+        times["read"], clock = time.perf_counter() - clock, time.perf_counter()
+        quantized = None
+        if done is not None:
+            quantized = self.read_back(index) if is_moe else None
+        elif is_moe:
+            stats = None
+            if captured is not None:
+                g = self.source.experts.geometry
+                stats = experts.statistics = LayerStatistics(g.experts, g.hidden, g.intermediate, self.device)
+                self.forward_all(layer, captured, index, keep=False)
+                experts.statistics = None
+                self.world.reduce(stats.tensors())
+                self.routed[self.experts_path[index]] = stats.routed.tolist()
+                times["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
+            quantized = self.world.solve(lambda: self.quantize_layer(index, weights, stats))
+            times["solve"], clock = time.perf_counter() - clock, time.perf_counter()
+        if done is None and self.world.is_main:
+            extra = {"losses": {k: v for k, v in self.losses.items() if k.startswith(self.layer_names[index] + ".")}}
+            if self.experts_path[index] in self.routed:
+                extra["routed"] = {self.experts_path[index]: self.routed[self.experts_path[index]]}
+            if is_moe:
+                self.write_unit(index, quantized, self.expert_names(index), weights, extra)
+            else:
+                self.write_unit(index, extra=extra)
+            times["write"], clock = time.perf_counter() - clock, time.perf_counter()
+        if propagate:
+            if experts is not None:
+                experts.gate, experts.up, experts.down = self.serving_weights(weights, quantized)
+            self.forward_all(layer, captured, index, keep=True)
+            times["propagate"] = time.perf_counter() - clock
+        if layer is not None:
+            self.release(index)
+        if experts is not None:
+            experts.gate = experts.up = experts.down = None
+        self.layer_seconds[self.layer_names[index]] = {k: round(v, 3) for k, v in times.items()}
+        logger.info(f"{self.layer_names[index]}{' (replayed)' if done is not None else ''}: "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))

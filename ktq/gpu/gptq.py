@@ -1,0 +1,139 @@
+"""GPTQ and round-to-nearest of one layer's routed experts, through llm-compressor's solver and compressed-tensors'
+scheme, observer and packing, so the result is what `oneshot` writes for the same weights and Hessians.
+
+While every expert is calibrated on every token, all gate and up projections of a layer see the same inputs and so
+the same Hessian. llm-compressor keeps and factorises one copy per projection (2E of them: 109.5 GB per DeepSeek-V3
+layer); here the rows of all gate and up matrices are stacked and solved against the one shared Hessian, factorised
+once. Rows are independent given the Hessian, so the stacked solve gives the same weights as per-module solves.
+`quantize_weight` cannot be called for that: it factorises the Hessian on every call and returns one loss per batch
+item, where the report needs one per projection, so `solve_shared` runs its block loop (the same pieces:
+`apply_activation_ordering`, `factorize_hessian`, `gptq_block_update`, which picks the Triton kernel on a GPU) over
+chunks of rows and keeps the per-row losses. The down projections, one Hessian each, go through `quantize_weight`
+as they are, batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import (
+    ActivationOrdering,
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update, quantize_weight
+from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, apply_activation_ordering, factorize_hessian
+from llmcompressor.observers import Observer
+
+GPTQ_BLOCK = 128  # GPTQModifier.block_size
+
+
+def weight_scheme(quant_type: str, method: str) -> QuantizationScheme:
+    """compressed-tensors' preset (W4A16 / W8A16: symmetric int in groups of 128) as the modifier resolves it:
+    GPTQ adds static activation ordering, and weights always take the memoryless min-max observer."""
+    scheme = preset_name_to_scheme(quant_type, ["Linear"])
+    scheme.format = "pack-quantized"
+    if method == "GPTQ":
+        scheme.weights.actorder = ActivationOrdering.STATIC
+    scheme.weights.observer = "memoryless_minmax"
+    scheme.weights.observer_kwargs = {}
+    return scheme
+
+
+def qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a [rows, cols] weight (rows of stacked matrices are independent)."""
+    observer = Observer.load_from_registry(args.observer, base_name="weight", args=args)
+    observer(weight)
+    found = observer.get_qparams()
+    return found["scale"], found["zero_point"]
+
+
+@dataclass
+class Quantized:
+    """One projection in compressed-tensors' pack-quantized form, as the checkpoint stores it."""
+
+    packed: torch.Tensor  # int32 [rows, cols * bits / 32]
+    scale: torch.Tensor  # [rows, groups], the weight dtype
+    shape: torch.Tensor  # int64 [2]
+
+
+def pack(quantized: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QuantizationScheme,
+         dtype: torch.dtype) -> Quantized:
+    """The codes of a quantised weight (already on the grid) packed as compressed-tensors does; weight and scale
+    are cast to the model dtype first, as llm-compressor's update_batch_qparams does."""
+    weight, scale = quantized.to(dtype), scale.to(dtype)
+    codes = quantize(x=weight, scale=scale, zero_point=zero_point, args=scheme.weights, dtype=torch.int8)
+    return Quantized(pack_to_int32(codes, scheme.weights.num_bits), scale,
+                     torch.tensor(tuple(weight.shape), dtype=torch.int64))
+
+
+def unpack(q: Quantized, scheme: QuantizationScheme) -> torch.Tensor:
+    """The weight a loader computes with: codes times scale, in the scale's dtype."""
+    shape = torch.Size(int(v) for v in q.shape.tolist())
+    codes = unpack_from_int32(q.packed, scheme.weights.num_bits, shape)
+    return dequantize(codes, q.scale, None, args=scheme.weights, dtype=q.scale.dtype)
+
+
+def _group_index(columns: int, args: QuantizationArgs, perm: torch.Tensor | None, device) -> torch.Tensor | None:
+    """quantize_weight's mapping of columns to scale groups."""
+    if args.strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+        return None
+    g_idx = torch.arange(columns, device=device, dtype=torch.int) // args.group_size
+    if args.actorder == ActivationOrdering.WEIGHT and perm is not None:
+        g_idx = g_idx[perm]
+    return g_idx
+
+
+def solve_shared(weights: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 args: QuantizationArgs, percdamp: float, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """GPTQ of row-stacked matrices sharing one normalised Hessian.
+
+    weights [R, C] (any float dtype), hessian [C, C] fp32 (consumed), scale / zero_point [R, groups]. Returns the
+    quantised weights [R, C] in fp32, the loss of every row [R] and whether the Hessian fell back to RTN (not
+    positive definite)."""
+    rows, columns = weights.shape
+    device = hessian.device
+    H = hessian.to(GPTQ_PRECISION)[None]
+    empty = torch.empty((1, 0, columns), device=device, dtype=GPTQ_PRECISION)
+    _, H, perm = apply_activation_ordering(empty, H, args.actorder)
+    perm = perm[0] if perm is not None else None  # one Hessian: one column order for every row
+    fallback = torch.zeros(1, dtype=torch.bool, device=device)
+    dead = torch.diagonal(H[0]) == 0
+    Hinv = factorize_hessian(empty, H, percdamp, fallback)
+    g_idx = _group_index(columns, args, perm, device)
+    out = torch.empty((rows, columns), dtype=GPTQ_PRECISION, device=device)
+    losses = torch.zeros(rows, dtype=GPTQ_PRECISION, device=device)
+    for r1 in range(0, rows, chunk_rows):
+        r2 = min(r1 + chunk_rows, rows)
+        W = weights[r1:r2].to(device=device, dtype=GPTQ_PRECISION)
+        if perm is not None:
+            W = W[:, perm]
+        W = W.masked_fill(dead, 0)[None].contiguous()
+        part_scale, part_zp = scale[None, r1:r2], zero_point[None, r1:r2]
+        row_losses = torch.zeros((1, r2 - r1), dtype=GPTQ_PRECISION, device=device)
+        for i1 in range(0, columns, GPTQ_BLOCK):
+            i2 = min(i1 + GPTQ_BLOCK, columns)
+            W1 = W[:, :, i1:i2].clone()
+            Q1, Err1, losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+            gptq_block_update(W1, Hinv[:, i1:i2, i1:i2], Q1, Err1, losses1, scale=part_scale, zero_point=part_zp,
+                              global_scale=None, g_idx=g_idx, quant_args=args, i1=i1)
+            W[:, :, i1:i2] = Q1
+            row_losses += torch.sum(losses1, 2) / 2
+            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+        if perm is not None:
+            W = W[:, :, torch.argsort(perm)]
+        out[r1:r2] = W[0]
+        losses[r1:r2] = row_losses[0]
+    return out, losses, bool(fallback.item())
+
+
+def solve_each(weights: torch.Tensor, hessians: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               args: QuantizationArgs, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of a batch of matrices with a Hessian each, straight through llm-compressor's quantize_weight."""
+    return quantize_weight(weights=weights.to(GPTQ_PRECISION), hessians=hessians, scale=scale, zero_point=zero_point,
+                           global_scale=None, quant_args=args, blocksize=GPTQ_BLOCK, percdamp=percdamp)
