@@ -43,11 +43,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, checkpoint) -> dict[str, Path]:
-    """What a case starts from: the checkpoint, the same as compressed-tensors INT4."""
+    """What a case starts from: the checkpoint, the same as compressed-tensors INT4, and its conversions."""
+    from conftest import convert_in_process
     from ktq.sample import write_sample
 
-    return {"checkpoint": checkpoint,
-            "int4": write_sample(tmp_path_factory.mktemp("hostile") / "int4", dtype="int4", **TINY)}
+    base = tmp_path_factory.mktemp("hostile")
+    return {"checkpoint": checkpoint, "int4": write_sample(base / "int4", dtype="int4", **TINY),
+            "merged": convert_in_process(checkpoint, base / "merged", "--threadpool-count", "1"),
+            "kt": convert_in_process(checkpoint, base / "kt", "--threadpool-count", "1", "--no-merge-safetensor")}
 
 
 @dataclass
@@ -74,6 +77,8 @@ RUNS: dict[str, Callable[[Scene], list[object]]] = {
     "cpu": lambda s: ["cpu", "-i", s.src, "-o", s.out, "--threadpool-count", "1", "--quiet"],
     "dry-run": lambda s: ["cpu", "-i", s.src, "-o", s.out, "--threadpool-count", "1", "--dry-run"],
     "inspect": lambda s: ["inspect", s.src],
+    "verify": lambda s: ["inspect", s.src, "--verify"],
+    "merge": lambda s: ["merge", s.src, s.out, "--quiet"],
 }
 READERS = ("cpu", "dry-run", "inspect")  # every command that reads a checkpoint
 
@@ -480,6 +485,83 @@ option_case("output-a-link-into-the-input",
             lambda s: ["cpu", "-i", s.src, "-o", s.root / "link" / "out", "--threadpool-count", 1],
             "must not be --input-path", prepare=lambda s: (s.root / "link").symlink_to(s.src))
 option_case("inspect-two-paths", lambda s: ["inspect", s.src, s.src], "unexpected extra argument")
+
+
+# --- outputs: what ktq inspect and ktq merge read ---------------------------------------------------------------
+
+OUTPUT_SHARD = "model-00001-of-00002.safetensors"  # layer 0 of the merged conversion
+OUTPUT_TENSOR = "blk.0.ffn_up_exps.1.numa.0.weight"
+
+
+def output_case(name: str, source: str, damage: Callable[[Scene], None], *needles: str,
+                runs: tuple[str, ...] = ("inspect", "verify")) -> None:
+    case("output", name, *needles, runs=runs, source=source)(damage)
+
+
+def _edit_output_shard(edit: Callable[[dict, bytes], tuple[object, bytes]]) -> Callable[[Scene], None]:
+    def damage(scene: Scene) -> None:
+        write_shard(scene.src / OUTPUT_SHARD, *edit(*split_shard(scene.src / OUTPUT_SHARD)))
+    return damage
+
+
+def _overlap(header: dict, data: bytes) -> tuple[dict, bytes]:
+    header[OUTPUT_TENSOR]["data_offsets"] = header["blk.0.ffn_up_exps.0.numa.0.weight"]["data_offsets"]
+    return header, data
+
+
+output_case("shard-with-overlapping-tensors", "merged", _edit_output_shard(_overlap), OUTPUT_SHARD, "overlap")
+output_case("shard-with-trailing-bytes", "merged", _edit_output_shard(lambda h, d: (h, d + bytes(8))), OUTPUT_SHARD,
+            "belong to no tensor")
+output_case("shard-a-fifo", "merged", lambda s: ((s.src / OUTPUT_SHARD).unlink(), os.mkfifo(s.src / OUTPUT_SHARD)),
+            OUTPUT_SHARD, "is a FIFO")
+output_case("kt-file-a-fifo", "kt", lambda s: _replace_kt_file(s, os.mkfifo), "layer 0", "missing")
+output_case("manifest-numa-0", "merged", lambda s: _edit_manifest(s, numa=0), "ktq.json", "NUMA count 0")
+output_case("manifest-experts-a-string", "kt", lambda s: _edit_manifest(s, experts="2"), "ktq.json",
+            "expert count '2'")
+output_case("manifest-10**12-experts", "merged", lambda s: _edit_manifest(s, experts=10 ** 12), "ktq.json",
+            "1000000000000 experts")
+output_case("manifest-hidden-not-aligned", "kt", lambda s: _edit_manifest(s, hidden=100), "ktq.json",
+            "hidden_size 100")
+output_case("manifest-layers-out-of-order", "kt", lambda s: _edit_manifest(s, moe_layers=[1, 0]), "ktq.json",
+            "not ascending")
+output_case("merge-out-inside-in", "kt", lambda s: None, "must not be IN", runs=("merge-inside",))
+RUNS["merge-inside"] = lambda s: ["merge", s.src, s.src / "merged"]
+
+
+def _edit_manifest(scene: Scene, **fields: object) -> None:
+    path = scene.src / "ktq.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _replace_kt_file(scene: Scene, make: Callable[[Path], None]) -> None:
+    victim = next((scene.src / "_layer_0" / "_numa_0").glob("INT4_up_1_*quant_.kt"))
+    victim.unlink()
+    make(victim)
+
+
+def kt_tree_case(name: str, files: dict[str, int], *needles: str) -> None:
+    """A folder of nothing but `_layer_0/_numa_P/` files of well-formed names and the given sizes."""
+    def damage(scene: Scene) -> None:
+        shutil.rmtree(scene.src)
+        for relpath, size in files.items():
+            path = scene.src / "_layer_0" / relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(bytes(size))
+    output_case(name, "kt", damage, *needles, runs=("inspect", "verify", "merge"))
+
+
+def _kt_names(size: Callable[[str, str], int], numa: str = "_numa_0", expert: int = 0) -> dict[str, int]:
+    return {f"{numa}/INT4_{proj}_{expert}_{size(proj, kind)}Byte_{kind}_.kt": size(proj, kind)
+            for proj in ("gate", "up", "down") for kind in ("quant", "scale")}
+
+
+kt_tree_case("tree-of-empty-files", {name: 0 for name in _kt_names(lambda proj, kind: 0)}, "hidden size 0")
+kt_tree_case("tree-of-misaligned-sizes", _kt_names(lambda proj, kind: 400 if kind == "scale" else 5000),
+             "hidden_size 100")
+kt_tree_case("tree-with-a-billion-experts", _kt_names(lambda p, k: 512 if k == "scale" else 8192, expert=10 ** 9),
+             "1000000001 experts")
+kt_tree_case("tree-with-a-million-numa-parts", _kt_names(lambda p, k: 512 if k == "scale" else 8192,
+                                                         numa="_numa_999999"), "1000000 NUMA parts")
 
 
 # --- the test ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
-from ktq.cpu.layout import Layout, Piece
+from ktq.cpu.layout import Layout, Piece, geometry_problem
 from ktq.cpu.manifest import PARTIAL_SUFFIX, Manifest, load_manifest
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
@@ -79,8 +79,18 @@ def _infer_kt_layout(path: Path) -> Layout:
         raise KtqError(f"{path} has _layer_* folders but no complete set of kt-kernel .kt files "
                        f"(methods found: {tags or 'none'}): not a kt-kernel output")
     numa = max(parts) + 1
-    return Layout("kt", methods.pop(), numa, scale_n["down"], scale_n["gate"] * numa, max(experts) + 1,
-                  tuple(sorted(dirs)))
+    return _possible(path, Layout("kt", methods.pop(), numa, scale_n["down"], scale_n["gate"] * numa,
+                                  max(experts) + 1, tuple(sorted(dirs))))
+
+
+def _possible(path: Path, layout: Layout) -> Layout:
+    """An inferred layout, refused when no kt-kernel output can have it (files of zero bytes with well-formed
+    names, say, make a 0 x 0 geometry that every size check would pass)."""
+    problem = geometry_problem(layout)
+    if problem:
+        raise KtqError(f"{path}: its file names and sizes describe an output kt-kernel cannot have ({problem}): "
+                       "not a kt-kernel output")
+    return layout
 
 
 def _check_kt_tree(found: Found) -> None:
@@ -146,7 +156,8 @@ def _infer_merged_layout(found: Found) -> Layout:
         raise KtqError(f"{found.path}: gate bodies of {gate_body} bytes for [{per_part}, {hidden}] match neither "
                        "AMXINT4 nor AMXINT8")
     numa = max(parts) + 1
-    return Layout("merged", method, numa, hidden, per_part * numa, max(experts) + 1, tuple(sorted(layers)))
+    return _possible(found.path, Layout("merged", method, numa, hidden, per_part * numa, max(experts) + 1,
+                                        tuple(sorted(layers))))
 
 
 def _check_merged(found: Found) -> None:
