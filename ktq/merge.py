@@ -124,7 +124,7 @@ def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progre
                 raise
             save_manifest(out, manifest)
             progress.layer_done(layer, layout.experts, layer_input, time.perf_counter() - layer_started)
-    finish_output(out, manifest, original)
+        finish_output(out, manifest, original)  # under the lock: a second run must not finish it meanwhile
     result.copied_aux = original is not None
     result.output_bytes = manifest.output_bytes
     result.seconds = time.perf_counter() - started

@@ -662,3 +662,35 @@ def test_a_hugging_face_cache_layout_is_read(ktq, checkpoint, tmp_path):
         assert result.code == 0, result.stderr
         outputs.append(tree_files(tmp_path / name))
     assert outputs[0] == outputs[1]
+
+
+# --- the lock lasts until the output is complete ---------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["cpu", "merge"])
+def test_the_lock_is_held_until_the_output_is_complete(ktq, checkpoint, sources, tmp_path, monkeypatch, command):
+    """The config and tokenizer files are copied and the index written under the folder's lock: a second ktq
+    started meanwhile is refused instead of finishing the output itself."""
+    import fcntl
+
+    from ktq.cpu import output
+
+    copy_aux_files, refused = output.copy_aux_files, []
+
+    def second_run_refused(source: Path, out: Path) -> None:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            refused.append(out)
+        finally:
+            os.close(fd)
+        copy_aux_files(source, out)
+
+    monkeypatch.setattr(output, "copy_aux_files", second_run_refused)
+    out = tmp_path / "out"
+    if command == "cpu":
+        result = ktq("cpu", "-i", checkpoint, "-o", out, "--threadpool-count", "1", "--quiet")
+    else:
+        result = ktq("merge", sources["kt"], out, "--original-path", checkpoint, "--quiet")
+    assert result.code == 0, result.stderr
+    assert refused == [out] and (out / "config.json").is_file()
