@@ -664,12 +664,53 @@ def test_a_hugging_face_cache_layout_is_read(ktq, checkpoint, tmp_path):
     assert outputs[0] == outputs[1]
 
 
-# --- the lock lasts until the output is complete ---------------------------------------------------------------
+# --- an unfinished output is never servable; the lock lasts until the output is complete ------------------------
+
+def _poke_nan(src: Path, tensor: str) -> bytes:
+    """One bf16 NaN in tensor (row 3); returns the shard's bytes before."""
+    from ktq.safetensors_io import read_header
+
+    shard = src / json.loads((src / INDEX).read_text())["weight_map"][tensor]
+    before = shard.read_bytes()
+    info = read_header(shard)[0][tensor]
+    with open(shard, "r+b") as f:
+        f.seek(info.offset + 2 * 3 * info.shape[1])
+        f.write(b"\xc0\x7f")
+    return before
+
+
+@pytest.mark.usefixtures("two_numa_nodes")
+def test_a_failed_merged_run_leaves_nothing_kt_kernel_would_serve_and_resumes(ktq, moe_sample, converted, tmp_path):
+    """Layers 1 and 2 are committed when layer 3's last expert fails (the pipeline is at most 4 experts ahead of
+    the writer): their shards wait under pending names, not at the top level where kt-kernel loads every
+    *.safetensors; ktq inspect refuses the folder and gives no flags to serve it; the same command, once the input
+    is repaired, keeps them and ends byte-identical to an uninterrupted run."""
+    from conftest import tree_files
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(moe_sample, src)
+    tensor = "model.layers.3.mlp.experts.3.down_proj.weight"
+    intact = _poke_nan(src, tensor)
+    args = ["cpu", "-i", src, "-o", out, "--threadpool-count", "2", "--quiet"]
+    assert_one_line_error(ktq(*args), tensor, "Inf or NaN")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ktq.json", "model-00001-of-00003.safetensors.pending", "model-00002-of-00003.safetensors.pending"]
+    inodes = {p.name.removesuffix(".pending"): p.stat().st_ino for p in out.glob("*.pending")}
+    inspected = ktq("inspect", out)
+    assert_one_line_error(inspected, "unfinished conversion: 2 of 3 layers done", "re-run")
+    assert "--kt-weight-path" not in inspected.stdout and "serve with: nothing yet" in inspected.stdout
+    assert json.loads(ktq("inspect", out, "--json").stdout)["serve"] is None
+    assert_one_line_error(ktq("inspect", out, "--verify"), "unfinished conversion")  # the pending shards verify
+    (src / json.loads((src / INDEX).read_text())["weight_map"][tensor]).write_bytes(intact)
+    assert ktq(*args).code == 0
+    assert tree_files(out) == tree_files(converted["merged"])
+    assert {name: (out / name).stat().st_ino for name in inodes} == inodes  # kept, renamed, not rewritten
+
 
 @pytest.mark.parametrize("command", ["cpu", "merge"])
 def test_the_lock_is_held_until_the_output_is_complete(ktq, checkpoint, sources, tmp_path, monkeypatch, command):
-    """The config and tokenizer files are copied and the index written under the folder's lock: a second ktq
-    started meanwhile is refused instead of finishing the output itself."""
+    """The config and tokenizer files are copied, the index written and the shards given their names under the
+    folder's lock: a second ktq started meanwhile is refused instead of finishing the output itself."""
     import fcntl
 
     from ktq.cpu import output
@@ -694,3 +735,21 @@ def test_the_lock_is_held_until_the_output_is_complete(ktq, checkpoint, sources,
         result = ktq("merge", sources["kt"], out, "--original-path", checkpoint, "--quiet")
     assert result.code == 0, result.stderr
     assert refused == [out] and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["model-00001-of-00002.safetensors", "model-00001-of-00002.safetensors.pending"])
+def test_a_fifo_where_a_committed_shard_was_is_converted_again(ktq, checkpoint, sources, tmp_path, name):
+    """Resuming checks each committed shard's header: a FIFO in its place (under its name or its pending one) is
+    not opened (that would wait for a writer forever) but taken as a layer to convert again."""
+    from conftest import tree_files
+
+    out = tmp_path / "out"
+    shutil.copytree(sources["merged"], out)
+    manifest = json.loads((out / "ktq.json").read_text())
+    (out / "ktq.json").write_text(json.dumps({**manifest, "complete": False}))
+    (out / "model-00001-of-00002.safetensors").unlink()
+    os.mkfifo(out / name)
+    with deadline(HANG_SECONDS):
+        result = ktq("cpu", "-i", checkpoint, "-o", out, "--threadpool-count", "1", "--quiet")
+    assert result.code == 0, result.stderr
+    assert tree_files(out) == tree_files(sources["merged"])

@@ -24,6 +24,9 @@ from ktq.kernels import ktformat as fmt
 MANIFEST_NAME = "ktq.json"
 FORMAT = "ktq-cpu/1"
 PARTIAL_SUFFIX = ".partial"  # every file or folder ktq writes is first written under its name + this suffix
+# A merged output's committed shards keep their name + this until the output is complete: kt-kernel loads every
+# top-level *.safetensors, so an unfinished output must hold none that it could serve by mistake.
+PENDING_SUFFIX = ".pending"
 
 # Fields that must agree for a run to continue an existing output: anything that changes a single output byte.
 IDENTITY_FIELDS = ("format", "form", "method", "numa", "hidden", "intermediate", "experts", "moe_layers",
