@@ -253,6 +253,7 @@ def raw_case(name: str, content: Callable[[int], bytes], *needles: str, sparse: 
 
 
 raw_case("empty-file", lambda size: b"", "shorter than its 8-byte header length")
+raw_case("header-length-0", lambda size: bytes(8), "not JSON")
 raw_case("five-byte-file", lambda size: b"\x10\0\0\0\0", "shorter than its 8-byte header length")
 raw_case("header-length-2**63", lambda size: struct.pack("<Q", 2 ** 63) + b"{}", "header length 9223372036854775808")
 raw_case("header-length-past-the-end", lambda size: struct.pack("<Q", size) + b"{}", "truncated (header length")
@@ -329,6 +330,12 @@ outside_case("shard-in-a-linked-folder", lambda scene: f"sub/{SHARD}",
              lambda scene: (scene.src / "sub").symlink_to(scene.elsewhere, target_is_directory=True))
 
 
+@case("index", "shard-in-a-folder-that-links-to-itself", f"loop/{SHARD}", "missing")
+def _(scene):
+    (scene.src / "loop").symlink_to("loop")
+    edit_index(scene, lambda weight_map: {t: f"loop/{s}" if s == SHARD else s for t, s in weight_map.items()})
+
+
 @index_case("weight-map-a-list", "weight_map must map")
 def _(weight_map):
     return list(weight_map.items())
@@ -374,6 +381,19 @@ replaced_case("shard-a-dangling-link", SHARD2, lambda p: p.symlink_to("gone.safe
 replaced_case("config-a-fifo", "config.json", os.mkfifo, "is a FIFO")
 replaced_case("config-a-link-to-dev-zero", "config.json", lambda p: p.symlink_to("/dev/zero"), "character device")
 replaced_case("index-a-fifo", INDEX, os.mkfifo, "is a FIFO")
+
+
+def input_case(name: str, make: Callable[[Path], None], *needles: str) -> None:
+    """The input folder itself replaced by what make(path) creates."""
+    def damage(scene: Scene) -> None:
+        shutil.rmtree(scene.src)
+        make(scene.src)
+    case("not a regular file", name, *needles)(damage)
+
+
+input_case("input-a-symlink-loop", lambda p: p.symlink_to(p.name), "is not a folder")
+input_case("input-a-fifo", os.mkfifo, "is not a folder")
+input_case("input-a-link-to-dev-null", lambda p: p.symlink_to("/dev/null"), "is not a folder")
 
 
 @case("not a regular file", "unlisted-fifo-without-index", "extra.safetensors", "is a FIFO")

@@ -85,7 +85,7 @@ def _listed_shard(path: Path, name: str) -> Path:
     path or a linked folder that leads elsewhere would make ktq read files the user never pointed it at), but the
     file itself may be a symlink to anywhere: Hugging Face caches link every shard to a blob."""
     file = path / name
-    root, parent = path.resolve(), file.parent.resolve()
+    root, parent = Path(os.path.realpath(path)), Path(os.path.realpath(file.parent))  # resolve() raises on a loop
     if parent != root and root not in parent.parents:
         raise KtqError(f"{path / hfformat.INDEX_NAME} lists shard {name!r}, which is outside {path}: shards must "
                        "be files of the checkpoint folder")

@@ -223,7 +223,7 @@ def plan_output(out: Path, wanted: Manifest, force: bool) -> OutputPlan:
 def refuse_inside(out: Path, source: Path, out_option: str, source_option: str) -> None:
     """The output folder must not be the input folder or lie inside it (links resolved): the run would write into
     what it reads, and the input would then hold a second copy of the weights that loaders would find."""
-    src, dst = source.resolve(), out.resolve()
+    src, dst = Path(os.path.realpath(source)), Path(os.path.realpath(out))  # Path.resolve raises on a link loop
     if dst == src or src in dst.parents:
         raise KtqError(f"{out_option} {out} must not be {source_option} {source} or inside it: choose a folder "
                        "beside it")
