@@ -16,8 +16,8 @@ from ktq.gpu.options import GpuOptions, parse_size
 from ktq.gpu.plan import GPU_OVERHEAD, check_source, make_plan, meta_model, plan_table
 
 GB = 10**9
-H = I = 128  # the sample's hidden and expert intermediate sizes
-E = 8
+HIDDEN = INTER = 128  # the sample's hidden and expert intermediate sizes
+EXPERTS = 8
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,14 @@ def test_one_shared_gate_up_hessian_and_a_down_hessian_per_expert(sample, parts,
     from ktq.sample import sample_bytes
 
     plan = plan_for(sample, parts, tmp_path, CPU)
-    assert plan.hessian_bytes == 4 * H * H + E * 4 * I * I
-    assert plan.quantized == 3 * E * 3  # three MoE layers of 8 experts x gate/up/down
+    assert plan.hessian_bytes == 4 * HIDDEN * HIDDEN + EXPERTS * 4 * INTER * INTER
+    assert plan.quantized == 3 * EXPERTS * 3  # three MoE layers of 8 experts x gate/up/down
     assert plan.ignored == {"attention": 16, "dense MLP layer": 3, "lm_head": 1}
-    assert [spec.experts for spec in plan.layers] == [0, E, E, E] and plan.moe_layers == 3
+    assert [spec.experts for spec in plan.layers] == [0, EXPERTS, EXPERTS, EXPERTS] and plan.moe_layers == 3
     # every weight of the sample, in bf16, is in some layer or outside the layers (embeddings, norm, lm_head)
     outside = sum(p.numel() for name, p in parts[2].named_parameters() if ".layers." not in name) * 2
-    assert sum(spec.weight_bytes for spec in plan.layers) + outside == sample_bytes("qwen3_moe", 4, E, H, I, 1)
+    layers = sum(spec.weight_bytes for spec in plan.layers)
+    assert layers + outside == sample_bytes("qwen3_moe", 4, EXPERTS, HIDDEN, INTER, 1)
 
 
 def test_rtn_needs_no_hessians_activations_or_hidden_states(sample, parts, tmp_path):
@@ -74,9 +75,10 @@ def test_hidden_states_grow_with_samples_and_length(sample, parts, tmp_path):
 def test_output_size_counts_packed_weights_and_scales(sample, parts, tmp_path):
     w8 = plan_for(sample, parts, tmp_path, CPU, quant_type="W8A16")
     w4 = plan_for(sample, parts, tmp_path, CPU, quant_type="W4A16")
-    projections = 3 * E * 3
-    assert w8.output_bytes - w4.output_bytes == projections * H * I // 2
-    assert w8.packed_bytes == E * 3 * (H * I + 2 * I * (H // 128))  # int8 codes + one bf16 scale per row and group
+    projections = 3 * EXPERTS * 3
+    assert w8.output_bytes - w4.output_bytes == projections * HIDDEN * INTER // 2
+    # int8 codes and one bf16 scale per row and group of 128 inputs
+    assert w8.packed_bytes == EXPERTS * 3 * (HIDDEN * INTER + 2 * INTER * (HIDDEN // 128))
 
 
 def test_a_large_gpu_keeps_the_hidden_states(sample, parts, tmp_path):

@@ -230,7 +230,7 @@ class Engine:
             if keep:
                 captured.hidden[s] = out.to(self.cache_device)
             else:
-                self.progress.sample(index)
+                self.progress.step(index)
 
     def expert_names(self, index: int) -> list[list[str]]:
         """Output module name of each expert's gate, up and down projection."""
@@ -470,6 +470,8 @@ class Engine:
             self.release(index)
         if experts is not None:
             experts.gate = experts.up = experts.down = None
+        if captured is None:
+            self.progress.step(index)
         self.layer_seconds[self.layer_names[index]] = {k: round(v, 3) for k, v in times.items()}
         logger.info(f"{self.layer_names[index]}{' (replayed)' if done is not None else ''}: "
                     + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))

@@ -1,12 +1,12 @@
-"""The stages of `ktq gpu`: plan, load, dataset, quantise, save; each timed in the report.
+"""The stages of `ktq gpu`: plan, load, dataset, quantize, save; each timed in the report.
 
-The checkpoint is written into a hidden staging folder beside --output_dir and renamed into place only when the
-model, tokenizer files and report are all there, so a folder at --output_dir is always complete.
+The checkpoint is written into a hidden staging folder beside --output_dir, one committed shard per decoder layer
+(output.py): a run killed midway and started again with the same command continues there. The folder is renamed
+into place only when the model, index, config, tokenizer files and report are all there, so a folder at
+--output_dir is always complete.
 
 The process layout is kept in `World` (this process's rank among how many); a single process is rank 0 of 1. Only
-rank 0 prints, shows progress and writes, which is what a distributed run (torchrun, llm-compressor's DDP path)
-needs; the calibration samples are chosen deterministically, so every rank builds the same set and llm-compressor
-splits it between ranks.
+rank 0 prints, shows progress and writes; every rank calibrates on its share of the samples (distributed.py).
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
 def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, report: Report, staging: Path,
                        console: Console, quiet: bool, debug: bool, world: World) -> None:
     from ktq.gpu.engine import Engine
-    from ktq.gpu.observe import GpuProgress
     from ktq.gpu.output import StreamOutput
+    from ktq.gpu.progress import GpuProgress
 
     if plan.device.is_gpu:
         torch.cuda.reset_peak_memory_stats(0)
@@ -170,8 +170,10 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
     with logs, GpuProgress(quiet, console) as progress:
         engine = Engine(opts, source, skeleton, layer_names, rules, plan.device.torch_device, plan.cache_device,
                         world, progress, output)
-        samples = len(dataset) if dataset is not None else 0
-        progress.start(layers=len(layer_names) if samples else 0, samples=samples, modules=0)
+        if dataset is not None:
+            progress.start(len(layer_names), len(dataset), "calibrating")
+        else:
+            progress.start(len(layer_names), 1, "rounding")
         with report.stage("quantize"), torch.no_grad():
             engine.run(dataset)
         if world.distributed:
