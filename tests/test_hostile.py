@@ -535,6 +535,9 @@ output_case("shard-with-trailing-bytes", "merged", _edit_output_shard(lambda h, 
 output_case("shard-a-fifo", "merged", lambda s: ((s.src / OUTPUT_SHARD).unlink(), os.mkfifo(s.src / OUTPUT_SHARD)),
             OUTPUT_SHARD, "is a FIFO")
 output_case("kt-file-a-fifo", "kt", lambda s: _replace_kt_file(s, os.mkfifo), "layer 0", "missing")
+output_case("complete-but-a-shard-still-pending", "merged",
+            lambda s: (s.src / OUTPUT_SHARD).rename(s.src / f"{OUTPUT_SHARD}.pending"), f"{OUTPUT_SHARD}.pending",
+            "never renamed")
 output_case("manifest-numa-0", "merged", lambda s: _edit_manifest(s, numa=0), "ktq.json", "NUMA count 0")
 output_case("manifest-experts-a-string", "kt", lambda s: _edit_manifest(s, experts="2"), "ktq.json",
             "expert count '2'")

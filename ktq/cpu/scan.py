@@ -207,6 +207,9 @@ def _check_merged(found: Found) -> None:
         elif file.stat().st_size != layout.layer_bytes(layer):
             found.layer_problem(layer, f"layer {layer}: {file.name} has {file.stat().st_size} bytes, it needs "
                                 f"{layout.layer_bytes(layer)} (truncated or damaged)")
+        elif found.manifest.complete and file.suffix == PENDING_SUFFIX:  # kt-kernel would not find it there
+            found.layer_problem(layer, f"layer {layer}: {file.name} of a complete output was never renamed to "
+                                f"{layout.shard_name(layer)}")
     stray = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.safetensors") if p.name not in shards)
     if stray:
         found.problems.append(f"safetensors files ktq did not write, which kt-kernel would also load: "
