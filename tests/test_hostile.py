@@ -731,31 +731,29 @@ def test_a_failed_merged_run_leaves_nothing_kt_kernel_would_serve_and_resumes(kt
 @pytest.mark.parametrize("command", ["cpu", "merge"])
 def test_the_lock_is_held_until_the_output_is_complete(ktq, checkpoint, sources, tmp_path, monkeypatch, command):
     """The config and tokenizer files are copied, the index written and the shards given their names under the
-    folder's lock: a second ktq started meanwhile is refused instead of finishing the output itself."""
-    import fcntl
-
+    folder's lock: the same command started again meanwhile is refused in one line instead of finishing the output
+    itself (and making the first one fail), and the first one completes it."""
     from ktq.cpu import output
 
-    copy_aux_files, refused = output.copy_aux_files, []
-
-    def second_run_refused(source: Path, out: Path) -> None:
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            refused.append(out)
-        finally:
-            os.close(fd)
-        copy_aux_files(source, out)
-
-    monkeypatch.setattr(output, "copy_aux_files", second_run_refused)
     out = tmp_path / "out"
-    if command == "cpu":
-        result = ktq("cpu", "-i", checkpoint, "-o", out, "--threadpool-count", "1", "--quiet")
-    else:
-        result = ktq("merge", sources["kt"], out, "--original-path", checkpoint, "--quiet")
-    assert result.code == 0, result.stderr
-    assert refused == [out] and (out / "config.json").is_file()
+    args = {"cpu": ["cpu", "-i", checkpoint, "-o", out, "--threadpool-count", "1", "--quiet"],
+            "merge": ["merge", sources["kt"], out, "--original-path", checkpoint, "--quiet"]}[command]
+    copy_aux_files, second = output.copy_aux_files, []
+
+    def copy_while_a_second_run_starts(source: Path, destination: Path) -> None:
+        if not second:  # once: a second run that got through would come here too
+            before = snapshot(out, skip=out / "none")
+            second.append((ktq(*args), snapshot(out, skip=out / "none") == before))
+        copy_aux_files(source, destination)
+
+    monkeypatch.setattr(output, "copy_aux_files", copy_while_a_second_run_starts)
+    first = ktq(*args)
+    assert first.code == 0, first.stderr
+    [(refused, untouched)] = second
+    assert_one_line_error(refused, "another ktq process is writing into", str(out))
+    assert untouched
+    manifest = json.loads((out / "ktq.json").read_text())
+    assert manifest["complete"] and (out / "config.json").is_file() and list(out.glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("name", ["model-00001-of-00002.safetensors", "model-00001-of-00002.safetensors.pending"])
