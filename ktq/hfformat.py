@@ -7,6 +7,9 @@ names of the safetensors index and shards.
 Which layers hold experts is decided by per-key rules (MOE_LAYER_RULES): a decoder layer holds routed experts when
 every rule whose key the config sets allows it. Each rule is the condition of the modeling code that gives the key
 its meaning, so supporting a new family's key is one more entry there.
+
+Values are checked before either pipeline uses them (checked_text_config, count): a key set to a value of the
+wrong type or range is an error that names the key and the value, never read as unset or replaced by another key.
 """
 
 from __future__ import annotations

@@ -424,6 +424,8 @@ config_case("mlp-only-layers-a-number", "mlp_only_layers", 5, "mlp_only_layers i
 config_case("mlp-only-layers-negative", "mlp_only_layers", [-1], "mlp_only_layers is [-1]")
 config_case("first-k-dense-replace-negative", "first_k_dense_replace", -1, "first_k_dense_replace is -1")
 config_case("decoder-sparse-step-0", "decoder_sparse_step", 0, "decoder_sparse_step is 0")
+config_case("moe-layer-freq-0", "moe_layer_freq", 0, "moe_layer_freq is 0")
+config_case("mlp-layer-types-a-string", "mlp_layer_types", "sparse", 'mlp_layer_types is "sparse"')
 config_case("text-config-a-number", "text_config", 5, "text_config is 5")
 
 
