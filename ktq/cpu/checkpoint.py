@@ -105,9 +105,9 @@ def _tensors(path: Path, weight_map: dict[str, str] | None) -> tuple[list[Path],
         listed: dict[Path, set[str]] = {}
     else:
         shard_files = {name: _listed_shard(path, name) for name in set(weight_map.values())}
-        listed = {}
-        for tensor, shard in weight_map.items():  # by file: two spellings of one name are one shard
-            listed.setdefault(shard_files[shard], set()).add(tensor)
+        listed = {file: set() for file in shard_files.values()}  # by file: two spellings of a name are one shard
+        for tensor, shard in weight_map.items():
+            listed[shard_files[shard]].add(tensor)
         files = sorted(listed)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
