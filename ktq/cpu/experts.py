@@ -45,6 +45,7 @@ _PROJECTION_NAMES = {  # block -> checkpoint projection name -> gate / up / down
     "mlp": {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
     "block_sparse_moe": {"w1": "gate", "w3": "up", "w2": "down"},  # Mixtral, MiniMax
 }
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # any tensor of decoder layer L
 # All experts of a layer in two 3-D tensors (Qwen3-VL-MoE, Qwen3.5-MoE)
 _FUSED_KEY = re.compile(_PREFIX + r"mlp\.experts\.(?P<fused>gate_up_proj|down_proj)$")
 # Tensors that make up one stored projection, by storage kind
@@ -116,11 +117,11 @@ class MoeModel:
 
 
 def _config_int(config: dict, *keys: str) -> int:
-    for key in keys:
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise KtqError(f"config.json has no {' / '.join(keys)}: is this a Mixture-of-Experts model?")
+    """The first of keys that config sets, a positive integer (hfformat.count)."""
+    value = hfformat.count(config, *keys)
+    if value is None:
+        raise KtqError(f"config.json has no {' / '.join(keys)}: is this a Mixture-of-Experts model?")
+    return value
 
 
 def geometry_of(config: dict) -> Geometry:
@@ -135,6 +136,14 @@ def moe_layer_indices(config: dict) -> list[int]:
     """Decoder layers with routed experts according to the config (hfformat.moe_layers: MTP layers excluded)."""
     _config_int(config, "num_hidden_layers")  # missing, it is named in one line
     return list(hfformat.moe_layers(config))
+
+
+def _check_layer_count(config: dict, held_layers: int) -> None:
+    """num_hidden_layers sizes the layer list: it cannot exceed the decoder layers the shards hold tensors of."""
+    count = _config_int(config, "num_hidden_layers")
+    if count > held_layers:
+        raise KtqError(f"config.json: num_hidden_layers is {count}, but the shards hold tensors of {held_layers} "
+                       "decoder layers: the config does not describe these shards")
 
 
 def _quantization_config(ckpt: Checkpoint) -> dict:
@@ -265,7 +274,10 @@ def _packed_args(ckpt: Checkpoint) -> _PackedArgs:
     if config.get("quant_method") != "compressed-tensors" or config.get("format") != "pack-quantized":
         raise KtqError(f"expert tensors are stored as weight_packed, but {where} does not declare compressed-tensors "
                        f"pack-quantized (quant_method {config.get('quant_method')!r}, format {config.get('format')!r})")
-    schemes = [group["weights"] for group in (config.get("config_groups") or {}).values()
+    groups = config.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise KtqError(f"{where}: config_groups is {hfformat.shown(groups)}, not an object of weight schemes")
+    schemes = [group["weights"] for group in groups.values()
                if isinstance(group, dict) and isinstance(group.get("weights"), dict)]
     if len({json.dumps(s, sort_keys=True) for s in schemes}) != 1:
         raise KtqError(f"{where} has {len(schemes)} different weight schemes; ktq reads checkpoints with one")
@@ -333,7 +345,11 @@ class _Storage:
                            f"{[n, k * args.bits // 32]} (shape {[n, k]} packed {32 // args.bits} per int32)")
         groups = -(-k // args.group) if args.group else 1
         scale = _scale_check(params.get("weight_scale"), packed, (n, groups), "weight_scale")
-        return _packed(packed, scale, params.get("weight_shape"), expected, args)
+        stored_shape = params.get("weight_shape")
+        if stored_shape is not None and (stored_shape.dtype not in ("I32", "I64") or stored_shape.shape != (2,)):
+            raise KtqError(f"{stored_shape.name} is {stored_shape.dtype} {list(stored_shape.shape)}, {packed.name} "
+                           "needs I32 or I64 [2] (its rows and columns)")
+        return _packed(packed, scale, stored_shape, expected, args)
 
 
 # ---- layouts -----------------------------------------------------------------------------------------------
@@ -354,11 +370,13 @@ def _unknown_layout(ckpt: Checkpoint) -> KtqError:
                     "{w1,w3,w2} and fused layers.L.mlp.experts.{gate_up_proj,down_proj}")
 
 
-def _scan(ckpt: Checkpoint) -> tuple[str, str, dict, dict]:
-    """(prefix, block, per-expert {(L, e, proj): {param: info}}, fused {(L, kind): info}) of the one layout used."""
+def _scan(ckpt: Checkpoint) -> tuple[str, str, dict, dict, int]:
+    """(prefix, block, per-expert {(L, e, proj): {param: info}}, fused {(L, kind): info}) of the one layout used,
+    and the number of decoder layers the shards hold tensors of (1 + the highest L of any `layers.L.` name)."""
     per_expert: dict[tuple[int, int, str], dict[str, TensorInfo]] = {}
     fused: dict[tuple[int, str], TensorInfo] = {}
     layouts: dict[tuple[str, str], str] = {}  # (prefix, block) -> an example key
+    other_layers = [-1]  # of the tensors that are not experts (a few per layer)
     for name, info in ckpt.tensors.items():
         match = _PER_EXPERT_KEY.match(name)
         if match:  # one group tuple, not a look-up per group: this loop sees every tensor (92k for DeepSeek-V3)
@@ -375,13 +393,16 @@ def _scan(ckpt: Checkpoint) -> tuple[str, str, dict, dict]:
         if match:
             layouts.setdefault((match["prefix"], "fused"), name)
             fused[(int(match["layer"]), match["fused"])] = info
+        elif match := _LAYER_KEY.search(name):
+            other_layers.append(int(match[1]))
     if not layouts:
         raise _unknown_layout(ckpt)
     if len(layouts) > 1:
         raise KtqError(f"expert tensors in several layouts ({', '.join(sorted(layouts.values()))}): "
                        "ambiguous checkpoint")
     (prefix, block), = layouts
-    return prefix, block, per_expert, fused
+    held = 1 + max([key[0] for key in per_expert] + [key[0] for key in fused] + other_layers)
+    return prefix, block, per_expert, fused, held
 
 
 def _per_expert_model(ckpt: Checkpoint, prefix: str, block: str, found: dict, g: Geometry, layer_indices: list[int],
@@ -476,8 +497,9 @@ def _fused_model(ckpt: Checkpoint, prefix: str, found: dict, g: Geometry, layer_
 @collector_paused()
 def find_experts(ckpt: Checkpoint, requested_type: str | None = None) -> MoeModel:
     """The model's MoE layers with every expert's projections, checked for completeness, shapes and storage."""
-    prefix, block, per_expert, fused = _scan(ckpt)
+    prefix, block, per_expert, fused, held_layers = _scan(ckpt)
     geometry = geometry_of(ckpt.text_config)
+    _check_layer_count(ckpt.text_config, held_layers)
     layer_indices = moe_layer_indices(ckpt.text_config)
     if not layer_indices:
         raise KtqError(f"{ckpt.path / 'config.json'} makes no decoder layer a MoE layer (see num_hidden_layers, "
