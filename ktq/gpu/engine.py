@@ -26,7 +26,7 @@ from loguru import logger
 from ktq.errors import KtqError
 from ktq.gpu.gptq import Quantized, SharedSolver, pack, qparams, solve_each, unpack, weight_scheme
 from ktq.gpu.output import StreamOutput, tensor_entry
-from ktq.gpu.plan import DOWN_BATCH, GATE_UP_CHUNK_ROWS, experts_module
+from ktq.gpu.plan import DOWN_BATCH, GATE_UP_CHUNK_ROWS, experts_module, linear_reasons
 from ktq.gpu.source import SourceCheckpoint
 from ktq.gpu.streamed_experts import LayerStatistics, StreamedExperts
 from ktq.kernels.ktformat import PROJECTIONS
@@ -373,16 +373,8 @@ class Engine:
     def module_reasons(self) -> list[str | None]:
         """For the report: each Linear of the model and each expert projection, None when quantised, else why
         it was kept."""
-        reasons: list[str | None] = []
-        for name, module in self.skeleton.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                classes = [c.__name__ for c in type(module).__mro__]
-                reasons.append(self._ignore_reason(self.rules, name, classes) or "not a routed expert")
-        g = self.source.experts.geometry
-        for index in self.source.moe_layers:
-            reasons += [self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"])
-                        for e in range(g.experts) for proj in PROJECTIONS]
-        return reasons
+        return list(linear_reasons(self.skeleton, self.skeleton.config.get_text_config().to_dict(),
+                                   self.rules).values())
 
     def quantization_config(self) -> dict:
         """config.json's quantization_config, as llm-compressor's save writes it: the scheme, and every Linear

@@ -230,6 +230,29 @@ def layer_specs(model, text: dict, dtype: str) -> list[LayerSpec]:
     return specs
 
 
+def linear_reasons(model, text: dict, rules: list[Rule]) -> dict[str, str | None]:
+    """Every Linear of the model and every routed-expert projection, named as llm-compressor's linearisation names
+    it (`...experts.E.gate_proj`), with the reason it is kept; None for the expert projections quantised."""
+    import torch
+
+    from ktq.cpu.experts import geometry_of
+
+    reasons: dict[str, str | None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            classes = [c.__name__ for c in type(module).__mro__]
+            reasons[name] = ignore_reason(rules, name, classes) or "not a routed expert"
+    for name, layer in decoder_layers(model):
+        experts = experts_module(layer)
+        if experts is None:
+            continue
+        for e in range(geometry_of(text).experts):
+            for proj in PROJECTIONS:
+                projection = f"{name}.{experts}.{e}.{proj}"
+                reasons[projection] = ignore_reason(rules, projection, ["Linear"])
+    return reasons
+
+
 def activation_bytes(text: dict, seq_len: int, dtype_bytes: int, spec: LayerSpec) -> int:
     """GPU memory of one calibration sample passing one decoder layer, an upper estimate: hidden states in, out and
     residual (3 L H), attention's q, k, v and output (L (2 q + 2 kv)), one expert's gate, up and their product
@@ -330,21 +353,9 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     samples, seq = (opts.num_calibration_samples, opts.max_sequence_length) if gptq else (0, 0)
     import torch
 
-    kept = Counter()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            classes = [c.__name__ for c in type(module).__mro__]
-            kept[ignore_reason(rules, name, classes) or "not a routed expert"] += 1
-    quantized = 0
-    for spec in moe:
-        experts = experts_module(model.get_submodule(spec.name))
-        for e in range(spec.experts):
-            for proj in PROJECTIONS:
-                reason = ignore_reason(rules, f"{spec.name}.{experts}.{e}.{proj}", ["Linear"])
-                if reason is None:
-                    quantized += 1
-                else:
-                    kept[reason] += 1
+    reasons = list(linear_reasons(model, text, rules).values())
+    quantized = reasons.count(None)
+    kept = Counter(reason for reason in reasons if reason is not None)
     parent = opts.output_dir.expanduser().resolve().parent
     disk_free = shutil.disk_usage(next(p for p in (parent, *parent.parents) if p.exists())).free
     packed = packed_bytes(largest_moe, opts.quant_type, width) if largest_moe else 0
