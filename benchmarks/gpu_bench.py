@@ -138,6 +138,8 @@ def sample_parser(samples: int, timeout: int) -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=samples)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--timeout", type=int, default=timeout)
+    parser.add_argument("--fill", action="store_true", help="write the sample's data with torch (fill_sample.py), "
+                        "not ktq sample: GPU speed, no MTP layer")
     return parser
 
 
@@ -151,10 +153,16 @@ def prepare(args) -> tuple[str, Path, Path]:
     log(args.out, f"device: {device} x {torch.cuda.device_count()}; torch {torch.__version__}")
     model = args.work / "sample"
     if not model.exists():
-        _, wall = run([sys.executable, "-m", "ktq", "sample", str(model), "--arch", args.arch, "--dtype", args.dtype,
+        target = args.work / "layout" if args.fill else model
+        _, wall = run([sys.executable, "-m", "ktq", "sample", str(target), "--arch", args.arch, "--dtype", args.dtype,
                        "--layers", str(args.layers), "--dense-layers", str(args.dense_layers), "--experts",
                        str(args.experts), "--hidden", str(args.hidden), "--moe-intermediate",
-                       str(args.moe_intermediate), "--shards", str(max(4, args.layers))], args.out, args.timeout)
+                       str(args.moe_intermediate), "--shards", str(max(4, args.layers))]
+                      + (["--header-only"] if args.fill else []), args.out, args.timeout)
+        if args.fill:
+            _, filled = run([sys.executable, str(HERE / "fill_sample.py"), str(target), str(model)], args.out,
+                            args.timeout)
+            wall += filled
         log(args.out, f"sample written in {wall:.1f} s")
     return device, model, calibration_file(args.work / "calib.jsonl", args.samples, 2 * args.seq)
 

@@ -1,12 +1,12 @@
-"""A DeepSeek-V3-geometry FP8 checkpoint at GPU speed, for benchmarks/gpu_bench.py on the device.
+"""A large sample checkpoint at GPU speed (DeepSeek-V3 geometry, FP8 or BF16), for benchmarks/gpu_bench.py --fill.
 
-`ktq sample --dtype fp8` encodes every value on the CPU (minutes per GB); this takes the key layout, shapes and
-config of a `ktq sample --header-only` folder and writes the same tensors with data drawn by torch on the GPU:
+`ktq sample` draws and encodes every value on the CPU (minutes per GB for FP8); this takes the key layout, shapes
+and config of a `ktq sample --header-only` folder and writes the same tensors with data drawn by torch on the GPU:
 block-scaled FP8 weights that decode to N(0, 0.02) (codes of N(0, 64), scale_inv 0.02 / 64), norms of ones, biases
 of zeros, everything else N(0, 0.02) in its stored dtype. The MTP layers (index >= num_hidden_layers) are left
 out, and the config says so: decoded to BF16 in the output they would not fit the device's disk beside the rest.
 
-    python benchmarks/fp8_sample.py HEADER_ONLY_FOLDER OUT
+    python benchmarks/fill_sample.py HEADER_ONLY_FOLDER OUT
 """
 
 from __future__ import annotations
