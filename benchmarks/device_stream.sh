@@ -10,22 +10,24 @@
 #               ktq against bare oneshot, 128 x 512 tokens
 set -uo pipefail
 out="$1"; shift
+repo=$(pwd)
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+cd /tmp  # not the checkout: `python -m ktq` must find the installed package (ktq.kernels is mapped at install)
 lscpu | grep -E "Model name|^CPU\(s\)" >> "$out/gpu.txt"
 free -g | head -2 >> "$out/gpu.txt"
 for part in "$@"; do
   case "$part" in
-    width) python3 benchmarks/gpu_bench.py --work /tmp/width --out "$out/width" --arch deepseek_v3 --layers 3 \
+    width) python3 "$repo/benchmarks/gpu_bench.py" --work /tmp/width --out "$out/width" --arch deepseek_v3 --layers 3 \
              --dense-layers 1 --experts 32 --hidden 7168 --moe-intermediate 2048 --samples 128 --seq 2048 \
              --bare causal --fill --timeout 540 ;;
-    deepseek) python3 benchmarks/gpu_bench.py --work /tmp/deepseek --out "$out/deepseek" --arch deepseek_v3 \
+    deepseek) python3 "$repo/benchmarks/gpu_bench.py" --work /tmp/deepseek --out "$out/deepseek" --arch deepseek_v3 \
              --dtype fp8 --layers 3 --dense-layers 1 --experts 256 --hidden 7168 --moe-intermediate 2048 \
              --samples 512 --seq 2048 --bare none --fill --extrapolate 58 --timeout 540 ;;
-    qwen) python3 benchmarks/gpu_bench.py --work /tmp/qwen --out "$out/qwen" --layers 8 --experts 64 --hidden 2048 \
+    qwen) python3 "$repo/benchmarks/gpu_bench.py" --work /tmp/qwen --out "$out/qwen" --layers 8 --experts 64 --hidden 2048 \
              --moe-intermediate 768 --samples 128 --seq 512 --bare causal --fill --timeout 540 ;;
   esac
 done
