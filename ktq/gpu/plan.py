@@ -172,12 +172,14 @@ class Plan:
 
 
 def auto_model_class(config):
-    """AutoModelForCausalLM, or AutoModelForImageTextToText for multimodal MoE models (Qwen3-VL-MoE) that the
-    former does not know; remote-code models resolve through their own auto_map in AutoModelForCausalLM."""
+    """AutoModelForImageTextToText for a multimodal config (Qwen3-VL-MoE, Qwen3.5-MoE's wrapper), else
+    AutoModelForCausalLM; remote-code models resolve through their own auto_map in AutoModelForCausalLM.
+
+    The multimodal class comes first: AutoModelForCausalLM also maps some multimodal configs (Qwen3.5-MoE's) to the
+    text-only model, which has no vision tower, so the tower's Linears would be missing from what is kept."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    kind = type(config)
-    if kind not in AutoModelForCausalLM._model_mapping and kind in AutoModelForImageTextToText._model_mapping:
+    if type(config) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 
@@ -211,7 +213,8 @@ def _fused_expert_linears(name: str, module, hidden: int) -> list[tuple[str, int
 
 
 def list_linears(model, text: dict, rules: list[Rule]) -> list[LinearSpec]:
-    """Every Linear of the model, fused experts expanded, each with its ignore reason."""
+    """Every Linear of the model, fused experts expanded, each with its ignore reason. Only the routed experts are
+    quantised (the engine streams nothing else), so every other Linear is kept, for its rule's reason if one matches."""
     import torch
 
     hidden = int(text.get("moe_latent_size") or text["hidden_size"])
@@ -219,7 +222,8 @@ def list_linears(model, text: dict, rules: list[Rule]) -> list[LinearSpec]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             classes = [c.__name__ for c in type(module).__mro__]
-            specs.append(LinearSpec(name, module.in_features, module.out_features, ignore_reason(rules, name, classes)))
+            reason = ignore_reason(rules, name, classes) or "not a routed expert"
+            specs.append(LinearSpec(name, module.in_features, module.out_features, reason))
             continue
         fused = _fused_expert_linears(name, module, hidden)
         for lin_name, d_in, d_out in fused or ():
