@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, typer.Abort):
         print("ktq: interrupted", file=sys.stderr)
         sys.exit(130)
-    except typer.TyperException as exc:  # bad usage (Typer's vendored click): its own message, exit code 2
-        exc.show()
-        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # bad usage (Typer's vendored click)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ktq`: the help is the message (Typer tells it so too)
+            exc.show()
+            sys.exit(exc.exit_code)
+        context = getattr(exc, "ctx", None)
+        hint = f" (see {context.command_path} --help)" if context is not None else ""
+        print(f"ktq: error: {_one_line(exc.format_message()).rstrip('.')}{hint}", file=sys.stderr)
+        sys.exit(2)
     except KtqError as exc:
         if debug:
             raise

@@ -7,11 +7,17 @@ language model's part, which key gives the routed-expert count, which families n
 Which layers hold experts is decided by per-key rules (MOE_LAYER_RULES): a decoder layer holds routed experts when
 every rule whose key the config sets allows it. Each rule is the condition of the modeling code that gives the key
 its meaning, so supporting a new family's key is one more entry there.
+
+Values are checked before either pipeline uses them (checked_text_config, count): a key set to a value of the
+wrong type or range is an error that names the key and the value, never read as unset or replaced by another key.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+
+from ktq.errors import KtqError
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -37,6 +43,26 @@ def text_config(config: dict) -> dict:
         if isinstance(nested, dict) and "num_hidden_layers" in nested:
             return text_config(nested)
     return config
+
+
+def shown(value: object) -> str:
+    """A config value as JSON (true, not True; NaN as NaN), cut short: a hostile one may be huge."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def count(text: dict, *keys: str) -> int | None:
+    """The value of the first of keys that text sets, which must be a positive integer; None when none is set (a
+    null is unset, as in Hugging Face configs). A key set to anything else is an error that names it and its value:
+    taking the next key instead would convert the model as another one (a negative moe_intermediate_size is not
+    intermediate_size)."""
+    for key in keys:
+        value = text.get(key)
+        if value is not None:
+            if not _positive_int(value):
+                raise KtqError(f"config.json: {key} is {shown(value)}, not an integer of at least 1")
+            return value
+    return None
 
 
 def expert_count(text: dict) -> int:
@@ -114,7 +140,8 @@ def _positive_int(value: object) -> bool:
 # --- which decoder layers hold routed experts ---------------------------------------------------------------------
 # Each rule: (the key's value, a decoder layer index, the whole text config) -> whether the key lets that layer hold
 # routed experts. A value the rule cannot use (the wrong type, a step of 0) allows every layer, as the key's absence
-# would. The config is there for the keys whose meaning depends on a companion key (Jamba's period and offset).
+# would; both pipelines read configs through checked_text_config, which refuses such values first (RULE_VALUES). The
+# config is there for the keys whose meaning depends on a companion key (Jamba's period and offset).
 
 def _not_listed(dense: object, layer: int, text: dict) -> bool:
     """Qwen2/3-MoE, Qwen3-Next: `layer_idx not in config.mlp_only_layers` (transformers' Qwen*DecoderLayer)."""
@@ -172,6 +199,42 @@ MOE_LAYER_RULES: dict[str, Callable[[object, int, dict], bool]] = {
     "mlp_layer_types": _typed_sparse,
     "expert_layer_period": _on_period,
 }
+
+
+def _layer_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What the key of each rule must hold when set, and how to say it
+RULE_VALUES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "mlp_only_layers": (lambda v: isinstance(v, list) and all(map(_layer_index, v)), "a list of layer indices"),
+    "decoder_sparse_step": (_positive_int, "an integer of at least 1"),
+    "first_k_dense_replace": (_layer_index, "an integer of at least 0"),
+    "moe_layer_freq": (_positive_int, "an integer of at least 1"),
+    "mlp_layer_types": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+                        "a list of layer types (\"dense\", \"sparse\")"),
+    "num_dense_layers": (_layer_index, "an integer of at least 0"),
+    "moe_layer_start_index": (_layer_index, "an integer of at least 0"),
+    "moe_layer_end_index": (lambda v: _layer_index(v) or (isinstance(v, int) and v == -1),
+                            "a layer index or -1 (the last layer)"),
+    "moe_layer_interval": (_positive_int, "an integer of at least 1"),
+    "expert_layer_period": (_positive_int, "an integer of at least 1"),
+    "expert_layer_offset": (_layer_index, "an integer of at least 0"),
+}
+
+
+def checked_text_config(config: dict) -> dict:
+    """text_config(config), refusing a wrapper key (text_config, ...) that holds something other than an object and
+    a rule key (RULE_VALUES) of the wrong type or range, with an error that names the key and its value: read as
+    unset, such a value would make every layer a MoE layer."""
+    for key in TEXT_CONFIG_KEYS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise KtqError(f"config.json: {key} is {shown(config[key])}, not an object")
+    text = text_config(config)
+    for key, (usable, what) in RULE_VALUES.items():
+        if text.get(key) is not None and not usable(text[key]):
+            raise KtqError(f"config.json: {key} is {shown(text[key])}, not {what}")
+    return text
 
 
 def moe_layers(text: dict) -> tuple[int, ...]:

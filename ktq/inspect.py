@@ -22,7 +22,7 @@ from ktq import digest, hfformat
 from ktq.cpu.checkpoint import open_checkpoint
 from ktq.cpu.experts import find_experts
 from ktq.cpu.layout import Layout
-from ktq.cpu.output import index_data
+from ktq.cpu.output import committed_path, index_data
 from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import packed_slot
 from ktq.errors import KtqError
@@ -115,7 +115,7 @@ def _checkpoint_report(found: Found) -> dict:
 
 def _layer_digest(found: Found, layer: int, algorithm: str) -> str:
     layout = found.layout
-    path = found.path / layout.layer_path(layer)
+    path = committed_path(found.path, layout, layer)
     if layout.form == "merged":
         return digest.of_file(path, algorithm)
     return digest.of_tree({relpath: digest.of_file(path / relpath, algorithm) for relpath, _ in layout.kt_files(layer)},
@@ -262,6 +262,8 @@ def inspect(path: Path, do_verify: bool = False, source: Path | None = None) -> 
         result.comparison, problems = compare(found, source)
         result.problems += problems
     report["problems"] = result.problems
+    if result.problems and found.is_output:
+        report["serve"] = None  # an unfinished or damaged output must not be served: no flags to serve it with
     report["notes"] = found.notes
     warning = _numa_warning(report["numa"], report["machine_numa_nodes"]) if found.is_output else None
     report["warnings"] = [warning] if warning else []

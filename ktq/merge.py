@@ -18,7 +18,7 @@ from ktq.cpu.checkpoint import open_checkpoint
 from ktq.cpu.experts import find_experts
 from ktq.cpu.layout import Layout
 from ktq.cpu.manifest import LayerRecord, Manifest, save_manifest
-from ktq.cpu.output import check_disk, finish_output, needed_bytes, plan_output
+from ktq.cpu.output import check_disk, finish_output, needed_bytes, plan_output, refuse_inside
 from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import MergedSink, PackedProjection, packed_slot
 from ktq.errors import KtqError
@@ -71,9 +71,7 @@ def _check_input(found: Found, out: Path) -> None:
     if found.problems:
         more = f" (and {len(found.problems) - 1} more: see ktq inspect)" if len(found.problems) > 1 else ""
         raise KtqError(f"{found.path} is incomplete or damaged, nothing was written: {found.problems[0]}{more}")
-    src, dst = found.path.resolve(), out.resolve()
-    if dst == src or src in dst.parents:
-        raise KtqError(f"OUT {out} must not be {found.path} or inside it: choose a folder beside it")
+    refuse_inside(out, found.path, "OUT", "IN")
 
 
 def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSink, slot: list[PackedProjection],
@@ -126,7 +124,7 @@ def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progre
                 raise
             save_manifest(out, manifest)
             progress.layer_done(layer, layout.experts, layer_input, time.perf_counter() - layer_started)
-    finish_output(out, manifest, original)
+        finish_output(out, manifest, original)  # under the lock: a second run must not finish it meanwhile
     result.copied_aux = original is not None
     result.output_bytes = manifest.output_bytes
     result.seconds = time.perf_counter() - started

@@ -15,6 +15,7 @@ import fcntl
 import json
 import mmap
 import os
+import stat
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,22 +26,18 @@ import numpy as np
 from ktq import digest
 from ktq.errors import KtqError
 
-# safetensors dtype -> (bytes per element, numpy dtype used to hold the raw bits)
-DTYPES: dict[str, tuple[int, type]] = {
-    "BF16": (2, np.uint16),
-    "F16": (2, np.uint16),
-    "F32": (4, np.float32),
-    "F64": (8, np.float64),
-    "F8_E4M3": (1, np.uint8),
-    "F8_E5M2": (1, np.uint8),
-    "I8": (1, np.int8),
-    "U8": (1, np.uint8),
-    "I16": (2, np.int16),
-    "I32": (4, np.int32),
-    "I64": (8, np.int64),
-    "BOOL": (1, np.bool_),
+# Every dtype of the safetensors format -> bits per element (the Rust library refuses any other name)
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+              "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+# The dtypes ktq reads -> the numpy dtype that holds their raw bits
+NUMPY_DTYPES: dict[str, type] = {
+    "BF16": np.uint16, "F16": np.uint16, "F32": np.float32, "F64": np.float64, "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8, "I8": np.int8, "U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+    "BOOL": np.bool_,
 }
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # bytes; the Rust safetensors library refuses a longer header (HeaderTooLarge)
+_USIZE = 1 << 64  # shapes and offsets are usize to that library: a larger value is a damaged header
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11 lacks the name
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -71,40 +68,150 @@ class TensorInfo:
         return n
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors of one safetensors file and its __metadata__; a clear error for anything malformed."""
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of path, which must be a regular file (a symlink to one is fine: Hugging Face caches
+    link every shard to a blob). Anything else is refused before it is opened: opening a FIFO blocks until a writer
+    comes, and opening a device can act on it. O_NONBLOCK and the second look after opening close the window in
+    which the name could be swapped for one."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise KtqError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise KtqError(f"{path}: not a safetensors file or truncated (header length {header_len} bytes "
-                               f"in a {size}-byte file)")
-            header = json.loads(f.read(header_len))
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                return fd
+            os.close(fd)
     except OSError as exc:
         raise KtqError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KtqError(f"{path}: not a safetensors file (its header is not JSON)") from exc
-    metadata = header.pop("__metadata__", None) or {}
+    raise KtqError(f"{path} is {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}: ktq reads only regular "
+                   "files (or symlinks to them)")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a small regular file (config.json, an index), under open_regular's rules."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise KtqError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+class _Object(list):
+    """A JSON object of a header as its (name, value) pairs, in order: json's C decoder builds these without calling
+    back into Python, and a name given twice stays visible (a dict would keep the last one silently, where another
+    reader may keep the first, so the file would mean different tensors to different tools)."""
+
+
+def _fields(path: Path, pairs: _Object, what: str) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise KtqError(f"{path}: invalid safetensors header: {what} names {twice!r} twice")
+    return found
+
+
+def _constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one tensor's header entry, checked against its byte count. Inline checks, no
+    helper per value: this runs for every tensor of a checkpoint (92k in DeepSeek-V3)."""
+    fields = _fields(path, entry, f"tensor {name}'s entry") if type(entry) is _Object else {}
+    try:
+        dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    except KeyError:
+        raise KtqError(f"{path}: malformed header entry for tensor {name} (it needs dtype, shape and "
+                       "data_offsets)") from None
+    bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
+    if bits is None:
+        raise KtqError(f"{path}: tensor {name} has dtype {dtype!r}, which is not a safetensors dtype")
+    numel, valid = 1, type(shape) is list
+    for dim in shape if valid else ():
+        if type(dim) is not int or not 0 <= dim < _USIZE:  # type(): a bool is an int to Python, not to JSON
+            valid = False
+            break
+        numel *= dim
+    if not valid:
+        raise KtqError(f"{path}: tensor {name} has shape {shape!r}, not a list of non-negative integers")
+    if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
+            and 0 <= offsets[0] <= offsets[1] < _USIZE):
+        raise KtqError(f"{path}: tensor {name} has data_offsets {offsets!r}, not two integers [begin, end] with "
+                       "0 <= begin <= end")
+    begin, end = offsets
+    if numel * bits != 8 * (end - begin):
+        needed = numel * bits / 8 if numel * bits % 8 else numel * bits // 8  # sub-byte dtypes: whole bytes only
+        raise KtqError(f"{path}: tensor {name} has {end - begin} bytes, its shape {shape} of {dtype} needs {needed}")
+    return dtype, tuple(shape), begin, end
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors of one safetensors file and its __metadata__, checked as the Rust safetensors library checks
+    them (a header of sane length, UTF-8 JSON, an object; known dtypes; usize shapes and offsets; each tensor's
+    bytes equal to its shape times its dtype; the tensors contiguous, in order, never overlapping, and covering
+    the data section exactly) and refusing a name given twice; a one-line error for anything else."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        raw_len = os.pread(fd, 8, 0)
+        if len(raw_len) < 8:
+            raise KtqError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > _MAX_HEADER:
+            raise KtqError(f"{path}: not a safetensors file (header length {header_len} bytes, the format allows "
+                           f"{_MAX_HEADER})")
+        if 8 + header_len > size:
+            raise KtqError(f"{path}: not a safetensors file or truncated (header length {header_len} bytes "
+                           f"in a {size}-byte file)")
+        blob = os.pread(fd, header_len, 8)
+    except OSError as exc:
+        raise KtqError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    try:
+        pairs = json.loads(blob.decode(), object_pairs_hook=_Object, parse_constant=_constant)
+    except UnicodeDecodeError as exc:
+        raise KtqError(f"{path}: not a safetensors file (its header is not UTF-8 text)") from exc
+    except ValueError as exc:  # json.JSONDecodeError included
+        raise KtqError(f"{path}: not a safetensors file (its header is not JSON: {exc})") from exc
+    if type(pairs) is not _Object:
+        raise KtqError(f"{path}: invalid safetensors header: a JSON {type(pairs).__name__}, not an object")
+    header = _fields(path, pairs, "the header")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif type(metadata) is _Object:
+        metadata = _fields(path, metadata, "__metadata__")
+    if type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
+        raise KtqError(f"{path}: invalid safetensors header: __metadata__ must map names to strings")
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
+    spans = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise KtqError(f"{path}: malformed header entry for tensor {name}") from exc
-        info = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
-        width = DTYPES.get(dtype, (None,))[0]
-        if width is not None and info.numel * width != info.nbytes:
-            raise KtqError(f"{path}: tensor {name} has {info.nbytes} bytes, its shape {list(shape)} of {dtype} "
-                           f"needs {info.numel * width}")
-        if info.offset + info.nbytes > size:
-            raise KtqError(f"{path} is truncated: tensor {name} ends at byte {info.offset + info.nbytes}, "
-                           f"the file has {size}")
-        tensors[name] = info
+        dtype, shape, begin, end = _entry(path, name, entry)
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+        spans.append((begin, end, name))
+    spans.sort()  # ktq's and the reference writers' order already: linear
+    covered, previous = 0, None
+    for begin, end, name in spans:
+        if begin < covered:
+            raise KtqError(f"{path}: tensor {name}'s data_offsets [{begin}, {end}] overlap the bytes of tensor "
+                           f"{previous}")
+        if begin > covered:
+            raise KtqError(f"{path}: bytes {covered}..{begin} of the data section belong to no tensor (before "
+                           f"tensor {name})")
+        covered, previous = end, name
+    if data_start + covered > size:
+        raise KtqError(f"{path} is truncated: tensor {previous} ends at byte {data_start + covered}, the file has "
+                       f"{size}")
+    if data_start + covered < size:
+        raise KtqError(f"{path}: the last {size - data_start - covered} bytes belong to no tensor (the tensors end "
+                       f"at byte {data_start + covered} of {size})")
     return tensors, metadata
 
 
@@ -119,11 +226,7 @@ class TensorReader:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise KtqError(f"cannot open {path}: {exc.strerror}") from exc
-            self._fds[path] = fd
+            fd = self._fds[path] = open_regular(path)
         return fd
 
     def read_into(self, info: TensorInfo, out: np.ndarray) -> np.ndarray:
@@ -180,8 +283,7 @@ class TensorReader:
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """A fresh array of the tensor (raw bits for types numpy lacks); for small tensors and tests."""
-        dtype = DTYPES[info.dtype][1]
-        out = np.empty(info.shape, dtype)
+        out = np.empty(info.shape, NUMPY_DTYPES[info.dtype])
         return self.read_into(info, out)
 
     def close(self) -> None:

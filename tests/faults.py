@@ -167,10 +167,11 @@ class Outcome:
 class ForkServer:
     """The test side of `python tests/faults.py`: run(argv, root, kill_at) -> Outcome."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, command: str = "cpu") -> None:
+        """command: the ktq command the children run, whose modules the server imports once."""
         self.workdir = workdir
-        self._proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True)
+        self._proc = subprocess.Popen([sys.executable, __file__, command], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
         self._runs = 0
 
     def run(self, argv: list[object], root: Path, kill_at: int | None = None) -> Outcome:
@@ -187,7 +188,7 @@ class ForkServer:
         self._proc.wait(timeout=30)
 
 
-def _serve() -> None:
+def _serve(command: str) -> None:
     import contextlib
     import io
 
@@ -196,13 +197,20 @@ def _serve() -> None:
     from ktq.cli import main
     from ktq.safetensors_io import ALIGN
 
+    if command == "gpu":
+        # torch, transformers and llm-compressor imported, no torch operation run: no OpenMP thread yet
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with contextlib.redirect_stdout(io.StringIO()):  # llm-compressor logs to stdout, this server's reply channel
+            import ktq.gpu.engine  # noqa: F401
+            import ktq.gpu.run  # noqa: F401
+
     # a shard goes to the disk in stage-sized writes: small ones here give a sample's shard as many writes as a
     # real layer's, for kills to land inside
     ktq.safetensors_io.STAGE_BYTES = 2 * ALIGN
     from numba.core.registry import cpu_target
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
-        main(["cpu", "--help"])  # what Typer imports on first use
+        main([command, "--help"])  # what Typer imports on first use
     # Numba's lowering and typing registries (most of the time a child would spend loading the kernels from
     # Numba's cache); this compiles and runs nothing, so no OpenMP thread exists when the server forks
     cpu_target.target_context.refresh()
@@ -244,4 +252,4 @@ def _child(request: dict, events_file: str) -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(sys.argv[1] if len(sys.argv) > 1 else "cpu")

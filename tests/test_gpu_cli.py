@@ -134,12 +134,13 @@ def test_dry_run_json_is_the_plan_on_stdout(src, chat, tmp_path, ktq):
     plan = json.loads(result.stdout)
     assert (plan["command"], plan["model_id"], plan["quant_method"], plan["quant_type"]) == \
         ("gpu", str(src), "GPTQ", "W4A16")
-    # 2 MoE layers of 8 experts x gate/up/down, hidden = moe_intermediate = 128: one layer's Hessians at a time
+    # 2 MoE layers of 8 experts x gate/up/down, hidden = moe_intermediate = 128: one layer's Hessians at a time,
+    # one shared by every gate and up projection and one per down projection
     assert plan["num_layers"] == 2 and plan["quantized_linears"] == 2 * 24
-    assert plan["hessian_linears"] == 24 and plan["hessian_bytes"] == 24 * 4 * 128 * 128
+    assert plan["hessians"] == 9 and plan["hessian_bytes"] == 9 * 4 * 128 * 128
     assert plan["ignored_linears"] == {"attention": 8, "lm_head": 1}
     assert plan["device"] == "cpu" and plan["fits"] and plan["problems"] == []
-    assert plan["cpu_peak_bytes"] <= plan["cpu_budget_bytes"] and plan["output_bytes"] < plan["weight_bytes"]
+    assert plan["cpu_peak_bytes"] <= plan["cpu_budget_bytes"] and plan["source"].startswith("safetensors headers")
     assert "ktq gpu plan" not in result.stderr  # the JSON instead of the table
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 

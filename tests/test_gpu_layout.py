@@ -91,12 +91,12 @@ def test_matching_agrees_with_compressed_tensors():
             assert match_target(pattern, name) == match_name(name, pattern), (pattern, name)
 
 
-def _linears_of(config):
-    from ktq.gpu.plan import list_linears, meta_model
+def _reasons_of(config) -> dict[str, str | None]:
+    from ktq.gpu.plan import linear_reasons, meta_model
     from ktq.hfformat import text_config
 
     layout = MoeLayout.from_config(config.to_dict())
-    return list_linears(meta_model(config, "bfloat16", False), text_config(config.to_dict()), ignore_rules(layout))
+    return linear_reasons(meta_model(config, "bfloat16", False), text_config(config.to_dict()), ignore_rules(layout))
 
 
 def test_real_module_names_with_language_model_prefix():
@@ -110,15 +110,14 @@ def test_real_module_names_with_language_model_prefix():
                      "mlp_only_layers": [1], "decoder_sparse_step": 1},
         vision_config={"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
                        "out_hidden_size": 128, "deepstack_visual_indexes": [1]})
-    linears = _linears_of(config)
-    quantized = {lin.name for lin in linears if lin.ignored is None}
+    reasons = _reasons_of(config)
+    quantized = {name for name, reason in reasons.items() if reason is None}
     expected = {f"model.language_model.layers.{layer}.mlp.experts.{e}.{proj}"
                 for layer in range(12) if layer != 1 for e in range(4)
                 for proj in ("gate_proj", "up_proj", "down_proj")}
     assert quantized == expected
-    reasons = {lin.ignored for lin in linears if lin.ignored}
-    assert {"dense MLP layer", "attention", "vision/audio tower", "lm_head"} <= reasons
-    dense = {lin.name for lin in linears if lin.ignored == "dense MLP layer"}
+    assert {"dense MLP layer", "attention", "vision/audio tower", "lm_head"} <= set(reasons.values())
+    dense = {name for name, reason in reasons.items() if reason == "dense MLP layer"}
     assert dense == {f"model.language_model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -131,12 +130,11 @@ def test_real_module_names_of_deepseek_with_eleven_dense_layers():
                               n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=11, n_group=1,
                               topk_group=1, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
                               qk_nope_head_dim=16, v_head_dim=32)
-    linears = _linears_of(config)
-    assert {lin.name for lin in linears if lin.ignored is None} == {
+    by_reason: dict[str | None, set[str]] = {}
+    for name, reason in _reasons_of(config).items():
+        by_reason.setdefault(reason, set()).add(name)
+    assert by_reason[None] == {
         f"model.layers.11.mlp.experts.{e}.{p}" for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")}
-    by_reason = {}
-    for lin in linears:
-        by_reason.setdefault(lin.ignored, set()).add(lin.name)
     assert len(by_reason["dense MLP layer"]) == 11 * 3
     assert "model.layers.11.self_attn.kv_a_proj_with_mqa" in by_reason["attention"]
     assert by_reason["shared expert"] == {f"model.layers.11.mlp.shared_experts.{p}"

@@ -1,19 +1,23 @@
-"""The memory plan from config.json alone: Hessians, weights, device map, refusals."""
+"""The plan of the streaming engine, before any weight is read: per-layer memory on GPU and host, disk, time,
+refusals; and planning for a GPU this machine does not have."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from gpu_models import sample_moe
+from gpu_models import chat_rows, deepseek_v3_config, run_ktq_capture, sample_moe, write_jsonl
 from ktq.errors import KtqError
 from ktq.gpu.devices import Device
 from ktq.gpu.layout import MoeLayout, ignore_rules
 from ktq.gpu.options import GpuOptions, parse_size
-from ktq.gpu.plan import GPU_OVERHEAD, make_plan, meta_model, plan_table
+from ktq.gpu.plan import GPU_OVERHEAD, check_source, make_plan, meta_model, plan_table
 
 GB = 10**9
+HIDDEN = INTER = 128  # the sample's hidden and expert intermediate sizes
+EXPERTS = 8
 
 
 @pytest.fixture(scope="module")
@@ -40,67 +44,61 @@ def plan_for(sample, parts, tmp_path, device, cpu=64 * GB, **options):
 CPU = Device("cpu", "cpu", 0, 0)
 
 
-def test_hessians_are_those_of_one_moe_layer(sample, parts, tmp_path):
-    plan = plan_for(sample, parts, tmp_path, CPU)
-    # 8 experts x (gate 128 + up 128 + down 128 input features): 24 Linears of 4 * 128^2 bytes
-    assert len(plan.target.quantized) == 24
-    assert plan.hessian_bytes == 24 * 4 * 128 * 128
-    assert plan.quantized == 3 * 24  # three MoE layers
-    assert plan.ignored == {"attention": 16, "dense MLP layer": 3, "lm_head": 1}
-    # the sample's bf16 weights as ktq sample counts them, plus at most the rotary embedding's fp32 buffers
+def test_one_shared_gate_up_hessian_and_a_down_hessian_per_expert(sample, parts, tmp_path):
     from ktq.sample import sample_bytes
 
-    weights = sample_bytes("qwen3_moe", 4, 8, 128, 128, 1)
-    buffers = sum(b.numel() * b.element_size() for b in parts[2].buffers())
-    assert weights < plan.weight_bytes <= weights + buffers
+    plan = plan_for(sample, parts, tmp_path, CPU)
+    assert plan.hessian_bytes == 4 * HIDDEN * HIDDEN + EXPERTS * 4 * INTER * INTER
+    assert plan.quantized == 3 * EXPERTS * 3  # three MoE layers of 8 experts x gate/up/down
+    assert plan.ignored == {"attention": 16, "dense MLP layer": 3, "lm_head": 1}
+    assert [spec.experts for spec in plan.layers] == [0, EXPERTS, EXPERTS, EXPERTS] and plan.moe_layers == 3
+    # every weight of the sample, in bf16, is in some layer or outside the layers (embeddings, norm, lm_head)
+    outside = sum(p.numel() for name, p in parts[2].named_parameters() if ".layers." not in name) * 2
+    layers = sum(spec.weight_bytes for spec in plan.layers)
+    assert layers + outside == sample_bytes("qwen3_moe", 4, EXPERTS, HIDDEN, INTER, 1)
 
 
-def test_rtn_needs_no_hessians_or_activation_cache(sample, parts, tmp_path):
+def test_rtn_needs_no_hessians_activations_or_hidden_states(sample, parts, tmp_path):
     plan = plan_for(sample, parts, tmp_path, CPU, quant_method="RTN")
     assert plan.hessian_bytes == 0 and plan.cache_bytes == 0 and plan.activation_bytes == 0
+    assert plan.seconds()["calibrate"] == 0 and plan.seconds()["hessians"] == 0
 
 
-def test_activation_cache_grows_with_samples_and_length(sample, parts, tmp_path):
+def test_hidden_states_grow_with_samples_and_length(sample, parts, tmp_path):
     small = plan_for(sample, parts, tmp_path, CPU, num_calibration_samples=8, max_sequence_length=64)
     large = plan_for(sample, parts, tmp_path, CPU, num_calibration_samples=16, max_sequence_length=128)
     assert large.cache_bytes == 4 * small.cache_bytes
     assert large.activation_bytes == 2 * small.activation_bytes
+    assert large.seconds()["hessians"] > small.seconds()["hessians"]
 
 
 def test_output_size_counts_packed_weights_and_scales(sample, parts, tmp_path):
     w8 = plan_for(sample, parts, tmp_path, CPU, quant_type="W8A16")
     w4 = plan_for(sample, parts, tmp_path, CPU, quant_type="W4A16")
-    expert_params = 72 * 128 * 128  # 72 quantised Linears of 128 x 128
-    scales = 72 * 128 * 1 * 2  # one bf16 scale per output row and group of 128 inputs
-    assert w8.weight_bytes - w8.output_bytes == expert_params * 2 - expert_params - scales
-    assert w8.output_bytes - w4.output_bytes == expert_params // 2
+    projections = 3 * EXPERTS * 3
+    assert w8.output_bytes - w4.output_bytes == projections * HIDDEN * INTER // 2
+    # int8 codes and one bf16 scale per row and group of 128 inputs
+    assert w8.packed_bytes == EXPERTS * 3 * (HIDDEN * INTER + 2 * INTER * (HIDDEN // 128))
 
 
-def test_whole_model_on_a_large_gpu(sample, parts, tmp_path):
+def test_a_large_gpu_keeps_the_hidden_states(sample, parts, tmp_path):
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "big", 80 * GB, 80 * GB))
-    assert plan.fits
-    assert plan.gpu_layers == 4 and plan.cpu_weight_bytes == 0 and plan.onload_bytes == 0
-    assert plan.gptq_batch == 24  # every same-shape expert Linear of a layer in one GPTQ batch
-    assert plan.cache_on_gpu and plan.cache_device == "cuda:0"  # room to spare: no copies per sample and layer
-    assert plan.gpu_peak == (plan.weight_bytes + plan.hessian_bytes + max(plan.activation_bytes, plan.gptq_batch_bytes)
-                             + plan.cache_bytes + GPU_OVERHEAD)
-    assert plan.cpu_peak == plan.output_bytes  # only the save buffer is left on the CPU
+    assert plan.fits and plan.cache_on_gpu and plan.cache_device == "cuda:0"
+    assert plan.gpu_peak == (plan.layer.weight_bytes + plan.hessian_bytes
+                             + max(plan.activation_bytes, plan.solve_bytes) + plan.cache_bytes + GPU_OVERHEAD)
+    # the host holds this process, the next layer's experts and one packed layer; never the hidden states here
+    assert plan.cpu_peak == plan.process_bytes + plan.moe.expert_bytes + plan.packed_bytes
 
 
-def test_small_gpu_offloads_layers_to_the_cpu(sample, parts, tmp_path):
-    """Room for the GPTQ working set and about three layers: the last layers stay on the CPU, one of them is onloaded
-    at a time (accelerate keeps room for it)."""
-    full = plan_for(sample, parts, tmp_path, CPU)
-    module, group = full.target.largest_batch_group()
-    budget = full.hessian_bytes + group * module.gptq_bytes + 3 * full.target.weight_bytes + GPU_OVERHEAD + 300_000
+def test_a_small_gpu_leaves_the_hidden_states_on_the_host(sample, parts, tmp_path):
+    full = plan_for(sample, parts, tmp_path, Device("cuda", "big", 80 * GB, 80 * GB), num_calibration_samples=512,
+                    max_sequence_length=1024)
+    budget = full.gpu_peak - full.cache_bytes + 1000
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "small", budget, budget), max_gpu_memory=budget,
                     num_calibration_samples=512, max_sequence_length=1024)
-    assert plan.gptq_batch == group == 24
-    assert 0 < plan.gpu_layers < 4
-    assert plan.cpu_weight_bytes > 0 and plan.onload_bytes == full.target.weight_bytes
-    assert set(plan.device_map.values()) == {0, "cpu"}
-    assert not plan.cache_on_gpu and plan.cache_bytes > budget  # 512 x 1024 tokens of activations stay on the CPU
+    assert not plan.cache_on_gpu and plan.cache_device == "cpu"
     assert plan.gpu_peak <= budget and plan.fits
+    assert plan.cpu_peak == full.cpu_peak + plan.cache_bytes
 
 
 def test_refuses_when_one_layer_cannot_be_calibrated(sample, parts, tmp_path):
@@ -109,13 +107,13 @@ def test_refuses_when_one_layer_cannot_be_calibrated(sample, parts, tmp_path):
     assert "--max_gpu_memory" in plan.problems[0] and "--max_sequence_length" in plan.problems[0]
 
 
-def test_refuses_when_the_cpu_cannot_hold_the_activation_cache(sample, parts, tmp_path):
+def test_refuses_when_the_host_cannot_hold_the_hidden_states(sample, parts, tmp_path):
     plan = plan_for(sample, parts, tmp_path, CPU, cpu=10**6)
     assert not plan.fits
-    assert "--num_calibration_samples" in plan.problems[0]
+    assert plan.problems[0].startswith("the CPU must hold") and "--num_calibration_samples" in plan.problems[0]
 
 
-def test_refuses_group_misaligned_inputs(tmp_path):
+def test_refuses_group_misaligned_experts(tmp_path):
     from transformers import AutoConfig
 
     from ktq.sample import write_sample
@@ -126,7 +124,7 @@ def test_refuses_group_misaligned_inputs(tmp_path):
     opts = GpuOptions(model_id=str(src), output_dir=tmp_path / "out")
     plan = make_plan(opts, config.to_dict(), meta_model(config, "bfloat16", False), layout, ignore_rules(layout),
                      CPU, 64 * GB)
-    assert any("96 input features" in p and "group size 128" in p for p in plan.problems)
+    assert any("128 / 96 input features" in p and "group size 128" in p for p in plan.problems)
 
 
 def test_plan_table_shows_every_term(sample, parts, tmp_path):
@@ -136,9 +134,46 @@ def test_plan_table_shows_every_term(sample, parts, tmp_path):
     console = Console(record=True, width=160)
     console.print(plan_table(plan, GpuOptions(model_id=str(sample), output_dir=tmp_path / "o")))
     text = console.export_text()
-    for row in ("weights", "Hessians", "activations", "GPTQ batch", "activation cache", "GPU peak", "CPU peak"):
+    for row in ("layer", "next layer's experts", "Hessians", "activations", "hidden states", "GPTQ working set",
+                "packed layer", "output", "GPU peak", "CPU peak", "time", "nominal H100-class rates"):
         assert row in text
-    assert "24 Linears of model.layers.1" in text
+    assert "one shared gate/up 128^2 + 8 down 128^2" in text
+
+
+def test_deepseek_v3_fits_an_80_gib_gpu_and_64_gib_of_host_memory(tmp_path):
+    """Planned on this machine, which has no GPU, from DeepSeek-V3's config.json alone (an FP8 release)."""
+    folder = tmp_path / "DeepSeek-V3"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(deepseek_v3_config()))
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(4))
+    code, out, _ = run_ktq_capture("gpu", "--model_id", folder, "--output_dir", tmp_path / "out", "--dataset", chat,
+                                   "--quant_type", "W4A16", "--dry_run", "--json", "--max_gpu_memory", "80GiB",
+                                   "--max_cpu_memory", "64GiB")
+    plan = json.loads(out)
+    assert plan["planned_gpu"] and plan["device_name"] == "a GPU of 85.90 GB" and not plan["rates_measured"]
+    assert (plan["num_layers"], plan["moe_layers"], plan["experts"]) == (61, 58, 256)
+    # 109.5 GB of per-projection Hessians as llm-compressor keeps them; 4.5 GB shared
+    assert plan["hessian_bytes"] == 4 * (7168**2 + 256 * 2048**2)
+    assert plan["gpu_peak_bytes"] <= 80 * 2**30 and plan["cpu_peak_bytes"] <= 64 * 2**30
+    assert plan["cache_device"] == "cuda:0"  # 512 x 2048 hidden states of 7168 fit beside the layer
+    assert [p for p in plan["problems"] if "disk" not in p and "output needs" not in p] == []
+    assert plan["source"].startswith("config.json only") and 0 < plan["seconds_total"] < 2 * 3600
+    assert code == (0 if plan["fits"] else 2)
+
+
+def test_sources_the_engine_cannot_read_are_refused_before_loading(tmp_path):
+    from ktq.sample import write_sample
+
+    with pytest.raises(KtqError, match="not a local folder.*download it first"):
+        check_source("some-org/some-model")
+    src = write_sample(tmp_path / "src", layers=2, experts=4, hidden=128, moe_intermediate=128, dense_layers=0)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = next(iter(index["weight_map"].values()))
+    index["weight_map"]["model.layers.1.mlp.experts.3.up_proj.weight"] = "missing.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KtqError, match="missing.safetensors"):
+        check_source(str(src))
+    assert shard
 
 
 @pytest.mark.parametrize("text, value", [("40GiB", 40 * 2**30), ("40GB", 40 * 10**9), ("1.5g", 1_500_000_000),

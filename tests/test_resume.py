@@ -35,12 +35,16 @@ def cpu_args(source: Path, out: Path, form: str, *extra: object) -> list[object]
 
 
 def committed_inodes(out: Path) -> dict[str, int]:
-    """The inode of every layer ktq.json records: a layer that is kept, not rewritten, keeps its inode."""
+    """The inode of every layer ktq.json records: a layer that is kept, not rewritten, keeps its inode. A merged
+    shard is under its pending name until the output is complete (and, killed while they are renamed, some are
+    under their names already)."""
     manifest = out / "ktq.json"
     if not manifest.is_file():
         return {}
     layers = json.loads(manifest.read_text())["layers"]
-    return {record["path"]: (out / record["path"]).stat().st_ino for record in layers.values()}
+    where = {record["path"]: out / record["path"] for record in layers.values()}
+    return {path: (file if file.exists() else file.with_name(f"{file.name}.pending")).stat().st_ino
+            for path, file in where.items()}
 
 
 def spread(total: int, count: int) -> list[int]:

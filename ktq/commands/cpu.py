@@ -35,14 +35,14 @@ def cpu(
     input_type: InputType = typer.Option(None, "--input-type", help="How the expert weights are stored (int4: "
                                          "compressed-tensors pack-quantized); detected when omitted."),
     quant_method: QuantMethod = typer.Option(QuantMethod.int4, "--quant-method", help="AMXINT4 or AMXINT8."),
-    cpuinfer_threads: int = typer.Option(None, "--cpuinfer-threads", help="Threads for quantisation "
+    cpuinfer_threads: int = typer.Option(None, "--cpuinfer-threads", min=1, help="Threads for quantisation "
                                          "[default: all cores]."),
-    threadpool_count: int = typer.Option(None, "--threadpool-count", help="NUMA parts; serve with the same "
-                                         "--kt-threadpool-count [default: this machine's NUMA nodes]."),
+    threadpool_count: int = typer.Option(None, "--threadpool-count", min=1, help="NUMA parts; serve with the "
+                                         "same --kt-threadpool-count [default: this machine's NUMA nodes]."),
     merge: bool = typer.Option(True, "--merge-safetensor/--no-merge-safetensor",
                                help="Merged safetensors shards, or the low-memory .kt tree."),
-    resume_layer: int = typer.Option(None, "--resume-layer", help="Reconvert from this layer on; earlier layers "
-                                     "must already be in --output."),
+    resume_layer: int = typer.Option(None, "--resume-layer", min=0, help="Reconvert from this layer on; earlier "
+                                     "layers must already be in --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan: layers, output size, peak RAM, disk, "
                                  "time; reads headers only. Exit code 2 when it would not fit."),
@@ -60,6 +60,7 @@ def cpu(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numba
 
+    from ktq.cpu.output import refuse_inside
     from ktq.cpu.pipeline import CpuJob, convert_cpu
     from ktq.cpu.plan import numa_warning, plan_cpu, plan_table
     from ktq.kernels.ktformat import METHODS
@@ -67,17 +68,16 @@ def cpu(
 
     if as_json and not dry_run:
         raise KtqError("--json prints the plan of --dry-run: add --dry-run")
+    refuse_inside(output, input_path, "--output", "--input-path")
     # At exit, the interpreter's last garbage collection walks every object of Numba's compiler and of the
     # checkpoint's description: 0.2 s of a dry run (measured). atexit handlers run before it; frozen objects are
     # skipped.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
-    threads = cpuinfer_threads or cpu_cores()
-    if threads < 1:
-        raise KtqError("--cpuinfer-threads must be at least 1")
+    threads = cpu_cores() if cpuinfer_threads is None else cpuinfer_threads  # 0 is refused by Typer (min=1)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     job = CpuJob(input_path=input_path, output=output, method=METHODS[quant_method.value],
-                 numa=threadpool_count or numa_nodes(), merge=merge,
+                 numa=numa_nodes() if threadpool_count is None else threadpool_count, merge=merge,
                  input_type=input_type.value if input_type else None, resume_layer=resume_layer, force=force)
     if dry_run:
         plan = plan_cpu(job, threads, measure_time=True)

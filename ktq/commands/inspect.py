@@ -93,8 +93,11 @@ def _render(report: dict) -> None:
             pieces.add_row(proj, str(p["shape"]), f"{p['weight_bytes']:,} B", f"{p['scale_bytes']:,} B")
         console.print(pieces)
         serve = report["serve"]
-        console.print(f"serve with: --kt-method {serve['kt_method']} --kt-weight-path {serve['kt_weight_path']} "
-                      f"--kt-threadpool-count {serve['kt_threadpool_count']}", soft_wrap=True)
+        if serve is None:
+            console.print("serve with: nothing yet, the output is unfinished or damaged (problems below)")
+        else:
+            console.print(f"serve with: --kt-method {serve['kt_method']} --kt-weight-path {serve['kt_weight_path']} "
+                          f"--kt-threadpool-count {serve['kt_threadpool_count']}", soft_wrap=True)
     if "compare" in report:
         errors = Table(title=f"error against {report['compare']['source']}", title_justify="left")
         for column in ("layer", "projection", "relative RMS", "max abs", "SNR dB"):

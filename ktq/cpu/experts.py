@@ -40,7 +40,6 @@ _PLAIN_TYPES = {"BF16": "bf16", "F16": "fp16"}
 _SCALE_DTYPES = {"F32": np.float32, "BF16": np.uint16}  # scale tensors: float32, or bf16 kept as bits
 
 _PREFIX = r"^(?P<prefix>(?:model\.)?(?:language_model\.)?(?:model\.)?)layers\.(?P<layer>\d+)\."
-# One projection of one expert: {prefix}layers.{L}.{block}.experts.{e}.{name}.{param}
 # The MoE block: `mlp` (most), `block_sparse_moe` (Mixtral, MiniMax, Granite-MoE), `feed_forward` (Jamba, LFM2-MoE)
 _BLOCK = r"(?P<block>mlp|block_sparse_moe|feed_forward)\."
 # One projection of one expert: {prefix}layers.{L}.{block}.experts.{e}.{name}.{param}
@@ -57,6 +56,7 @@ _FUSED_NAMES = {
 }
 _FUSED_KIND = {name: (naming, kind) for naming, names in _FUSED_NAMES.items() for kind, name in names.items()}
 _FUSED_KEY = re.compile(_PREFIX + _BLOCK + r"(?P<fused>" + "|".join(re.escape(n) for n in _FUSED_KIND) + r")$")
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # any tensor of decoder layer L
 # Tensors that make up one stored projection, by storage kind
 _STORAGE_PARAMS = {"weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape",
                    "weight_zero_point", "weight_g_idx"}
@@ -126,11 +126,11 @@ class MoeModel:
 
 
 def _config_int(config: dict, *keys: str) -> int:
-    for key in keys:
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise KtqError(f"config.json has no {' / '.join(keys)}: is this a Mixture-of-Experts model?")
+    """The first of keys that config sets, a positive integer (hfformat.count)."""
+    value = hfformat.count(config, *keys)
+    if value is None:
+        raise KtqError(f"config.json has no {' / '.join(keys)}: is this a Mixture-of-Experts model?")
+    return value
 
 
 def geometry_of(config: dict) -> Geometry:
@@ -145,6 +145,14 @@ def moe_layer_indices(config: dict) -> list[int]:
     """Decoder layers with routed experts according to the config (hfformat.moe_layers: MTP layers excluded)."""
     _config_int(config, "num_hidden_layers")  # missing, it is named in one line
     return list(hfformat.moe_layers(config))
+
+
+def _check_layer_count(config: dict, held_layers: int) -> None:
+    """num_hidden_layers sizes the layer list: it cannot exceed the decoder layers the shards hold tensors of."""
+    count = _config_int(config, "num_hidden_layers")
+    if count > held_layers:
+        raise KtqError(f"config.json: num_hidden_layers is {count}, but the shards hold tensors of {held_layers} "
+                       "decoder layers: the config does not describe these shards")
 
 
 def _quantization_config(ckpt: Checkpoint) -> dict:
@@ -275,7 +283,10 @@ def _packed_args(ckpt: Checkpoint) -> _PackedArgs:
     if config.get("quant_method") != "compressed-tensors" or config.get("format") != "pack-quantized":
         raise KtqError(f"expert tensors are stored as weight_packed, but {where} does not declare compressed-tensors "
                        f"pack-quantized (quant_method {config.get('quant_method')!r}, format {config.get('format')!r})")
-    schemes = [group["weights"] for group in (config.get("config_groups") or {}).values()
+    groups = config.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise KtqError(f"{where}: config_groups is {hfformat.shown(groups)}, not an object of weight schemes")
+    schemes = [group["weights"] for group in groups.values()
                if isinstance(group, dict) and isinstance(group.get("weights"), dict)]
     if len({json.dumps(s, sort_keys=True) for s in schemes}) != 1:
         raise KtqError(f"{where} has {len(schemes)} different weight schemes; ktq reads checkpoints with one")
@@ -343,7 +354,11 @@ class _Storage:
                            f"{[n, k * args.bits // 32]} (shape {[n, k]} packed {32 // args.bits} per int32)")
         groups = -(-k // args.group) if args.group else 1
         scale = _scale_check(params.get("weight_scale"), packed, (n, groups), "weight_scale")
-        return _packed(packed, scale, params.get("weight_shape"), expected, args)
+        stored_shape = params.get("weight_shape")
+        if stored_shape is not None and (stored_shape.dtype not in ("I32", "I64") or stored_shape.shape != (2,)):
+            raise KtqError(f"{stored_shape.name} is {stored_shape.dtype} {list(stored_shape.shape)}, {packed.name} "
+                           "needs I32 or I64 [2] (its rows and columns)")
+        return _packed(packed, scale, stored_shape, expected, args)
 
 
 # ---- layouts -----------------------------------------------------------------------------------------------
@@ -364,12 +379,14 @@ def _unknown_layout(ckpt: Checkpoint) -> KtqError:
                     ", experts.E.{w1,w3,w2}, fused experts.{gate_up_proj,down_proj} or {input,output}_linear.weight")
 
 
-def _scan(ckpt: Checkpoint) -> tuple[str, str, str, dict, dict]:
+def _scan(ckpt: Checkpoint) -> tuple[str, str, str, dict, dict, int]:
     """(prefix, block, naming, per-expert {(L, e, proj): {param: info}}, fused {(L, kind): info}) of the one layout
-    used; naming is a key of _PROJECTION_NAMES or of _FUSED_NAMES."""
+    used (naming: a key of _PROJECTION_NAMES or of _FUSED_NAMES), and the number of decoder layers the shards hold
+    tensors of (1 + the highest L of any `layers.L.` name)."""
     per_expert: dict[tuple[int, int, str], dict[str, TensorInfo]] = {}
     fused: dict[tuple[int, str], TensorInfo] = {}
     layouts: dict[tuple[str, str, str], str] = {}  # (prefix, block, naming) -> an example key
+    other_layers = [-1]  # of the tensors that are not experts (a few per layer)
     for name, info in ckpt.tensors.items():
         match = _PER_EXPERT_KEY.match(name)
         if match:  # one group tuple, not a look-up per group: this loop sees every tensor (92k for DeepSeek-V3)
@@ -388,13 +405,16 @@ def _scan(ckpt: Checkpoint) -> tuple[str, str, str, dict, dict]:
             naming, kind = _FUSED_KIND[match["fused"]]
             layouts.setdefault((match["prefix"], match["block"], naming), name)
             fused[(int(match["layer"]), kind)] = info
+        elif match := _LAYER_KEY.search(name):
+            other_layers.append(int(match[1]))
     if not layouts:
         raise _unknown_layout(ckpt)
     if len(layouts) > 1:
         raise KtqError(f"expert tensors in several layouts ({', '.join(sorted(layouts.values()))}): "
                        "ambiguous checkpoint")
     (prefix, block, naming), = layouts
-    return prefix, block, naming, per_expert, fused
+    held = 1 + max([key[0] for key in per_expert] + [key[0] for key in fused] + other_layers)
+    return prefix, block, naming, per_expert, fused, held
 
 
 def _per_expert_model(ckpt: Checkpoint, where: str, naming: str, found: dict, g: Geometry, layer_indices: list[int],
@@ -493,8 +513,9 @@ def find_experts(ckpt: Checkpoint, requested_type: str | None = None) -> MoeMode
     refused = hfformat.refusal(ckpt.config)
     if refused is not None:
         raise KtqError(f"{ckpt.path / 'config.json'}: {refused}")
-    prefix, block, naming, per_expert, fused = _scan(ckpt)
+    prefix, block, naming, per_expert, fused, held_layers = _scan(ckpt)
     geometry = geometry_of(ckpt.text_config)
+    _check_layer_count(ckpt.text_config, held_layers)
     layer_indices = moe_layer_indices(ckpt.text_config)
     if not layer_indices:
         raise KtqError(f"{ckpt.path / 'config.json'} makes no decoder layer a MoE layer (see num_hidden_layers, "

@@ -16,6 +16,9 @@ from ktq.safetensors_io import encode_header
 
 FORMS = ("merged", "kt")
 DISK_BLOCK = 4096  # what one small file costs on a disk at least (ext4, xfs, tmpfs)
+# Experts x NUMA parts of one layer, at most: the largest MoE models have 512 experts, machines 16 NUMA nodes. A
+# layout read from a folder (ktq.json, file names) beyond it is damage, and checking it file by file would not end.
+MAX_PIECES_PER_LAYER = 1 << 16
 
 # A tensor of a merged shard as safetensors_io declares it: (name, dtype, shape, bytes)
 Entry = tuple[str, str, tuple[int, ...], int]
@@ -117,3 +120,19 @@ def _shard_header_bytes(layout: Layout, digits: int) -> int:
     of one per layer: a DeepSeek-V3 plan encoded its 58 headers of 1536 tensors twice, 0.9 s."""
     return len(layout.shard_header(10 ** (digits - 1)))
 
+
+def geometry_problem(layout: Layout) -> str | None:
+    """Why no kt-kernel output can have this layout (read from a folder, not computed from a model), or None:
+    sizes that are not positive integers, a split kt-kernel cannot make, an absurd expert count, layers out of
+    order."""
+    sizes = {"hidden size": layout.hidden, "intermediate size": layout.intermediate, "expert count": layout.experts,
+             "NUMA count": layout.numa}
+    for what, value in sizes.items():
+        if type(value) is not int or value < 1:
+            return f"{what} {value!r} is not a positive integer"
+    if layout.experts * layout.numa > MAX_PIECES_PER_LAYER:
+        return f"{layout.experts} experts in {layout.numa} NUMA parts per layer is more than any model has"
+    if not all(type(layer) is int and layer >= 0 for layer in layout.layers) or \
+            list(layout.layers) != sorted(set(layout.layers)):
+        return f"the MoE layers {list(layout.layers)[:5]} are not ascending layer indices"
+    return fmt.alignment_problem(layout.method, layout.hidden, layout.intermediate, layout.numa)

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktq import __version__, digest
-from ktq.cpu.layout import FORMS, Layout
+from ktq.cpu.layout import FORMS, Layout, geometry_problem
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
 
 MANIFEST_NAME = "ktq.json"
 FORMAT = "ktq-cpu/1"
 PARTIAL_SUFFIX = ".partial"  # every file or folder ktq writes is first written under its name + this suffix
+# A merged output's committed shards keep their name + this until the output is complete: kt-kernel loads every
+# top-level *.safetensors, so an unfinished output must hold none that it could serve by mistake.
+PENDING_SUFFIX = ".pending"
 
 # Fields that must agree for a run to continue an existing output: anything that changes a single output byte.
 IDENTITY_FIELDS = ("format", "form", "method", "numa", "hidden", "intermediate", "experts", "moe_layers",
@@ -86,15 +89,18 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
         try:
-            layout = Layout(data["form"], fmt.METHODS[data["method"]], int(data["numa"]), int(data["hidden"]),
-                            int(data["intermediate"]), int(data["experts"]),
-                            tuple(int(layer) for layer in data["moe_layers"]))
+            # sizes as they are, not coerced to int ("2", true): geometry_problem below checks them
+            layout = Layout(data["form"], fmt.METHODS[data["method"]], data["numa"], data["hidden"],
+                            data["intermediate"], data["experts"], tuple(data["moe_layers"]))
             layers = {int(key): LayerRecord.from_json(record) for key, record in data["layers"].items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise KtqError(f"{MANIFEST_NAME} lacks a valid {exc} entry: it was not written by this version of "
                            "ktq") from exc
         if layout.form not in FORMS:
             raise KtqError(f"{MANIFEST_NAME} names an unknown output form {layout.form!r}")
+        problem = geometry_problem(layout)
+        if problem:
+            raise KtqError(f"{MANIFEST_NAME} describes an output kt-kernel cannot have ({problem}): it is damaged")
         if not isinstance(data.get("input_type"), str) or not isinstance(data.get("input_fingerprint"), str):
             raise KtqError(f"{MANIFEST_NAME} lacks a valid input_type or input_fingerprint entry: it was not written "
                            "by this version of ktq")

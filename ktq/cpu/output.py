@@ -4,7 +4,13 @@ A folder is a ktq output when it holds ktq.json. ktq writes into a new or empty 
 with the same settings (keeping every committed layer whose files are intact), and refuses anything else. --force
 starts over a ktq output made with other settings by deleting what ktq wrote there, and nothing else; a folder that
 is not a ktq output is never touched. `plan_output` decides without writing, so that a refusal (other settings,
-too little disk) leaves the folder as it was; `OutputPlan.writing` then acts.
+too little disk) leaves the folder as it was; `OutputPlan.writing` then acts, under the folder's lock until the
+output is complete.
+
+An unfinished merged output holds no *.safetensors at its top level, where kt-kernel would load (and serve) them:
+committed shards wait under their pending names (`model-…safetensors.pending`) and `finish_output` gives them their
+names once the last layer is in, just before ktq.json says complete. A run that continues an output first moves any
+shard under its name back to its pending one.
 """
 
 from __future__ import annotations
@@ -25,14 +31,17 @@ from ktq.cpu.manifest import (
     PARTIAL_SUFFIX,
     LayerRecord,
     Manifest,
+    fsync_dir,
     identity_mismatch,
     json_text,
     load_manifest,
     save_manifest,
     write_json_atomic,
 )
+from ktq.cpu.sinks import merged_pending_path
 from ktq.errors import KtqError, write_error
 from ktq.progress import gb
+from ktq.safetensors_io import open_regular
 
 # Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
 AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -63,7 +72,8 @@ class OutputPlan:
         with _exclusive(self.out):
             try:
                 _delete(self.remove)
-                save_manifest(self.out, self.manifest)  # last: until here a killed run leaves the old one in charge
+                save_manifest(self.out, self.manifest)  # until here a killed run leaves the old one in charge
+                _unpublish(self.out, self.manifest)
                 yield
             except BaseException:
                 if self.created and not self.manifest.layers:
@@ -102,6 +112,42 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+def committed_path(out: Path, layout: Layout, layer: int) -> Path:
+    """The file or folder of a committed layer: a merged shard under its name once published (or while
+    finish_output publishes the shards, one rename each), else under its pending name."""
+    final = out / layout.layer_path(layer)
+    if layout.form == "merged" and not os.path.lexists(final):
+        return merged_pending_path(out, layout, layer)
+    return final
+
+
+def _renamed(moves: list[tuple[Path, Path]], out: Path) -> None:
+    """Each (path, new path) renamed, then made durable."""
+    try:
+        for path, new in moves:
+            os.replace(path, new)
+        if moves:
+            fsync_dir(out)
+    except OSError as exc:
+        raise write_error(exc.filename, exc) from exc
+
+
+def _unpublish(out: Path, manifest: Manifest) -> None:
+    """A merged output being written holds no shard under its name: each goes back to its pending name (where the
+    shard of a layer converted again is replaced when that layer is committed)."""
+    layout = manifest.layout
+    if layout.form == "merged":
+        _renamed([(out / layout.layer_path(layer), merged_pending_path(out, layout, layer))
+                  for layer in layout.layers if os.path.lexists(out / layout.layer_path(layer))], out)
+
+
+def _publish(out: Path, manifest: Manifest) -> None:
+    """Every committed shard of a merged output under its name: the output is complete."""
+    layout = manifest.layout
+    _renamed([(merged_pending_path(out, layout, layer), out / layout.layer_path(layer))
+              for layer in layout.layers if os.path.lexists(merged_pending_path(out, layout, layer))], out)
+
+
 def _is_partial(path: Path) -> bool:
     return path.name.endswith(PARTIAL_SUFFIX)
 
@@ -111,6 +157,8 @@ def ktq_files(out: Path, manifest: Manifest) -> list[Path]:
     temporaries. ktq.json itself is not listed."""
     layout = manifest.layout  # its layer paths are those of every record too
     names = {layout.layer_path(layer) for layer in layout.layers} | {hfformat.INDEX_NAME}
+    if layout.form == "merged":
+        names |= {merged_pending_path(out, layout, layer).name for layer in layout.layers}
     found = [out / name for name in sorted(names) if (out / name).exists()]
     found += sorted(p for pattern in AUX_PATTERNS for p in out.glob(pattern) if p.is_file())
     found += sorted(p for p in out.iterdir() if _is_partial(p))
@@ -123,14 +171,19 @@ def layer_intact(out: Path, layout: Layout, layer: int, record: LayerRecord) -> 
     flushed to the disk before they are renamed, so a crash cannot leave a renamed file with the wrong bytes."""
     if record.path != layout.layer_path(layer) or record.bytes != layout.layer_bytes(layer):
         return False
-    path = out / record.path
+    path = committed_path(out, layout, layer)
     if layout.form == "merged":
         header = layout.shard_header(layer)
         try:
-            with open(path, "rb") as f:
-                return f.read(len(header)) == header and path.stat().st_size == record.bytes
+            fd = open_regular(path)
+        except KtqError:  # missing, or not a file: converted again
+            return False
+        try:
+            return os.pread(fd, len(header), 0) == header and os.fstat(fd).st_size == record.bytes
         except OSError:
             return False
+        finally:
+            os.close(fd)
     for relpath, size in layout.kt_files(layer):
         file = path / relpath
         if not file.is_file() or file.stat().st_size != size:
@@ -165,6 +218,15 @@ def plan_output(out: Path, wanted: Manifest, force: bool) -> OutputPlan:
     kept = {layer: record for layer, record in existing.layers.items()
             if layer in layout.layers and layer_intact(out, layout, layer, record)}
     return OutputPlan(out, wanted.fresh(kept), remove=[p for p in out.iterdir() if _is_partial(p)])
+
+
+def refuse_inside(out: Path, source: Path, out_option: str, source_option: str) -> None:
+    """The output folder must not be the input folder or lie inside it (links resolved): the run would write into
+    what it reads, and the input would then hold a second copy of the weights that loaders would find."""
+    src, dst = Path(os.path.realpath(source)), Path(os.path.realpath(out))  # Path.resolve raises on a link loop
+    if dst == src or src in dst.parents:
+        raise KtqError(f"{out_option} {out} must not be {source_option} {source} or inside it: choose a folder "
+                       "beside it")
 
 
 def _existing_parent(path: Path) -> Path:
@@ -256,11 +318,13 @@ def copy_aux_files(source: Path, out: Path) -> None:
 
 
 def finish_output(out: Path, manifest: Manifest, source: Path | None) -> None:
-    """After the last layer: the merged form's copied files and index, then ktq.json marked complete."""
+    """After the last layer, still under the folder's lock (OutputPlan.writing): the merged form's copied files,
+    index and shards under their names, then ktq.json marked complete."""
     if manifest.layout.form == "merged":
         if source is not None:
             copy_aux_files(source, out)
         write_json_atomic(out / hfformat.INDEX_NAME, index_data(manifest.layout))
+        _publish(out, manifest)
     manifest.complete = True
     save_manifest(out, manifest)
 

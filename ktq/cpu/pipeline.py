@@ -268,7 +268,7 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
             progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
         progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
         _Pipeline(job, model, layout, sink, manifest, progress, reader).run(todo)
-    finish_output(job.output, manifest, source)
+        finish_output(job.output, manifest, source)  # under the lock: a second run must not finish it meanwhile
     result.output_bytes = manifest.output_bytes
     result.seconds = time.perf_counter() - started
     return result

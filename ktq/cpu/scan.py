@@ -8,17 +8,19 @@ pieces back, whichever the form. `ktq inspect` and `ktq merge` are built on both
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
-from ktq.cpu.layout import Layout, Piece
-from ktq.cpu.manifest import PARTIAL_SUFFIX, Manifest, load_manifest
+from ktq.cpu.layout import Layout, Piece, geometry_problem
+from ktq.cpu.manifest import PARTIAL_SUFFIX, PENDING_SUFFIX, Manifest, load_manifest
+from ktq.cpu.output import committed_path
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
-from ktq.safetensors_io import TensorInfo, TensorReader, read_header
+from ktq.safetensors_io import TensorInfo, TensorReader, open_regular, read_header
 
 SHOWN = 3  # examples named in one problem line
 
@@ -42,6 +44,13 @@ class Found:
     @property
     def is_output(self) -> bool:
         return self.kind != "checkpoint"
+
+    @property
+    def checked_layers(self) -> list[int]:
+        """The layers whose files must all be there: every layer of the layout, or, in a ktq output, those ktq.json
+        records as committed (the rest are the unfinished part of the conversion, one problem of its own)."""
+        layers = self.layout.layers
+        return [layer for layer in layers if self.manifest is None or layer in self.manifest.layers]
 
 
 def _examples(items: list[str]) -> str:
@@ -78,8 +87,18 @@ def _infer_kt_layout(path: Path) -> Layout:
         raise KtqError(f"{path} has _layer_* folders but no complete set of kt-kernel .kt files "
                        f"(methods found: {tags or 'none'}): not a kt-kernel output")
     numa = max(parts) + 1
-    return Layout("kt", methods.pop(), numa, scale_n["down"], scale_n["gate"] * numa, max(experts) + 1,
-                  tuple(sorted(dirs)))
+    return _possible(path, Layout("kt", methods.pop(), numa, scale_n["down"], scale_n["gate"] * numa,
+                                  max(experts) + 1, tuple(sorted(dirs))))
+
+
+def _possible(path: Path, layout: Layout) -> Layout:
+    """An inferred layout, refused when no kt-kernel output can have it (files of zero bytes with well-formed
+    names, say, make a 0 x 0 geometry that every size check would pass)."""
+    problem = geometry_problem(layout)
+    if problem:
+        raise KtqError(f"{path}: its file names and sizes describe an output kt-kernel cannot have ({problem}): "
+                       "not a kt-kernel output")
+    return layout
 
 
 def _check_kt_tree(found: Found) -> None:
@@ -88,7 +107,7 @@ def _check_kt_tree(found: Found) -> None:
     for layer in sorted(set(dirs) - set(layout.layers)):
         found.problems.append(f"{fmt.layer_dir_name(layer)} is not a MoE layer of this output (MoE layers: "
                               f"{_span(layout.layers)}): kt-kernel would read it")
-    for layer in layout.layers:
+    for layer in found.checked_layers:
         folder = path / fmt.layer_dir_name(layer)
         if not folder.is_dir():
             found.layer_problem(layer, f"layer {layer} is missing ({folder.name}/ does not exist)")
@@ -110,12 +129,12 @@ def _check_kt_tree(found: Found) -> None:
 
 # --- merged shards ----------------------------------------------------------------------------------------------
 
-def _read_tensors(path: Path) -> tuple[dict[str, TensorInfo], list[str]]:
-    """Every tensor of every *.safetensors below path (kt-kernel indexes them recursively), and the files that
-    could not be read (truncated, not safetensors)."""
+def _read_tensors(path: Path, pending: tuple[Path, ...] = ()) -> tuple[dict[str, TensorInfo], list[str]]:
+    """Every tensor of every *.safetensors below path (kt-kernel indexes them recursively) and of the pending
+    shards of an unfinished ktq output, and the files that could not be read (truncated, not safetensors)."""
     tensors: dict[str, TensorInfo] = {}
     unreadable = []
-    for file in sorted(path.rglob("*.safetensors")):
+    for file in (*sorted(path.rglob("*.safetensors")), *pending):
         try:
             tensors.update(read_header(file)[0])
         except KtqError as exc:
@@ -145,13 +164,18 @@ def _infer_merged_layout(found: Found) -> Layout:
         raise KtqError(f"{found.path}: gate bodies of {gate_body} bytes for [{per_part}, {hidden}] match neither "
                        "AMXINT4 nor AMXINT8")
     numa = max(parts) + 1
-    return Layout("merged", method, numa, hidden, per_part * numa, max(experts) + 1, tuple(sorted(layers)))
+    return _possible(found.path, Layout("merged", method, numa, hidden, per_part * numa, max(experts) + 1,
+                                        tuple(sorted(layers))))
 
 
 def _check_merged(found: Found) -> None:
     layout, path = found.layout, found.path
     expected_names: set[str] = set()
+    checked = set(found.checked_layers)
     for layer in layout.layers:
+        if layer not in checked:
+            expected_names.update(name for name, *_ in layout.tensor_entries(layer))
+            continue
         missing, wrong = [], []
         for name, dtype, shape, nbytes in layout.tensor_entries(layer):
             expected_names.add(name)
@@ -175,14 +199,17 @@ def _check_merged(found: Found) -> None:
         return
     # a ktq output: its own shard names, exact sizes and headers, and nothing else kt-kernel would index
     shards = {layout.shard_name(layer): layer for layer in layout.layers}
-    for name, layer in shards.items():
-        file = path / name
+    for layer in found.checked_layers:
+        file = committed_path(path, layout, layer)
         if not file.is_file():
             if layer not in found.broken:
-                found.layer_problem(layer, f"layer {layer}: {name} is missing")
+                found.layer_problem(layer, f"layer {layer}: {file.name} is missing")
         elif file.stat().st_size != layout.layer_bytes(layer):
-            found.layer_problem(layer, f"layer {layer}: {name} has {file.stat().st_size} bytes, it needs "
+            found.layer_problem(layer, f"layer {layer}: {file.name} has {file.stat().st_size} bytes, it needs "
                                 f"{layout.layer_bytes(layer)} (truncated or damaged)")
+        elif found.manifest.complete and file.suffix == PENDING_SUFFIX:  # kt-kernel would not find it there
+            found.layer_problem(layer, f"layer {layer}: {file.name} of a complete output was never renamed to "
+                                f"{layout.shard_name(layer)}")
     stray = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.safetensors") if p.name not in shards)
     if stray:
         found.problems.append(f"safetensors files ktq did not write, which kt-kernel would also load: "
@@ -218,7 +245,7 @@ def recognise(path: Path) -> Found:
     elif top_safetensors:
         tensors, unreadable = _read_tensors(path)
         experts = any(fmt.parse_merged_tensor_name(name) is not None for name in tensors)
-        if not experts and (path / "config.json").is_file():
+        if not experts and os.path.lexists(path / "config.json"):
             return Found(path, "checkpoint", checkpoint=open_checkpoint(path))
         found = Found(path, "kt-output", tensors=tensors, problems=unreadable)
         found.layout = _infer_merged_layout(found)
@@ -227,14 +254,17 @@ def recognise(path: Path) -> Found:
     else:
         hint = " (config.json but no *.safetensors)" if (path / "config.json").is_file() else ""
         raise KtqError(f"{path} is neither a ktq / kt-kernel output nor a safetensors checkpoint{hint}")
+    if manifest is not None:
+        _check_manifest(found)  # first: an unfinished conversion is the problem to read first
     if found.layout.form == "merged":
         if manifest is not None:
-            found.tensors, found.problems = _read_tensors(path)
+            committed = (committed_path(path, found.layout, layer) for layer in found.checked_layers)
+            pending = tuple(file for file in committed if file.suffix == PENDING_SUFFIX and file.exists())
+            found.tensors, problems = _read_tensors(path, pending)
+            found.problems += problems
         _check_merged(found)
     else:
         _check_kt_tree(found)
-    if manifest is not None:
-        _check_manifest(found)
     leftovers = sorted(p.name for p in path.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
     if leftovers:
         found.notes.append(f"temporaries of an interrupted run (removed by the next run): {_examples(leftovers)}")
@@ -258,7 +288,7 @@ class PieceReader:
     def _read_file(self, path: Path, out: np.ndarray) -> None:
         view = memoryview(out.reshape(-1).view(np.uint8))
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_regular(path), "rb") as f:
                 got = f.readinto(view)
                 extra = f.read(1)
         except OSError as exc:

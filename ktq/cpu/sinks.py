@@ -17,7 +17,7 @@ import numpy as np
 
 from ktq import digest
 from ktq.cpu.layout import Layout, Piece
-from ktq.cpu.manifest import PARTIAL_SUFFIX, LayerRecord, fsync_dir
+from ktq.cpu.manifest import PARTIAL_SUFFIX, PENDING_SUFFIX, LayerRecord, fsync_dir
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import DirectFile, ShardWriter, aligned_buffer, round_up, staging_buffers
@@ -59,8 +59,14 @@ def merged_partial_path(out: Path, layout: Layout, layer: int) -> Path:
     return out / f".{layout.shard_name(layer)}{PARTIAL_SUFFIX}"
 
 
+def merged_pending_path(out: Path, layout: Layout, layer: int) -> Path:
+    """Where a layer's committed shard waits until the output is complete (ktq.cpu.output publishes it)."""
+    return out / f"{layout.shard_name(layer)}{PENDING_SUFFIX}"
+
+
 class MergedSink:
-    """One safetensors shard per MoE layer, named model-{k}-of-{N} by the layer's rank among all MoE layers."""
+    """One safetensors shard per MoE layer, named model-{k}-of-{N} by the layer's rank among all MoE layers, under
+    its pending name (merged_pending_path) until the output is complete."""
 
     def __init__(self, out: Path, layout: Layout) -> None:
         self.out, self.layout = out, layout
@@ -91,20 +97,20 @@ class MergedSink:
     def commit(self) -> LayerRecord:
         writer = self._writer
         assert writer is not None
-        final = self.out / self.layout.shard_name(self._layer)
+        committed = merged_pending_path(self.out, self.layout, self._layer)
         try:
             file_digest = writer.finish()  # flushed, fsynced, every tensor written, size checked
             if writer.size != self.layout.layer_bytes(self._layer):
                 raise KtqError(f"{writer.path}: {writer.size} bytes, the layout needs "
                                f"{self.layout.layer_bytes(self._layer)} (a bug in ktq)")
-            os.replace(writer.path, final)
+            os.replace(writer.path, committed)
             self._writer = None  # renamed: nothing left to remove
             fsync_dir(self.out)
         except OSError as exc:
             raise write_error(writer.path, exc) from exc
         finally:
             self.abort()
-        return LayerRecord(final.name, writer.size, digest.KEY, file_digest)
+        return LayerRecord(self.layout.shard_name(self._layer), writer.size, digest.KEY, file_digest)
 
     def abort(self) -> None:
         if self._writer is not None:

@@ -1,18 +1,19 @@
-"""`ktq gpu` over several processes through torch.distributed, as llm-compressor's distributed path expects it.
+"""`ktq gpu` over several processes through torch.distributed.
 
-llm-compressor has no flag for it: `oneshot` goes distributed whenever a process group is initialised. Each rank
-then calibrates on its share of the (identical) calibration set, every GPTQ module is assigned to one rank, the
-Hessians are reduced to it and the quantised weights broadcast back. ktq adds the launch:
+Each rank calibrates on its share of the calibration samples; the statistics of every layer (Hessians, routed
+tokens) are summed over the ranks; the GPTQ problems of a layer (chunks of experts) are shared out between them and
+each result is broadcast, so every rank then propagates its samples through the same quantised layer. Rank 0
+writes. ktq adds the launch:
 
 - `ktq gpu --nproc N` starts N worker processes on this machine through torch's elastic launcher (what torchrun
   runs), with a rendezvous on localhost; the options go to the workers as JSON, validated once here.
 - Inside a torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) `ktq gpu` joins that job instead of launching one.
 
 Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES set to the LOCAL_RANK-th visible one before CUDA starts),
-so the planner and llm-compressor find it as device 0 as in a single-process run. The backend is nccl on GPUs,
-gloo on the CPU (--force_cpu or no GPU). A worker that fails writes its one-line error into a folder the launcher
-reads; the launcher stops the other workers (the elastic agent does this as soon as one exits non-zero, so no rank
-is left waiting in a collective) and reports the first failure as a KtqError.
+so the planner finds it as device 0 as in a single-process run. The backend is nccl on GPUs, gloo on the CPU
+(--force_cpu or no GPU). A worker that fails writes its one-line error into a folder the launcher reads; the
+launcher stops the other workers (the elastic agent does this as soon as one exits non-zero, so no rank is left
+waiting in a collective) and reports the first failure as a KtqError.
 """
 
 from __future__ import annotations
@@ -133,11 +134,8 @@ def show_own_gpu() -> None:
 
 
 def rank_share(dataset, world):
-    """This rank's contiguous share of the calibration set (the same split llm-compressor makes).
-
-    ktq splits it itself: llm-compressor 0.14.0.1 detects an identical dataset on every rank and slices it for its
-    sampler, but its DataLoader then indexes the whole dataset with the slice's indices, so every rank calibrated
-    on the first share and the rest was never seen. Shares that differ between ranks are used as they are."""
+    """This rank's contiguous share of the calibration set: every rank builds the same set (deterministic choice
+    of samples), so the shares are disjoint and cover it."""
     start = len(dataset) * world.rank // world.size
     end = len(dataset) * (world.rank + 1) // world.size
     if start == end:
@@ -146,20 +144,13 @@ def rank_share(dataset, world):
     return dataset.select(range(start, end))
 
 
-def gather_results(observer, report) -> None:
-    """What each rank saw, on every rank: routed tokens summed (each rank calibrated on its share of the samples),
-    GPTQ losses merged (each module was quantised on one rank), and each rank's stage times."""
+def gather_stages(report) -> None:
+    """Each rank's stage times, on every rank (the report shows them side by side)."""
     import torch.distributed as dist
 
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (observer.routed, observer.losses, dict(report.stages)))
-    routed: dict[str, list[int]] = {}
-    for rank_routed, _, _ in gathered:
-        for name, counts in rank_routed.items():
-            routed[name] = [a + b for a, b in zip(routed.get(name, [0] * len(counts)), counts)]
-    observer.routed = routed
-    observer.losses = {name: loss for _, losses, _ in gathered for name, loss in losses.items()}
-    report.rank_stages = [stages for _, _, stages in gathered]
+    dist.all_gather_object(gathered, dict(report.stages))
+    report.rank_stages = gathered
 
 
 def leave() -> None:

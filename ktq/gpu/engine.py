@@ -24,14 +24,13 @@ import torch
 from loguru import logger
 
 from ktq.errors import KtqError
-from ktq.gpu.gptq import Quantized, pack, qparams, solve_each, solve_shared, unpack, weight_scheme
+from ktq.gpu.gptq import Quantized, SharedSolver, pack, qparams, solve_each, unpack, weight_scheme
 from ktq.gpu.output import StreamOutput, tensor_entry
+from ktq.gpu.plan import DOWN_BATCH, GATE_UP_CHUNK_ROWS, experts_module, linear_reasons
 from ktq.gpu.source import SourceCheckpoint
 from ktq.gpu.streamed_experts import LayerStatistics, StreamedExperts
 from ktq.kernels.ktformat import PROJECTIONS
 
-GATE_UP_CHUNK_ROWS = 1 << 16  # rows of the stacked gate/up matrix solved at a time (fp32: 64k x H x 4 bytes)
-DOWN_BATCH = 32  # down projections solved together by quantize_weight
 OUTPUT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
 _FUSED_NAME = re.compile(r"^(?P<module>.*)\.(gate_up_proj|down_proj)\[expert (?P<e>\d+)")
@@ -112,9 +111,10 @@ class Engine:
 
     # ---- what is where ----------------------------------------------------------------------------------------
 
-    def _experts_path(self, name: str, layer) -> str | None:
-        paths = [f"{name}.{sub}" for sub, _ in layer.named_modules() if sub.split(".")[-1] == "experts"]
-        return paths[0] if paths else None
+    @staticmethod
+    def _experts_path(name: str, layer) -> str | None:
+        sub = experts_module(layer)
+        return f"{name}.{sub}" if sub is not None else None
 
     def unit_tensors(self, unit: int | None) -> list[str]:
         """Stored weights of decoder layer `unit` outside its routed experts (None: everything outside the decoder
@@ -158,7 +158,7 @@ class Engine:
             self.prefetch(layer)
         _, future = self._next
         self._next = None
-        bits = torch.from_numpy(future.result()).view(torch.bfloat16).to(self.device)
+        bits = torch.from_numpy(future.result()).view(torch.bfloat16).to(self.device, self.dtype)
         g = self.source.experts.geometry
         e, i, h = g.experts, g.intermediate, g.hidden
         return bits[:, 0].view(e, i, h), bits[:, 1].view(e, i, h), bits[:, 2].view(e, h, i)
@@ -237,7 +237,7 @@ class Engine:
             if keep:
                 captured.hidden[s] = out.to(self.cache_device)
             else:
-                self.progress.sample(index)
+                self.progress.step(index)
 
     def expert_names(self, index: int) -> list[list[str]]:
         """Output module name of each expert's gate, up and down projection."""
@@ -250,62 +250,85 @@ class Engine:
         return f"{self.experts_path[index]}.{e}.{OUTPUT_NAMES[proj]}"
 
     def quantize_layer(self, index: int, weights, stats: LayerStatistics | None) -> list[list[Quantized | None]]:
-        """GPTQ (stats given) or RTN of every expert projection not ignored; None for those kept as they are."""
-        gate, up, down = weights
-        e_count, inter, hidden = gate.shape
-        args = self.scheme.weights
+        """GPTQ (stats given) or RTN of every expert projection not ignored; None for the projections kept as
+        they are. Chunks of experts are shared out between the ranks and their results broadcast; every quantised
+        weight is then replaced in place by what the output holds (dequantised), for the propagation pass, and the
+        packed tensors move to the CPU for writing."""
+        experts, inter, _ = weights[0].shape
         keep = [[self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"]) is not None
-                 for proj in PROJECTIONS] for e in range(e_count)]
-        result: list[list[Quantized | None]] = [[None] * 3 for _ in range(e_count)]
-        stacked = torch.stack([gate, up], dim=1).reshape(e_count * 2 * inter, hidden)  # rows: expert, proj, row
-        scale, zp = qparams(stacked, args)
+                 for proj in PROJECTIONS] for e in range(experts)]
+        solver = None
         if stats is not None:
-            hessian = stats.gate_up / stats.samples
-            q, row_losses, fallback = solve_shared(stacked, hessian, scale, zp, args, self.opts.dampening_frac,
-                                                   GATE_UP_CHUNK_ROWS)
-            del hessian
-            losses = row_losses.view(e_count, 2, inter).sum(-1).tolist()
-        else:
-            q, losses, fallback = stacked, None, False
-        q = q.view(e_count, 2, inter, hidden)
-        scale, zp = scale.view(e_count, 2, inter, -1), zp.view(e_count, 2, inter, -1)
-        for e in range(e_count):
-            for p in range(2):
-                if not keep[e][p]:
-                    result[e][p] = pack(q[e, p], scale[e, p], zp[e, p], self.scheme, self.dtype)
-                    if losses is not None:
-                        self.losses[self.report_name(index, e, PROJECTIONS[p])] = losses[e][p]
-                    if fallback:
-                        self.fallbacks.append(self.report_name(index, e, PROJECTIONS[p]))
-        del q, stacked
-        for first in range(0, e_count, DOWN_BATCH):
-            batch = list(range(first, min(first + DOWN_BATCH, e_count)))
-            w = down[batch]
-            d_scale, d_zp = qparams(w.reshape(-1, inter), args)
-            d_scale, d_zp = d_scale.view(len(batch), hidden, -1), d_zp.view(len(batch), hidden, -1)
-            if stats is not None:
-                qd, d_losses, d_fallback = solve_each(w, stats.down[batch] / stats.samples, d_scale, d_zp, args,
-                                                      self.opts.dampening_frac)
-            else:
-                qd, d_losses, d_fallback = w, None, None
-            for j, e in enumerate(batch):
-                if keep[e][2]:
-                    continue
-                result[e][2] = pack(qd[j], d_scale[j], d_zp[j], self.scheme, self.dtype)
-                name = self.report_name(index, e, "down")
-                if d_losses is not None:
-                    self.losses[name] = float(d_losses[j])
-                    if bool(d_fallback[j]):
+            solver = SharedSolver(stats.gate_up / stats.samples, self.scheme.weights, self.opts.dampening_frac)
+        result: list[list[Quantized | None]] = [[None] * 3 for _ in range(experts)]
+        losses = torch.zeros((experts, 3), dtype=torch.float32, device=self.device)
+        fallback = torch.zeros((experts, 3), dtype=torch.float32, device=self.device)
+        step = max(1, GATE_UP_CHUNK_ROWS // (2 * inter))
+        for chunk, first in enumerate(range(0, experts, step)):
+            block = range(first, min(first + step, experts))
+            owner = chunk % self.world.size
+            if owner == self.world.rank:
+                self._solve_gate_up(block, weights, solver, keep, result, losses, fallback)
+                self._solve_down(block, weights, stats, keep, result, losses, fallback)
+            for e in block:
+                for p in range(3):
+                    if keep[e][p]:
+                        continue
+                    q = result[e][p] or self._empty_quantized(weights[p][e])
+                    self.world.share(owner, [q.packed, q.scale])
+                    weights[p][e].copy_(unpack(q, self.scheme))
+                    result[e][p] = Quantized(q.packed.cpu(), q.scale.cpu(), q.shape)
+        self.world.reduce([losses, fallback])  # each entry was written by one rank, zeros elsewhere
+        for e in range(experts):
+            for p, proj in enumerate(PROJECTIONS):
+                if stats is not None and not keep[e][p]:
+                    name = self.report_name(index, e, proj)
+                    self.losses[name] = float(losses[e, p])
+                    if fallback[e, p] > 0:
                         self.fallbacks.append(name)
         return result
 
-    def serving_weights(self, weights, quantized: list[list[Quantized | None]]):
-        """The expert weights a loader of the output computes with: the packed ones dequantised, the kept ones."""
-        out = []
-        for p, stacked in enumerate(weights):
-            out.append(torch.stack([unpack(quantized[e][p], self.scheme).to(stacked.dtype)
-                                    if quantized[e][p] is not None else stacked[e] for e in range(len(quantized))]))
-        return tuple(out)
+    def _solve_gate_up(self, block: range, weights, solver, keep, result, losses, fallback) -> None:
+        """The gate and up rows of a chunk of experts, stacked, against the layer's one shared Hessian."""
+        gate, up, _ = weights
+        inter, hidden = gate.shape[1:]
+        rows = torch.stack([gate[block.start:block.stop], up[block.start:block.stop]], dim=1).reshape(-1, hidden)
+        scale, zp = qparams(rows, self.scheme.weights)
+        q = rows
+        if solver is not None:
+            q, row_losses = solver.solve(rows, scale, zp)
+            losses[block.start:block.stop, :2] = row_losses.view(-1, 2, inter).sum(-1)
+            fallback[block.start:block.stop, :2] = float(solver.fallback)
+        q, scale, zp = (t.view(len(block), 2, inter, t.shape[-1]) for t in (q, scale, zp))
+        for j, e in enumerate(block):
+            for p in (0, 1):
+                if not keep[e][p]:
+                    result[e][p] = pack(q[j, p], scale[j, p], zp[j, p], self.scheme, self.dtype)
+
+    def _solve_down(self, block: range, weights, stats, keep, result, losses, fallback) -> None:
+        """The down projections of a chunk of experts, a Hessian each, in batches through quantize_weight."""
+        down = weights[2]
+        hidden, inter = down.shape[1:]
+        for first in range(block.start, block.stop, DOWN_BATCH):
+            batch = slice(first, min(first + DOWN_BATCH, block.stop))
+            w = down[batch]
+            scale, zp = qparams(w.reshape(-1, inter), self.scheme.weights)
+            scale, zp = scale.view(len(w), hidden, -1), zp.view(len(w), hidden, -1)
+            if stats is not None:
+                w, losses[batch, 2], rtn = solve_each(w, stats.down[batch] / stats.samples, scale, zp,
+                                                      self.scheme.weights, self.opts.dampening_frac)
+                fallback[batch, 2] = rtn.float()
+            for j, e in enumerate(range(batch.start, batch.stop)):
+                if not keep[e][2]:
+                    result[e][2] = pack(w[j], scale[j], zp[j], self.scheme, self.dtype)
+
+    def _empty_quantized(self, weight: torch.Tensor) -> Quantized:
+        """Room for a projection that another rank quantises."""
+        rows, cols = weight.shape
+        bits, group = self.scheme.weights.num_bits, self.scheme.weights.group_size
+        return Quantized(torch.empty((rows, cols * bits // 32), dtype=torch.int32, device=self.device),
+                         torch.empty((rows, -(-cols // group)), dtype=self.dtype, device=self.device),
+                         torch.tensor((rows, cols), dtype=torch.int64))
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
@@ -341,37 +364,24 @@ class Engine:
     def _stored_shape(self, name: str) -> tuple[int, ...]:
         return tuple(next(i for i in self.logical[name] if not i.name.endswith("_scale_inv")).shape)
 
-    def read_back(self, index: int) -> list[list[Quantized | None]]:
-        """The packed experts of a committed layer, from its shard, on the device."""
+    def restore(self, index: int, weights) -> None:
+        """Replace a committed layer's quantised expert weights by what its shard holds (dequantised), in place:
+        the weights its propagation pass computed with when it was first written."""
         shard = self.output.read_unit(index)
-        names = self.expert_names(index)
-        result = []
-        for projections in names:
-            row = []
-            for module in projections:
+        for e, projections in enumerate(self.expert_names(index)):
+            for p, module in enumerate(projections):
                 if f"{module}.weight_packed" in shard:
-                    row.append(Quantized(*(shard[f"{module}.{s}"].to(self.device)
-                                           for s in ("weight_packed", "weight_scale", "weight_shape"))))
-                else:
-                    row.append(None)
-            result.append(row)
-        return result
+                    q = Quantized(*(shard[f"{module}.{suffix}"].to(self.device)
+                                    for suffix in ("weight_packed", "weight_scale", "weight_shape")))
+                    weights[p][e].copy_(unpack(q, self.scheme))
 
     # ---- what the output says about itself ------------------------------------------------------------------
 
     def module_reasons(self) -> list[str | None]:
         """For the report: each Linear of the model and each expert projection, None when quantised, else why
         it was kept."""
-        reasons: list[str | None] = []
-        for name, module in self.skeleton.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                classes = [c.__name__ for c in type(module).__mro__]
-                reasons.append(self._ignore_reason(self.rules, name, classes) or "not a routed expert")
-        g = self.source.experts.geometry
-        for index in self.source.moe_layers:
-            reasons += [self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"])
-                        for e in range(g.experts) for proj in PROJECTIONS]
-        return reasons
+        return list(linear_reasons(self.skeleton, self.skeleton.config.get_text_config().to_dict(),
+                                   self.rules).values())
 
     def quantization_config(self) -> dict:
         """config.json's quantization_config, as llm-compressor's save writes it: the scheme, and every Linear
@@ -429,7 +439,8 @@ class Engine:
         times["read"], clock = time.perf_counter() - clock, time.perf_counter()
         quantized = None
         if done is not None:
-            quantized = self.read_back(index) if is_moe else None
+            if is_moe:
+                self.restore(index, weights)
         elif is_moe:
             stats = None
             if captured is not None:
@@ -440,7 +451,7 @@ class Engine:
                 self.world.reduce(stats.tensors())
                 self.routed[self.experts_path[index]] = stats.routed.tolist()
                 times["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
-            quantized = self.world.solve(lambda: self.quantize_layer(index, weights, stats))
+            quantized = self.quantize_layer(index, weights, stats)
             times["solve"], clock = time.perf_counter() - clock, time.perf_counter()
         if done is None and self.world.is_main:
             extra = {"losses": {k: v for k, v in self.losses.items() if k.startswith(self.layer_names[index] + ".")}}
@@ -452,14 +463,14 @@ class Engine:
                 self.write_unit(index, extra=extra)
             times["write"], clock = time.perf_counter() - clock, time.perf_counter()
         if propagate:
-            if experts is not None:
-                experts.gate, experts.up, experts.down = self.serving_weights(weights, quantized)
             self.forward_all(layer, captured, index, keep=True)
             times["propagate"] = time.perf_counter() - clock
         if layer is not None:
             self.release(index)
         if experts is not None:
             experts.gate = experts.up = experts.down = None
+        if captured is None:
+            self.progress.step(index)
         self.layer_seconds[self.layer_names[index]] = {k: round(v, 3) for k, v in times.items()}
         logger.info(f"{self.layer_names[index]}{' (replayed)' if done is not None else ''}: "
                     + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))

@@ -6,7 +6,7 @@ the same Hessian. llm-compressor keeps and factorises one copy per projection (2
 layer); here the rows of all gate and up matrices are stacked and solved against the one shared Hessian, factorised
 once. Rows are independent given the Hessian, so the stacked solve gives the same weights as per-module solves.
 `quantize_weight` cannot be called for that: it factorises the Hessian on every call and returns one loss per batch
-item, where the report needs one per projection, so `solve_shared` runs its block loop (the same pieces:
+item, where the report needs one per projection, so `SharedSolver` runs its block loop (the same pieces:
 `apply_activation_ordering`, `factorize_hessian`, `gptq_block_update`, which picks the Triton kernel on a GPU) over
 chunks of rows and keeps the per-row losses. The down projections, one Hessian each, go through `quantize_weight`
 as they are, batched.
@@ -89,47 +89,45 @@ def _group_index(columns: int, args: QuantizationArgs, perm: torch.Tensor | None
     return g_idx
 
 
-def solve_shared(weights: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                 args: QuantizationArgs, percdamp: float, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """GPTQ of row-stacked matrices sharing one normalised Hessian.
+class SharedSolver:
+    """GPTQ of row-stacked matrices that share one normalised Hessian [C, C] (fp32, consumed), factorised once."""
 
-    weights [R, C] (any float dtype), hessian [C, C] fp32 (consumed), scale / zero_point [R, groups]. Returns the
-    quantised weights [R, C] in fp32, the loss of every row [R] and whether the Hessian fell back to RTN (not
-    positive definite)."""
-    rows, columns = weights.shape
-    device = hessian.device
-    H = hessian.to(GPTQ_PRECISION)[None]
-    empty = torch.empty((1, 0, columns), device=device, dtype=GPTQ_PRECISION)
-    _, H, perm = apply_activation_ordering(empty, H, args.actorder)
-    perm = perm[0] if perm is not None else None  # one Hessian: one column order for every row
-    fallback = torch.zeros(1, dtype=torch.bool, device=device)
-    dead = torch.diagonal(H[0]) == 0
-    Hinv = factorize_hessian(empty, H, percdamp, fallback)
-    g_idx = _group_index(columns, args, perm, device)
-    out = torch.empty((rows, columns), dtype=GPTQ_PRECISION, device=device)
-    losses = torch.zeros(rows, dtype=GPTQ_PRECISION, device=device)
-    for r1 in range(0, rows, chunk_rows):
-        r2 = min(r1 + chunk_rows, rows)
-        W = weights[r1:r2].to(device=device, dtype=GPTQ_PRECISION)
-        if perm is not None:
-            W = W[:, perm]
-        W = W.masked_fill(dead, 0)[None].contiguous()
-        part_scale, part_zp = scale[None, r1:r2], zero_point[None, r1:r2]
-        row_losses = torch.zeros((1, r2 - r1), dtype=GPTQ_PRECISION, device=device)
+    def __init__(self, hessian: torch.Tensor, args: QuantizationArgs, percdamp: float) -> None:
+        columns = hessian.shape[0]
+        device = hessian.device
+        self.args, self.columns = args, columns
+        empty = torch.empty((1, 0, columns), device=device, dtype=GPTQ_PRECISION)
+        _, H, perm = apply_activation_ordering(empty, hessian.to(GPTQ_PRECISION)[None], args.actorder)
+        self.perm = perm[0] if perm is not None else None  # one Hessian: one column order for every row
+        self.dead = torch.diagonal(H[0]) == 0
+        fallback = torch.zeros(1, dtype=torch.bool, device=device)
+        self.hinv = factorize_hessian(empty, H, percdamp, fallback)
+        self.fallback = bool(fallback.item())  # not positive definite: identity factors, i.e. round to nearest
+        self.g_idx = _group_index(columns, args, self.perm, device)
+
+    def solve(self, weights: torch.Tensor, scale: torch.Tensor,
+              zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """weights [R, C] (any float dtype), scale / zero_point [R, groups]: the quantised weights [R, C] in fp32
+        and the loss of every row [R]."""
+        rows, columns = weights.shape
+        W = weights.to(device=self.hinv.device, dtype=GPTQ_PRECISION)
+        if self.perm is not None:
+            W = W[:, self.perm]
+        W = W.masked_fill(self.dead, 0)[None].contiguous()
+        scale, zero_point = scale[None], zero_point[None]
+        losses = torch.zeros((1, rows), dtype=GPTQ_PRECISION, device=W.device)
         for i1 in range(0, columns, GPTQ_BLOCK):
             i2 = min(i1 + GPTQ_BLOCK, columns)
             W1 = W[:, :, i1:i2].clone()
             Q1, Err1, losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-            gptq_block_update(W1, Hinv[:, i1:i2, i1:i2], Q1, Err1, losses1, scale=part_scale, zero_point=part_zp,
-                              global_scale=None, g_idx=g_idx, quant_args=args, i1=i1)
+            gptq_block_update(W1, self.hinv[:, i1:i2, i1:i2], Q1, Err1, losses1, scale=scale, zero_point=zero_point,
+                              global_scale=None, g_idx=self.g_idx, quant_args=self.args, i1=i1)
             W[:, :, i1:i2] = Q1
-            row_losses += torch.sum(losses1, 2) / 2
-            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
-        if perm is not None:
-            W = W[:, :, torch.argsort(perm)]
-        out[r1:r2] = W[0]
-        losses[r1:r2] = row_losses[0]
-    return out, losses, bool(fallback.item())
+            losses += torch.sum(losses1, 2) / 2
+            W[:, :, i2:] -= torch.bmm(Err1, self.hinv[:, i1:i2, i2:])
+        if self.perm is not None:
+            W = W[:, :, torch.argsort(self.perm)]
+        return W[0], losses[0]
 
 
 def solve_each(weights: torch.Tensor, hessians: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

@@ -61,7 +61,7 @@ class MoeLayout:
 
     @classmethod
     def from_config(cls, config: dict, source: str = "config.json") -> "MoeLayout":
-        text = hfformat.text_config(config)
+        text = hfformat.checked_text_config(config)
         experts = hfformat.expert_count(text)
         if not experts:
             kind = text.get("model_type") or config.get("model_type") or "unknown"

@@ -1,27 +1,24 @@
-"""The stages of `ktq gpu`: plan, load, dataset, quantise, save; each timed in the report.
+"""The stages of `ktq gpu`: plan, load, dataset, quantize, save; each timed in the report.
 
-The checkpoint is written into a hidden staging folder beside --output_dir and renamed into place only when the
-model, tokenizer files and report are all there, so a folder at --output_dir is always complete.
+The checkpoint is written into a hidden staging folder beside --output_dir, one committed shard per decoder layer
+(output.py): a run killed midway and started again with the same command continues there. The folder is renamed
+into place only when the model, index, config, tokenizer files and report are all there, so a folder at
+--output_dir is always complete.
 
 The process layout is kept in `World` (this process's rank among how many); a single process is rank 0 of 1. Only
-rank 0 prints, shows progress and writes, which is what a distributed run (torchrun, llm-compressor's DDP path)
-needs; the calibration samples are chosen deterministically, so every rank builds the same set and llm-compressor
-splits it between ranks.
+rank 0 prints, shows progress and writes; every rank calibrates on its share of the samples (distributed.py).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 import warnings
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from compressed_tensors.utils import patch_attr
 from loguru import logger
 from rich.console import Console
 
@@ -33,6 +30,7 @@ from ktq.gpu.layout import MoeLayout, ignore_rules, stores_fused_experts
 from ktq.gpu.options import GpuOptions
 from ktq.gpu.plan import (
     Plan,
+    check_source,
     decoder_layers,
     make_plan,
     meta_model,
@@ -43,13 +41,11 @@ from ktq.gpu.report import LOG_FILE, Report
 
 # files of a source checkpoint that the quantised one replaces rather than copies
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_REPLACED = {"config.json", "generation_config.json", hfformat.INDEX_NAME, "pytorch_model.bin.index.json",
+_REPLACED = {"config.json", hfformat.INDEX_NAME, "pytorch_model.bin.index.json",
              "recipe.yaml"}
-# warnings that ktq's own choices cause, left out of the report: linearising after load is deliberate (see
-# load_model), --force_cpu or a CPU-only machine is what the plan table already says, and the RAM for saving
-# offloaded modules is in the plan (shards of SAVE_SHARD bytes, not the 50 GB the warning assumes)
-_EXPECTED_WARNINGS = ("MoE is being linearized after loading", "No accelerator available",
-                      "Attempting to save a model with offloaded modules")
+# warnings that ktq's own choices cause, left out of the report: --force_cpu or a CPU-only machine is what the plan
+# table already says
+_EXPECTED_WARNINGS = ("No accelerator available",)
 
 
 @dataclass(frozen=True)
@@ -77,10 +73,13 @@ class World:
             for tensor in tensors:
                 dist.all_reduce(tensor)
 
-    def solve(self, solve):
-        """Every rank solves the same problems from the same summed statistics: the results agree bit for bit,
-        so each rank propagates its samples through the same weights."""
-        return solve()
+    def share(self, owner: int, tensors: list) -> None:
+        """Broadcast what rank `owner` computed to every rank, in place."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            for tensor in tensors:
+                dist.broadcast(tensor, src=owner)
 
     def open_output(self, make):
         """Rank 0 prepares the staging folder (resumed or cleared) before the other ranks read what it holds."""
@@ -106,9 +105,9 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
                     quant_type=opts.quant_type, options=_jsonable(asdict(opts)), plan={},
                     ignore_patterns=[r.pattern for r in rules], world_size=world.size)
     with report.stage("plan"):
-        meta = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
-        plan = make_plan(opts, config, meta, layout, rules, detect_device(), available_cpu_memory())
-        del meta
+        source = check_source(opts.model_id)
+        skeleton = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
+        plan = make_plan(opts, config, skeleton, layout, rules, detect_device(), available_cpu_memory(), source)
     report.plan = plan.as_dict()
     if opts.as_json and world.is_main:
         print(json.dumps(plan_json(plan, opts), indent=2))  # stdout, for scripts; --quiet or not
@@ -121,10 +120,19 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
             console.print("[yellow]warning:[/] " + "; ".join(plan.problems), highlight=False)
     if opts.dry_run:
         return report
+    if source is None:
+        raise KtqError(f"{opts.model_id} holds no *.safetensors shards (only config.json): a plan needs no more, a "
+                       "run needs the weights")
+    if plan.planned_gpu:
+        raise KtqError(f"--max_gpu_memory plans for {plan.device.name}, and this machine has none: add --dry_run "
+                       "to see that plan, or --force_cpu to calibrate on the CPU")
 
     # a staging folder left by an interrupted run of the same command is continued, any other one started over
     staging = _staging_path(opts.output_dir)
-    _quantize_and_save(opts, config_object, plan, rules, report, staging, console, quiet, debug, world)
+    try:
+        _quantize_and_save(opts, source, skeleton, plan, rules, report, staging, console, quiet, debug, world)
+    finally:
+        source.close()
     if world.is_main:
         report.write(staging)
         _commit(staging, opts.output_dir)
@@ -135,18 +143,15 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     return report
 
 
-def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, report: Report, staging: Path,
+def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, report: Report, staging: Path,
                        console: Console, quiet: bool, debug: bool, world: World) -> None:
     from ktq.gpu.engine import Engine
-    from ktq.gpu.observe import GpuProgress
     from ktq.gpu.output import StreamOutput
-    from ktq.gpu.source import SourceCheckpoint
+    from ktq.gpu.progress import GpuProgress
 
     if plan.device.is_gpu:
         torch.cuda.reset_peak_memory_stats(0)
     with report.stage("load"):
-        source = SourceCheckpoint.open(Path(opts.model_id).expanduser())
-        skeleton = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
         layer_names = [name for name, _ in decoder_layers(skeleton)]
         tokenizer = load_tokenizer(opts)
     dataset = None
@@ -162,17 +167,20 @@ def _quantize_and_save(opts: GpuOptions, config_object, plan: Plan, rules, repor
 
         dataset = rank_share(dataset, world) if dataset is not None else None
     output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(layer_names) + 1, writable))
-    logs = _llmcompressor_logs(staging if world.is_main else None, report, debug)
+    logs = _run_logs(staging if world.is_main else None, report, debug)
     with logs, GpuProgress(quiet, console) as progress:
         engine = Engine(opts, source, skeleton, layer_names, rules, plan.device.torch_device, plan.cache_device,
                         world, progress, output)
-        samples = len(dataset) if dataset is not None else 0
-        progress.start(layers=len(layer_names) if samples else 0, samples=samples, modules=0)
-        try:
-            with report.stage("quantize"), torch.no_grad():
-                engine.run(dataset)
-        finally:
-            source.close()
+        if dataset is not None:
+            progress.start(len(layer_names), len(dataset), "calibrating")
+        else:
+            progress.start(len(layer_names), 1, "rounding")
+        with report.stage("quantize"), torch.no_grad():
+            engine.run(dataset)
+        if world.distributed:
+            from ktq.gpu.distributed import gather_stages
+
+            gather_stages(report)
         report.gptq_loss = dict(sorted(engine.losses.items()))
         report.routed_tokens = engine.routed
         report.layer_seconds = engine.layer_seconds
@@ -280,26 +288,20 @@ def _commit(staging: Path, output_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-class _llmcompressor_logs:
-    """During a run, llm-compressor's loguru records go to ktq_gpu.log in the output folder (and to stderr with
-    --debug); its warnings and Python warnings are kept for the report."""
+class _run_logs:
+    """During a run, loguru's records (ktq's per-layer lines, llm-compressor's) go to ktq_gpu.log in the output
+    folder (and to stderr with --debug); warnings of both kinds are kept for the report."""
 
     def __init__(self, staging: Path | None, report: Report, debug: bool) -> None:
         self.staging, self.report, self.debug = staging, report, debug
         self._ids: list[int] = []
         self._python_warnings = warnings.catch_warnings(record=True)
         self._caught: list = []
-        self._patches = ExitStack()
 
     def __enter__(self):
         import llmcompressor  # noqa: F401  (registers loguru's METRIC level and its stdout sink, removed next)
-        import llmcompressor.entrypoints.utils as entrypoints
         import transformers
 
-        # in a distributed run oneshot would replace every loguru sink with its own, on stdout, for every rank
-        self._patches.enter_context(patch_attr(entrypoints, "configure_distributed_logger", lambda *a, **k: None))
-        if not self.debug:
-            _silence_distributed_tqdm(self._patches)
         logger.remove()
         fmt = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {function} | {level} - {message}"
         if self.staging is not None:
@@ -310,7 +312,6 @@ class _llmcompressor_logs:
                                     filter=lambda record: record["level"].name != "METRIC"))
         if not self.debug:
             transformers.logging.set_verbosity_error()
-            logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # a deprecation note per trace
         self._caught = self._python_warnings.__enter__()
         warnings.simplefilter("always")
         return self
@@ -326,22 +327,6 @@ class _llmcompressor_logs:
             self._warning(f"{caught.category.__name__}: {caught.message}")
         for handler in self._ids:
             logger.remove(handler)
-        self._patches.close()
-
-
-def _silence_distributed_tqdm(patches: ExitStack) -> None:
-    """compressed-tensors shows these bars in a distributed run whatever TQDM_DISABLE says (it passes disable=);
-    ktq draws its own progress, on rank 0 only."""
-    from compressed_tensors.distributed import module_parallel
-    from compressed_tensors.offload import dispatch
-    from compressed_tensors.quantization.lifecycle import apply
-    from tqdm import tqdm
-
-    def silent(*args, **kwargs):
-        return tqdm(*args, **{**kwargs, "disable": True})
-
-    for module in (module_parallel, apply, dispatch):
-        patches.enter_context(patch_attr(module, "tqdm", silent))
 
 
 def _jsonable(options: dict) -> dict:

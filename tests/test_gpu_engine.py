@@ -1,0 +1,209 @@
+"""The streaming engine of `ktq gpu` on the CPU: what `oneshot` computes, from FP8 too, killed and resumed to the same
+bytes, in memory that does not grow with the model's depth."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tree_files
+from faults import ForkServer
+from gpu_models import chat_rows, report, run_ktq, sample_moe, tensors, write_jsonl
+from ktq.safetensors_io import TensorReader
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engine")
+
+
+@pytest.fixture(scope="module")
+def chat(work) -> Path:
+    return write_jsonl(work / "chat.jsonl", chat_rows(32))
+
+
+@pytest.fixture(scope="module")
+def src(work) -> Path:
+    return sample_moe(work / "src", layers=3, dense_layers=1, experts=8)
+
+
+def gpu_args(src: Path, out: Path, chat: Path, *extra: object) -> list[object]:
+    return ["gpu", "--model_id", src, "--output_dir", out, "--dataset", chat, "--num_calibration_samples", 16,
+            "--max_sequence_length", 64, "--quant_type", "W4A16", "--force_cpu", "--quiet", *extra]
+
+
+def read_all(folder: Path) -> dict[str, np.ndarray]:
+    with TensorReader() as reader:
+        return {name: reader.read(info) for name, info in tensors(folder).items()}
+
+
+def causal_oneshot(src: Path, out: Path, chat: Path) -> dict[str, float]:
+    """llm-compressor's oneshot with the same scheme, ignore rules and samples, and transformers' own attention
+    kept during calibration (oneshot 0.14.0.1 forces eager attention, which takes the None mask it then gets as
+    bidirectional: see benchmarks/bare_oneshot.py); returns its GPTQ losses."""
+    import contextlib
+
+    import llmcompressor.utils.helpers as helpers
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.utils.metric_logging import CompressionLogger
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ktq.gpu.data import calibration_dataset
+    from ktq.gpu.layout import MoeLayout, ignore_rules
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    data = calibration_dataset(str(chat), "train", None, tokenizer, 16, 64, 42)
+    rules = ignore_rules(MoeLayout.from_config(AutoConfig.from_pretrained(src).to_dict()))
+    modifier = GPTQModifier(targets="Linear", scheme="W4A16", dampening_frac=0.1,
+                            ignore=[rule.pattern for rule in rules])
+    losses: dict[str, float] = {}
+    set_results = CompressionLogger.set_results
+
+    def record(logger, name=None, loss=None):
+        set_results(logger, name=name, loss=loss)
+        if loss is not None:
+            losses[modifier._module_names[logger.module]] = float(loss)
+
+    with patch_attr(helpers, "use_eager_attention", lambda model: contextlib.nullcontext()), \
+            patch_attr(CompressionLogger, "set_results", record):
+        oneshot(model=str(src), dataset=data, recipe=modifier, num_calibration_samples=len(data), max_seq_length=64,
+                shuffle_calibration_samples=False, moe_calibrate_all_experts=True, output_dir=str(out))
+    return losses
+
+
+def test_the_engine_writes_what_oneshot_writes(src, chat, work):
+    assert run_ktq(*gpu_args(src, work / "engine", chat)) == 0
+    losses = causal_oneshot(src, work / "oneshot", chat)
+    ours, theirs = read_all(work / "engine"), read_all(work / "oneshot")
+    assert ours.keys() == theirs.keys()
+    words = same = 0
+    for name, value in theirs.items():
+        if name.endswith("weight_packed"):
+            words += value.size
+            same += int((ours[name] == value).sum())
+        else:
+            assert np.array_equal(ours[name], value), name  # scales, shapes and every kept weight
+    assert same / words >= 0.999, same / words
+    ours_losses = report(work / "engine")["gptq_loss"]
+    assert ours_losses.keys() == losses.keys() and len(losses) == 48
+    for name, loss in losses.items():
+        assert ours_losses[name] == pytest.approx(loss, rel=1e-3), name
+    config = json.loads((work / "engine" / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((work / "oneshot" / "config.json").read_text())["quantization_config"]
+
+
+def test_one_shared_hessian_solves_as_one_hessian_per_module():
+    import torch
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    from ktq.gpu.gptq import SharedSolver, qparams, weight_scheme
+
+    torch.manual_seed(0)
+    args = weight_scheme("W4A16", "GPTQ").weights
+    x = torch.randn(512, 256) * torch.linspace(0.1, 3, 256)  # uneven activations: act-order matters
+    hessian = 2 * x.T @ x / 512
+    weights = torch.randn(6, 64, 256).to(torch.bfloat16)  # six matrices sharing the inputs
+    rows = weights.reshape(-1, 256)
+    scale, zp = qparams(rows, args)
+    stacked, row_losses = SharedSolver(hessian.clone(), args, 0.1).solve(rows, scale, zp)
+    each, losses, _ = quantize_weight(weights.float(), hessian.expand(6, -1, -1).clone(), scale.view(6, 64, -1),
+                                      zp.view(6, 64, -1), None, args, blocksize=128, percdamp=0.1)
+    assert torch.equal(stacked.view(6, 64, 256), each)
+    assert torch.allclose(row_losses.view(6, 64).sum(-1), losses, rtol=1e-5)
+
+
+def test_an_fp8_deepseek_converts_and_loads(work, chat):
+    """Block-scaled FP8 straight in (MLA, shared experts, router bias, MTP layer): routed experts packed, every
+    other weight decoded to bf16 exactly as ktq's FP8 decoder does, the MTP layer kept, logits close."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ktq.cpu.checkpoint import open_checkpoint
+    from ktq.gpu.source import SourceCheckpoint
+    from ktq.sample import write_sample
+
+    src = write_sample(work / "ds-fp8", arch="deepseek_v3", dtype="fp8", layers=3, experts=8, hidden=256,
+                       moe_intermediate=128, dense_layers=1, seed=3)
+    out = work / "ds-fp8-w8"
+    assert run_ktq(*gpu_args(src, out, chat, "--quant_type", "W8A16")) == 0
+    written = read_all(out)
+    assert not any(name.endswith("weight_scale_inv") for name in written)
+    assert "model.layers.3.eh_proj.weight" in written  # the MTP layer (index num_hidden_layers), unquantised
+    source = SourceCheckpoint.open(src)
+    for name in ("model.layers.1.self_attn.q_b_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight",
+                 "model.layers.3.mlp.experts.2.up_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
+        decoded = source.read(source.logical_names()[name], "cpu", None)
+        assert np.array_equal(written[name], decoded.view(torch.int16).numpy().view(np.uint16)), name
+    source.close()
+    assert sum(name.endswith("weight_packed") for name in written) == 2 * 8 * 3
+    assert open_checkpoint(out).tensors  # headers of every shard valid
+    ids = torch.arange(3, 60).unsqueeze(0)
+    logits = []
+    for folder in (src, out):
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True)
+        assert not info["missing_keys"] and all(".layers.3." in key for key in info["unexpected_keys"])
+        with torch.no_grad():
+            logits.append(model(ids).logits.float().flatten())
+    assert torch.nn.functional.cosine_similarity(*logits, dim=0).item() >= 0.99
+
+
+def checkpoint_files(folder: Path) -> dict[str, bytes]:
+    """Every file but the log and the report's timings: what loaders read, byte for byte."""
+    files = tree_files(folder)
+    del files["ktq_gpu.log"]
+    rep = json.loads(files.pop("ktq_gpu_report.json"))
+    files["report"] = json.dumps({k: rep[k] for k in ("gptq_loss", "routed_tokens", "calibration_tokens")}).encode()
+    return files
+
+
+def test_killed_anywhere_the_rerun_ends_with_the_same_bytes(src, chat, work, tmp_path_factory):
+    forks = ForkServer(tmp_path_factory.mktemp("gpu-forks"), "gpu")
+    try:
+        root = work / "kills"
+        reference = forks.run(gpu_args(src, root / "reference", chat), root)
+        assert reference.code == 0, reference.log
+        expected = checkpoint_files(root / "reference")
+        assert reference.events > 20, reference.events
+        for point in (3, reference.events // 3, reference.events // 2, reference.events - 5):
+            out = root / f"killed-at-{point}"
+            killed = forks.run(gpu_args(src, out, chat), root, kill_at=point)
+            assert killed.killed, killed.log
+            rerun = forks.run(gpu_args(src, out, chat), root)
+            assert rerun.code == 0, rerun.log
+            assert checkpoint_files(out) == expected, point
+            assert "replayed" in (out / "ktq_gpu.log").read_text() or point < 10, point
+    finally:
+        forks.close()
+
+
+def peak_rss(args: list[object]) -> int:
+    """Peak resident memory of `ktq ARGS` in a process of its own, in bytes."""
+    code = ("import resource, sys\nfrom ktq.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    # a fixed mmap threshold: glibc's adaptive one keeps freed blocks of a few MB in the heap, where allocation
+    # order (threads) decides how much of it a tiny model's peak holds; gigabyte-sized layers are mapped anyway
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1])
+
+
+def test_host_memory_does_not_grow_with_the_number_of_layers(work, chat):
+    """4 and 8 layers of 32 experts (a layer's experts are 25 MB of bf16): the peaks differ by less than a layer."""
+    from ktq.sample import write_sample
+
+    peaks, layer_bytes = [], 32 * 3 * 256 * 512 * 2
+    for layers in (4, 8):
+        src = write_sample(work / f"deep{layers}", layers=layers, experts=32, hidden=256, moe_intermediate=512,
+                           dense_layers=1, seed=4)
+        peaks.append(peak_rss(gpu_args(src, work / f"deep{layers}-out", chat, "--num_calibration_samples", 2,
+                                       "--max_sequence_length", 32)))
+    assert abs(peaks[1] - peaks[0]) < layer_bytes, peaks
