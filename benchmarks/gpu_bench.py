@@ -1,14 +1,16 @@
-"""`ktq gpu` against a bare llm-compressor `oneshot` on the same sample MoE, recipe and calibration data.
+"""`ktq gpu` (the streaming engine) against a bare llm-compressor `oneshot` on the same sample MoE and calibration data.
 
-For each scheme: time of `ktq gpu` (its stages, load to save) over the time inside `oneshot` (load to save), and
-the peak GPU memory each allocated against the peak ktq's plan estimated before loading. Each run is its own
-process, so peaks do not mix. The quantised experts of both outputs are compared word for word.
+For each scheme: seconds of `ktq gpu` and of `oneshot` (each inside its own process, load to save), both per
+expert-layer (MoE layers x experts), the GPU peak each allocated (and ktq's plan before loading), ktq's host peak
+RSS, its seconds per MoE layer by stage, and the quantised experts of both outputs compared word for word with their
+GPTQ losses. `--bare none` runs ktq alone (a model oneshot cannot take: FP8, too large); `--extrapolate N` adds the
+time of an N-MoE-layer model of the same geometry from the measured per-layer time.
 
-    python benchmarks/gpu_bench.py --work /tmp/bench --out results/ [--layers 8 --experts 64 --hidden 2048
-        --moe-intermediate 768 --samples 128 --seq 512 --schemes W4A16 W8A16]
+    python benchmarks/gpu_bench.py --work /tmp/bench --out results/ [--arch qwen3_moe --dtype bf16 --layers 8
+        --dense-layers 0 --experts 64 --hidden 2048 --moe-intermediate 768 --samples 128 --seq 512
+        --schemes W4A16 --bare causal|plain|none --extrapolate 58]
 
-Writes results.json (with ktq's reports, less per-module losses), table.md and bench.log to --out, and
-prints the table last.
+Writes results.json, table.md and bench.log to --out, and prints the table last.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def calibration_file(path: Path, samples: int, words: int) -> Path:
 
 def packed_agreement(a: Path, b: Path) -> float:
     """Share of identical int32 words over every quantised expert tensor of two outputs."""
+    return agreement(a, b)["identical"]
+
+
+def agreement(a: Path, b: Path) -> dict:
+    """Identical int32 words, and codes more than one step apart, over every quantised expert tensor."""
     from safetensors import safe_open
 
     def packed(folder: Path) -> dict:
@@ -66,10 +73,50 @@ def packed_agreement(a: Path, b: Path) -> float:
                 out.update({k: f.get_tensor(k) for k in f.keys() if k.endswith("weight_packed")})
         return out
 
+    import torch
+
     left, right = packed(a), packed(b)
     assert left.keys() == right.keys(), "the two outputs quantised different modules"
-    same = sum(int((left[k] == right[k]).sum()) for k in left)
-    return same / sum(v.numel() for v in left.values())
+    same = far = codes = 0
+    for name, x in left.items():
+        y = right[name]
+        same += int((x == y).sum())
+        bits = 32 * x.shape[1] // int(_shape(a, name)[1])
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        cx = (x.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        cy = (y.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        far += int(((cx - cy).abs() > 1).sum())
+        codes += cx.numel()
+    words = sum(v.numel() for v in left.values())
+    return {"identical": same / words, "words": words, "codes_more_than_one_step": far / codes}
+
+
+def _shape(folder: Path, packed_name: str) -> list[int]:
+    from safetensors import safe_open
+
+    name = packed_name.replace("weight_packed", "weight_shape")
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name).tolist()
+    raise KeyError(name)
+
+
+def loss_agreement(ours: dict, theirs: dict) -> float | None:
+    """Largest relative difference between two sets of per-module GPTQ losses (None without both)."""
+    if not ours or not theirs or ours.keys() != theirs.keys():
+        return None
+    return max(abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-12) for k in theirs)
+
+
+PEAK_RSS = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_module(sys.argv[0], "
+            "run_name='__main__', alter_sys=True)\nfinally:\n    print('peak_rss', resource.getrusage("
+            "resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)\n")
+
+
+def peak_rss(proc: subprocess.CompletedProcess) -> int | None:
+    found = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("peak_rss ")]
+    return int(found[-1]) if found else None
 
 
 def gb(value) -> str:
@@ -81,13 +128,18 @@ def sample_parser(samples: int, timeout: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arch", default="qwen3_moe")
+    parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dense-layers", type=int, default=0)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--moe-intermediate", type=int, default=768)
     parser.add_argument("--samples", type=int, default=samples)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--timeout", type=int, default=timeout)
+    parser.add_argument("--fill", action="store_true", help="write the sample's data with torch (fill_sample.py), "
+                        "not ktq sample: GPU speed, no MTP layer")
     return parser
 
 
@@ -101,62 +153,96 @@ def prepare(args) -> tuple[str, Path, Path]:
     log(args.out, f"device: {device} x {torch.cuda.device_count()}; torch {torch.__version__}")
     model = args.work / "sample"
     if not model.exists():
-        _, wall = run([sys.executable, "-m", "ktq", "sample", str(model), "--layers", str(args.layers), "--experts",
+        target = args.work / "layout" if args.fill else model
+        _, wall = run([sys.executable, "-m", "ktq", "sample", str(target), "--arch", args.arch, "--dtype", args.dtype,
+                       "--layers", str(args.layers), "--dense-layers", str(args.dense_layers), "--experts",
                        str(args.experts), "--hidden", str(args.hidden), "--moe-intermediate",
-                       str(args.moe_intermediate), "--shards", "4"], args.out, args.timeout)
+                       str(args.moe_intermediate), "--shards", str(max(4, args.layers))]
+                      + (["--header-only"] if args.fill else []), args.out, args.timeout)
+        if args.fill:
+            _, filled = run([sys.executable, str(HERE / "fill_sample.py"), str(target), str(model)], args.out,
+                            args.timeout)
+            wall += filled
         log(args.out, f"sample written in {wall:.1f} s")
     return device, model, calibration_file(args.work / "calib.jsonl", args.samples, 2 * args.seq)
 
 
 def main() -> None:
     parser = sample_parser(samples=128, timeout=900)
-    parser.add_argument("--schemes", nargs="+", default=["W4A16", "W8A16"])
+    parser.add_argument("--schemes", nargs="+", default=["W4A16"])
+    parser.add_argument("--bare", choices=("causal", "plain", "none"), default="causal",
+                        help="oneshot with transformers' causal attention kept (comparable outputs), as it is, or not")
+    parser.add_argument("--extrapolate", type=int, default=0, help="MoE layers of the full model to extrapolate to")
     args = parser.parse_args()
     py = sys.executable
 
     import torch
 
     device, model, data = prepare(args)
-
+    moe_layers = args.layers - args.dense_layers
+    expert_layers = moe_layers * args.experts
     results = {"device": device, "torch": torch.__version__, "model": vars(args) | {"work": str(args.work),
                "out": str(args.out)}, "runs": []}
     for scheme in args.schemes:
         ktq_out, bare_out = args.work / f"ktq-{scheme}", args.work / f"bare-{scheme}"
-        _, ktq_wall = run([py, "-m", "ktq", "gpu", "--model_id", str(model), "--output_dir", str(ktq_out),
-                           "--overwrite", "--quant_type", scheme, "--dataset", str(data), "--num_calibration_samples",
-                           str(args.samples), "--max_sequence_length", str(args.seq)], args.out, args.timeout)
+        proc, ktq_wall = run([py, "-c", PEAK_RSS, "ktq", "gpu", "--model_id", str(model), "--output_dir",
+                              str(ktq_out), "--overwrite", "--quant_type", scheme, "--dataset", str(data),
+                              "--num_calibration_samples", str(args.samples), "--max_sequence_length", str(args.seq)],
+                             args.out, args.timeout)
         report = json.loads((ktq_out / "ktq_gpu_report.json").read_text())
-        proc, bare_wall = run([py, str(HERE / "bare_oneshot.py"), str(model), str(bare_out), "--dataset", str(data),
-                               "--quant_type", scheme, "--samples", str(args.samples), "--seq", str(args.seq)],
-                              args.out, args.timeout)
-        bare = json.loads(proc.stdout.strip().splitlines()[-1])
         ktq_seconds = sum(report["stages"].values())
+        moe = [stages for name, stages in report["layer_seconds"].items() if "calibrate" in stages or
+               "solve" in stages]
+        per_layer = sorted(sum(stages.values()) for stages in moe)
         row = {
             "scheme": scheme, "ktq_seconds": ktq_seconds, "ktq_stages": report["stages"], "ktq_wall": ktq_wall,
-            "bare_seconds": bare["seconds"], "bare_wall": bare_wall, "ratio": ktq_seconds / bare["seconds"],
-            "estimated_peak_gpu_bytes": report["plan"]["gpu_peak_bytes"],
-            "ktq_peak_gpu_bytes": report["peak_gpu_bytes"],
-            "bare_peak_gpu_bytes": bare["peak_gpu_bytes"], "gptq_batch": report["plan"]["gptq_batch"],
-            "plan": {k: report["plan"][k] for k in ("gpu_weight_bytes", "hessian_bytes", "activation_bytes",
-                                                    "gptq_batch_bytes", "onload_bytes")},
-            "calibration_tokens": report["calibration_tokens"], "unrouted_experts": report["unrouted_experts"],
-            "packed_words_identical": packed_agreement(ktq_out, bare_out),
-            "ktq_report": {k: v for k, v in report.items() if k not in ("gptq_loss", "routed_tokens")},
+            "ktq_seconds_per_expert_layer": report["stages"]["quantize"] / expert_layers,
+            "ktq_seconds_per_moe_layer": per_layer[len(per_layer) // 2] if per_layer else None,
+            "moe_layer_stages": moe, "ktq_peak_gpu_bytes": report["peak_gpu_bytes"],
+            "ktq_peak_rss_bytes": peak_rss(proc), "estimated_peak_gpu_bytes": report["plan"]["gpu_peak_bytes"],
+            "estimated_peak_cpu_bytes": report["plan"]["cpu_peak_bytes"],
+            "estimated_seconds": report["plan"]["seconds"], "calibration_tokens": report["calibration_tokens"],
+            "unrouted_experts": sum(len(v) for v in report["unrouted_experts"].values()),
         }
+        if args.extrapolate and row["ktq_seconds_per_moe_layer"]:
+            row["extrapolated_seconds"] = args.extrapolate * row["ktq_seconds_per_moe_layer"]
+        if args.bare != "none":
+            losses = args.work / f"bare-{scheme}-losses.json"
+            proc, bare_wall = run([py, str(HERE / "bare_oneshot.py"), str(model), str(bare_out), "--dataset",
+                                   str(data), "--quant_type", scheme, "--samples", str(args.samples), "--seq",
+                                   str(args.seq), "--losses", str(losses)]
+                                  + (["--causal"] if args.bare == "causal" else []), args.out, args.timeout)
+            bare = json.loads(proc.stdout.strip().splitlines()[-1])
+            row |= {"bare": args.bare, "bare_seconds": bare["seconds"], "bare_wall": bare_wall,
+                    "bare_seconds_per_expert_layer": bare["seconds"] / expert_layers,
+                    "speedup": bare["seconds"] / ktq_seconds, "bare_peak_gpu_bytes": bare["peak_gpu_bytes"],
+                    "packed": agreement(ktq_out, bare_out),
+                    "loss_max_rel_diff": loss_agreement(report["gptq_loss"], json.loads(losses.read_text()))}
         results["runs"].append(row)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
 
-    lines = [f"ktq gpu vs bare llm-compressor oneshot on {device}: sample qwen3_moe {args.layers} layers x "
-             f"{args.experts} experts, hidden {args.hidden}, moe_intermediate {args.moe_intermediate}; "
-             f"{args.samples} samples x {args.seq} tokens", "",
-             "| scheme | ktq s | oneshot s | ktq/oneshot | GPU peak est. | ktq GPU peak | oneshot GPU peak | est./ktq "
-             "| identical packed words |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"ktq gpu vs bare llm-compressor oneshot on {device}: sample {args.arch} {args.dtype}, {args.layers} "
+             f"layers ({args.dense_layers} dense) x {args.experts} experts, hidden {args.hidden}, moe_intermediate "
+             f"{args.moe_intermediate}; {args.samples} samples x {args.seq} tokens", "",
+             "| scheme | ktq s | s per MoE layer | s per expert-layer | oneshot s per expert-layer | speed-up "
+             "| ktq GPU peak (plan) | oneshot GPU peak | ktq host peak RSS | identical words | codes > 1 step apart "
+             "| GPTQ loss max rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        measured = r["ktq_peak_gpu_bytes"]
-        ratio = f"{r['estimated_peak_gpu_bytes'] / measured:.2f}" if measured else "n/a"
-        lines.append(f"| {r['scheme']} | {r['ktq_seconds']:.1f} | {r['bare_seconds']:.1f} | {r['ratio']:.2f} | "
-                     f"{gb(r['estimated_peak_gpu_bytes'])} | {gb(measured)} | {gb(r['bare_peak_gpu_bytes'])} | "
-                     f"{ratio} | {100 * r['packed_words_identical']:.1f}% |")
+        packed = r.get("packed") or {}
+        lines.append(
+            f"| {r['scheme']} | {r['ktq_seconds']:.1f} | {r['ktq_seconds_per_moe_layer'] or 0:.1f} | "
+            f"{r['ktq_seconds_per_expert_layer']:.3f} | "
+            f"{r['bare_seconds_per_expert_layer']:.3f} | {r['speedup']:.1f}x | " if "bare" in r else
+            f"| {r['scheme']} | {r['ktq_seconds']:.1f} | {r['ktq_seconds_per_moe_layer'] or 0:.1f} | "
+            f"{r['ktq_seconds_per_expert_layer']:.3f} | n/a | n/a | ")
+        lines[-1] += (f"{gb(r['ktq_peak_gpu_bytes'])} ({gb(r['estimated_peak_gpu_bytes'])}) | "
+                      f"{gb(r.get('bare_peak_gpu_bytes'))} | {gb(r['ktq_peak_rss_bytes'])} | "
+                      + (f"{100 * packed['identical']:.3f}% | {100 * packed['codes_more_than_one_step']:.4f}% | "
+                         if packed else "n/a | n/a | ")
+                      + (f"{r['loss_max_rel_diff']:.2e} |" if r.get("loss_max_rel_diff") is not None else "n/a |"))
+        if "extrapolated_seconds" in r:
+            lines.append(f"\n{args.extrapolate} MoE layers at {r['ktq_seconds_per_moe_layer']:.1f} s each: "
+                         f"{r['extrapolated_seconds'] / 3600:.2f} h ({r['scheme']})")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     log(args.out, "\n".join(lines))
 

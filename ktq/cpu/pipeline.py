@@ -225,6 +225,12 @@ class _Pipeline:
                     writes.popleft().result()
             except BaseException as exc:
                 failure = exc
+                if isinstance(exc, Exception) and not self._stop.is_set():
+                    # bad input found by the reader or the quantiser: the experts already quantised are still
+                    # written, so that the layer before the bad one is committed (a re-run continues after it)
+                    for future in writes:
+                        if future.exception() is not None:
+                            break
                 self._stop.set()
                 for future in (*reads, *writes):
                     future.cancel()

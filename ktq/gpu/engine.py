@@ -299,6 +299,7 @@ class Engine:
             q, row_losses = solver.solve(rows, scale, zp)
             losses[block.start:block.stop, :2] = row_losses.view(-1, 2, inter).sum(-1)
             fallback[block.start:block.stop, :2] = float(solver.fallback)
+        del rows
         q, scale, zp = (t.view(len(block), 2, inter, t.shape[-1]) for t in (q, scale, zp))
         for j, e in enumerate(block):
             for p in (0, 1):
@@ -430,7 +431,10 @@ class Engine:
         clock = time.perf_counter()
         is_moe = index in self.source.moe_layers
         weights = self.experts_on_device(index) if is_moe else None
-        self.prefetch(self._next_moe_layer(index))
+        # on a GPU the next layer is decoded while this one calibrates; on the CPU both would share the same
+        # cores, so the next layer waits until this one is solved and the host holds one decoded layer less
+        if self.device.type != "cpu":
+            self.prefetch(self._next_moe_layer(index))
         layer = self.materialise(index) if captured is not None else None
         experts = None
         if is_moe and layer is not None:
@@ -453,6 +457,7 @@ class Engine:
                 times["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
             quantized = self.quantize_layer(index, weights, stats)
             times["solve"], clock = time.perf_counter() - clock, time.perf_counter()
+        self.prefetch(self._next_moe_layer(index))
         if done is None and self.world.is_main:
             extra = {"losses": {k: v for k, v in self.losses.items() if k.startswith(self.layer_names[index] + ".")}}
             if self.experts_path[index] in self.routed:

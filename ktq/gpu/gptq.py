@@ -107,13 +107,14 @@ class SharedSolver:
 
     def solve(self, weights: torch.Tensor, scale: torch.Tensor,
               zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """weights [R, C] (any float dtype), scale / zero_point [R, groups]: the quantised weights [R, C] in fp32
-        and the loss of every row [R]."""
+        """weights [R, C], scale / zero_point [R, groups]: the quantised weights [R, C] in the weights' dtype (what
+        llm-compressor stores back into the module) and the loss of every row [R]. One fp32 working copy: the
+        column order is applied before widening and undone after narrowing."""
         rows, columns = weights.shape
-        W = weights.to(device=self.hinv.device, dtype=GPTQ_PRECISION)
-        if self.perm is not None:
-            W = W[:, self.perm]
-        W = W.masked_fill(self.dead, 0)[None].contiguous()
+        W = weights[:, self.perm] if self.perm is not None else weights
+        W = W.to(device=self.hinv.device, dtype=GPTQ_PRECISION, copy=True)
+        W.masked_fill_(self.dead, 0)
+        W = W[None]
         scale, zero_point = scale[None], zero_point[None]
         losses = torch.zeros((1, rows), dtype=GPTQ_PRECISION, device=W.device)
         for i1 in range(0, columns, GPTQ_BLOCK):
@@ -125,9 +126,11 @@ class SharedSolver:
             W[:, :, i1:i2] = Q1
             losses += torch.sum(losses1, 2) / 2
             W[:, :, i2:] -= torch.bmm(Err1, self.hinv[:, i1:i2, i2:])
+        quantized = W[0].to(weights.dtype)
+        del W
         if self.perm is not None:
-            W = W[:, :, torch.argsort(self.perm)]
-        return W[0], losses[0]
+            quantized = quantized[:, torch.argsort(self.perm)]
+        return quantized, losses[0]
 
 
 def solve_each(weights: torch.Tensor, hessians: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

@@ -278,14 +278,14 @@ def cache_bytes(text: dict, samples: int, seq_len: int, dtype_bytes: int) -> int
 
 
 def solve_bytes(spec: LayerSpec, dtype_bytes: int) -> int:
-    """GPTQ's working set beyond the Hessians: a chunk of stacked gate/up rows (bf16 stack, fp32 working copy and
-    its column permutation) with the factorised shared Hessian, or a batch of down projections with their
-    Hessian copies, whichever is larger."""
+    """GPTQ's working set beyond the Hessians: a chunk of stacked gate/up rows (the stack and its column
+    permutation in the model dtype, one fp32 working copy) with the factorised shared Hessian, or a batch of down
+    projections with their Hessian copies, whichever is larger."""
     if not spec.experts:
         return 0
     h, i = spec.hidden, spec.intermediate
     rows = min(spec.experts, max(1, GATE_UP_CHUNK_ROWS // (2 * i))) * 2 * i
-    gate_up = rows * h * (dtype_bytes + 8) + 4 * h * h
+    gate_up = rows * h * (2 * dtype_bytes + 4) + 4 * h * h
     batch = min(spec.experts, DOWN_BATCH)
     down = batch * (3 * 4 * h * i + 2 * 4 * i * i)
     return max(gate_up, down)

@@ -257,7 +257,11 @@ def read_config(opts: GpuOptions):
 def load_tokenizer(opts: GpuOptions):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(opts.model_id, trust_remote_code=opts.trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(opts.model_id, trust_remote_code=opts.trust_remote_code)
+    except Exception as exc:  # no tokenizer files, a tokenizer needing a package that is missing, remote code refused
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KtqError(f"cannot load the tokenizer of --model_id {opts.model_id}: {first}") from exc
 
 
 def _copy_side_files(source: Path, staging: Path) -> None:
