@@ -462,13 +462,14 @@ def test_truncated_shard(ktq, samples, tmp_path):
 
 
 def test_unknown_architecture(ktq, samples, tmp_path):
-    """Llama-4 keeps fused experts under feed_forward: not a layout ktq knows, so it says so and names a tensor."""
-    def llama4(name, bits, dtype):
-        return [(name.replace(".mlp.", ".feed_forward."), bits, dtype)]
+    """Experts under a block name ktq does not know (`moe.`, as a remote-code model might keep them): it says so
+    and names a tensor."""
+    def custom(name, bits, dtype):
+        return [(name.replace(".mlp.", ".moe."), bits, dtype)]
 
-    as_llama4 = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"]}
-    src = rewrite_checkpoint(samples("qwen3_vl_moe"), tmp_path / "input", llama4, lambda c: {**c, **as_llama4})
-    fails(ktq, src, tmp_path, "model_type 'llama4'", "model.language_model.layers.0.feed_forward.experts.down_proj",
+    as_custom = {"model_type": "custom_moe", "architectures": ["CustomMoeForCausalLM"]}
+    src = rewrite_checkpoint(samples("qwen3_vl_moe"), tmp_path / "input", custom, lambda c: {**c, **as_custom})
+    fails(ktq, src, tmp_path, "model_type 'custom_moe'", "model.language_model.layers.0.moe.experts.down_proj",
           "layout ktq does not know")
 
 

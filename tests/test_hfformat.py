@@ -41,6 +41,14 @@ def test_moe_layer_freq_follows_deepseek_s_modeling_code():
     ({"num_hidden_layers": 6, "first_k_dense_replace": 3}, (3, 4, 5)),
     ({"num_hidden_layers": 6, "moe_layer_freq": 3}, (0, 3)),  # applied without first_k_dense_replace too
     ({"num_hidden_layers": 3, "mlp_layer_types": ["dense", "sparse", "sparse"]}, (1, 2)),
+    ({"num_hidden_layers": 4, "num_dense_layers": 2}, (2, 3)),  # AFMoE, LFM2-MoE
+    # ERNIE-4.5-MoE: start <= layer <= end and (layer + 1) % interval == 0; an end of -1 is the last layer
+    ({"num_hidden_layers": 6, "moe_layer_start_index": 1, "moe_layer_end_index": 4, "moe_layer_interval": 2},
+     (1, 3)),
+    ({"num_hidden_layers": 4, "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1},
+     (1, 2, 3)),
+    ({"num_hidden_layers": 8, "expert_layer_period": 2}, (1, 3, 5, 7)),  # Jamba: layer % period == offset (1)
+    ({"num_hidden_layers": 8, "expert_layer_period": 4, "expert_layer_offset": 2}, (2, 6)),
     ({"num_hidden_layers": 4, "first_k_dense_replace": None, "mlp_only_layers": None}, (0, 1, 2, 3)),
     ({"num_hidden_layers": 0}, ()),
     ({}, ()),
@@ -75,3 +83,21 @@ def test_expert_count_keys(key):
 def test_shard_names():
     assert hfformat.shard_name(3, 12) == "model-00003-of-00012.safetensors"
     assert hfformat.INDEX_NAME == "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("config, needle", [
+    ({"model_type": "gpt_oss"}, "interleave gate and up"),
+    ({"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_hidden_layers": 2}},
+     "model_type 'llama4_text': its router scales each expert's input"),
+    ({"model_type": "dbrx"}, "does not read DBRX's experts"),
+    ({"model_type": "new_moe", "hidden_act": "gelu"}, "model_type 'new_moe': its experts use hidden_act 'gelu'"),
+    ({"model_type": "nemotron_h", "mlp_hidden_act": "relu2"}, "no gate projection"),
+])
+def test_refusals_name_the_family_and_the_reason(config, needle):
+    assert needle in hfformat.refusal(config)
+
+
+@pytest.mark.parametrize("config", [{"model_type": "qwen3_moe", "hidden_act": "silu"},
+                                    {"model_type": "mixtral", "hidden_act": "swish"}, {}])
+def test_silu_families_are_not_refused(config):
+    assert hfformat.refusal(config) is None

@@ -4,9 +4,11 @@ The conversion sees a model as a list of MoE layers, each a list of experts, eac
 (gate, up, down) that fill a caller-owned uint16 buffer with the projection's bf16 bit patterns in the HF
 orientation (out x in). Everything architecture- or dtype-specific stays in this module:
 
-- key layouts (kt-format.md §5): per-expert `mlp.experts.{e}.{gate,up,down}_proj`, Mixtral / MiniMax
-  `block_sparse_moe.experts.{e}.{w1,w3,w2}`, fused `mlp.experts.gate_up_proj` + `down_proj` in either
-  orientation, each also under a VL wrapper (`model.language_model.layers.*`);
+- key layouts (kt-format.md §5): per-expert `experts.{e}.{gate,up,down}_proj` or, Mixtral's names,
+  `experts.{e}.{w1,w3,w2}`, fused `experts.gate_up_proj` + `experts.down_proj` (or Granite-MoE's
+  `input_linear.weight` + `output_linear.weight`) in either orientation, under `mlp`, `block_sparse_moe` or
+  `feed_forward`, each also under a VL wrapper (`model.language_model.layers.*`);
+- the families whose experts kt-kernel cannot compute (hfformat.refusal) are refused before anything is read;
 - storage: BF16, FP16, block-scaled FP8 (`weight` + `weight_scale_inv`) and compressed-tensors pack-quantized
   INT4 (`weight_packed` + `weight_scale` + `weight_shape`), decoded by the Numba kernels of ktq.kernels.decode.
 """
@@ -38,16 +40,23 @@ _PLAIN_TYPES = {"BF16": "bf16", "F16": "fp16"}
 _SCALE_DTYPES = {"F32": np.float32, "BF16": np.uint16}  # scale tensors: float32, or bf16 kept as bits
 
 _PREFIX = r"^(?P<prefix>(?:model\.)?(?:language_model\.)?(?:model\.)?)layers\.(?P<layer>\d+)\."
+# The MoE block: `mlp` (most), `block_sparse_moe` (Mixtral, MiniMax, Granite-MoE), `feed_forward` (Jamba, LFM2-MoE)
+_BLOCK = r"(?P<block>mlp|block_sparse_moe|feed_forward)\."
 # One projection of one expert: {prefix}layers.{L}.{block}.experts.{e}.{name}.{param}
-_PER_EXPERT_KEY = re.compile(_PREFIX + r"(?P<block>mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
-                             r"(?P<name>\w+)\.(?P<param>\w+)$")
-_PROJECTION_NAMES = {  # block -> checkpoint projection name -> gate / up / down
-    "mlp": {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-    "block_sparse_moe": {"w1": "gate", "w3": "up", "w2": "down"},  # Mixtral, MiniMax
+_PER_EXPERT_KEY = re.compile(_PREFIX + _BLOCK + r"experts\.(?P<expert>\d+)\.(?P<name>\w+)\.(?P<param>\w+)$")
+_PROJECTION_NAMES = {  # naming -> checkpoint projection name -> gate / up / down
+    "proj": {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    "w": {"w1": "gate", "w3": "up", "w2": "down"},  # Mixtral, MiniMax, LFM2-MoE
 }
+_NAMING = {name: naming for naming, names in _PROJECTION_NAMES.items() for name in names}
+# All experts of a layer in two 3-D tensors, gate|up and down: naming -> kind -> name after the block
+_FUSED_NAMES = {
+    "fused": {"gate_up_proj": "experts.gate_up_proj", "down_proj": "experts.down_proj"},  # Qwen3-VL/3.5-MoE, ZAYA
+    "fused_linear": {"gate_up_proj": "input_linear.weight", "down_proj": "output_linear.weight"},  # Granite-MoE
+}
+_FUSED_KIND = {name: (naming, kind) for naming, names in _FUSED_NAMES.items() for kind, name in names.items()}
+_FUSED_KEY = re.compile(_PREFIX + _BLOCK + r"(?P<fused>" + "|".join(re.escape(n) for n in _FUSED_KIND) + r")$")
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # any tensor of decoder layer L
-# All experts of a layer in two 3-D tensors (Qwen3-VL-MoE, Qwen3.5-MoE)
-_FUSED_KEY = re.compile(_PREFIX + r"mlp\.experts\.(?P<fused>gate_up_proj|down_proj)$")
 # Tensors that make up one stored projection, by storage kind
 _STORAGE_PARAMS = {"weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape",
                    "weight_zero_point", "weight_g_idx"}
@@ -366,33 +375,36 @@ def _unknown_layout(ckpt: Checkpoint) -> KtqError:
                         "model.layers.L.mlp.experts.E.gate_proj.weight and its variants): not a MoE checkpoint?")
     return KtqError(f"{ckpt.path} (model_type {config.get('model_type')!r}, architectures "
                     f"{config.get('architectures')}) keeps its experts in a layout ktq does not know, e.g. {hint}; "
-                    "ktq reads layers.L.mlp.experts.E.{gate,up,down}_proj, layers.L.block_sparse_moe.experts.E."
-                    "{w1,w3,w2} and fused layers.L.mlp.experts.{gate_up_proj,down_proj}")
+                    "ktq reads layers.L.{mlp,block_sparse_moe,feed_forward}. followed by experts.E.{gate,up,down}_proj"
+                    ", experts.E.{w1,w3,w2}, fused experts.{gate_up_proj,down_proj} or {input,output}_linear.weight")
 
 
-def _scan(ckpt: Checkpoint) -> tuple[str, str, dict, dict, int]:
-    """(prefix, block, per-expert {(L, e, proj): {param: info}}, fused {(L, kind): info}) of the one layout used,
-    and the number of decoder layers the shards hold tensors of (1 + the highest L of any `layers.L.` name)."""
+def _scan(ckpt: Checkpoint) -> tuple[str, str, str, dict, dict, int]:
+    """(prefix, block, naming, per-expert {(L, e, proj): {param: info}}, fused {(L, kind): info}) of the one layout
+    used (naming: a key of _PROJECTION_NAMES or of _FUSED_NAMES), and the number of decoder layers the shards hold
+    tensors of (1 + the highest L of any `layers.L.` name)."""
     per_expert: dict[tuple[int, int, str], dict[str, TensorInfo]] = {}
     fused: dict[tuple[int, str], TensorInfo] = {}
-    layouts: dict[tuple[str, str], str] = {}  # (prefix, block) -> an example key
+    layouts: dict[tuple[str, str, str], str] = {}  # (prefix, block, naming) -> an example key
     other_layers = [-1]  # of the tensors that are not experts (a few per layer)
     for name, info in ckpt.tensors.items():
         match = _PER_EXPERT_KEY.match(name)
         if match:  # one group tuple, not a look-up per group: this loop sees every tensor (92k for DeepSeek-V3)
             prefix, layer, block, expert, checkpoint_name, param = match.groups()
-            proj = _PROJECTION_NAMES[block].get(checkpoint_name)
-            if proj is not None:
+            naming = _NAMING.get(checkpoint_name)
+            if naming is not None:
                 if param not in _STORAGE_PARAMS:
                     raise KtqError(f"expert tensor {name}: ktq does not read '{param}' tensors; it reads expert "
                                    f"weights stored as {', '.join(INPUT_TYPES.values())}")
-                layouts.setdefault((prefix, block), name)
+                layouts.setdefault((prefix, block, naming), name)
+                proj = _PROJECTION_NAMES[naming][checkpoint_name]
                 per_expert.setdefault((int(layer), int(expert), proj), {})[param] = info
                 continue
         match = _FUSED_KEY.match(name)
         if match:
-            layouts.setdefault((match["prefix"], "fused"), name)
-            fused[(int(match["layer"]), match["fused"])] = info
+            naming, kind = _FUSED_KIND[match["fused"]]
+            layouts.setdefault((match["prefix"], match["block"], naming), name)
+            fused[(int(match["layer"]), kind)] = info
         elif match := _LAYER_KEY.search(name):
             other_layers.append(int(match[1]))
     if not layouts:
@@ -400,23 +412,24 @@ def _scan(ckpt: Checkpoint) -> tuple[str, str, dict, dict, int]:
     if len(layouts) > 1:
         raise KtqError(f"expert tensors in several layouts ({', '.join(sorted(layouts.values()))}): "
                        "ambiguous checkpoint")
-    (prefix, block), = layouts
+    (prefix, block, naming), = layouts
     held = 1 + max([key[0] for key in per_expert] + [key[0] for key in fused] + other_layers)
-    return prefix, block, per_expert, fused, held
+    return prefix, block, naming, per_expert, fused, held
 
 
-def _per_expert_model(ckpt: Checkpoint, prefix: str, block: str, found: dict, g: Geometry, layer_indices: list[int],
+def _per_expert_model(ckpt: Checkpoint, where: str, naming: str, found: dict, g: Geometry, layer_indices: list[int],
                       requested: str | None) -> MoeModel:
-    checkpoint_name = {proj: name for name, proj in _PROJECTION_NAMES[block].items()}
+    """where: the layer key template, `{prefix}layers.{L}.{block}.`."""
+    checkpoint_name = {proj: name for name, proj in _PROJECTION_NAMES[naming].items()}
     wanted = {}
     for layer in layer_indices:
         for e in range(g.experts):
             for proj in PROJECTIONS:
                 params = found.get((layer, e, proj))
                 if params is None:
-                    raise KtqError(f"expert tensor {prefix}layers.{layer}.{block}.experts.{e}.{checkpoint_name[proj]}"
-                                   f".weight is missing from {ckpt.path} (config.json promises {g.experts} experts "
-                                   f"in layer {layer})")
+                    raise KtqError(f"expert tensor {where.format(L=layer)}experts.{e}.{checkpoint_name[proj]}.weight "
+                                   f"is missing from {ckpt.path} (config.json promises {g.experts} experts in layer "
+                                   f"{layer})")
                 wanted[(layer, e, proj)] = params
     kinds = {}
     for params in wanted.values():
@@ -472,7 +485,7 @@ def _fused_expert(gate_up: TensorInfo, down: TensorInfo, e: int, i: int, transpo
             "down": _transposed(_expert_slice(down, e), slice(None), names["down"])}
 
 
-def _fused_model(ckpt: Checkpoint, prefix: str, found: dict, g: Geometry, layer_indices: list[int],
+def _fused_model(ckpt: Checkpoint, where: str, naming: str, found: dict, g: Geometry, layer_indices: list[int],
                  requested: str | None) -> MoeModel:
     layers = []
     kinds: dict[str, str] = {}
@@ -481,8 +494,8 @@ def _fused_model(ckpt: Checkpoint, prefix: str, found: dict, g: Geometry, layer_
         for kind in ("gate_up_proj", "down_proj"):
             info = found.get((layer, kind))
             if info is None:
-                raise KtqError(f"expert tensor {prefix}layers.{layer}.mlp.experts.{kind} is missing from {ckpt.path} "
-                               f"(config.json makes layer {layer} a MoE layer)")
+                raise KtqError(f"expert tensor {where.format(L=layer)}{_FUSED_NAMES[naming][kind]} is missing from "
+                               f"{ckpt.path} (config.json makes layer {layer} a MoE layer)")
             if info.dtype not in _PLAIN_TYPES:
                 raise KtqError(f"{info.name} is {info.dtype}: ktq reads fused experts stored as BF16 or F16")
             kinds.setdefault(_PLAIN_TYPES[info.dtype], info.name)
@@ -497,13 +510,17 @@ def _fused_model(ckpt: Checkpoint, prefix: str, found: dict, g: Geometry, layer_
 @collector_paused()
 def find_experts(ckpt: Checkpoint, requested_type: str | None = None) -> MoeModel:
     """The model's MoE layers with every expert's projections, checked for completeness, shapes and storage."""
-    prefix, block, per_expert, fused, held_layers = _scan(ckpt)
+    refused = hfformat.refusal(ckpt.config)
+    if refused is not None:
+        raise KtqError(f"{ckpt.path / 'config.json'}: {refused}")
+    prefix, block, naming, per_expert, fused, held_layers = _scan(ckpt)
     geometry = geometry_of(ckpt.text_config)
     _check_layer_count(ckpt.text_config, held_layers)
     layer_indices = moe_layer_indices(ckpt.text_config)
     if not layer_indices:
         raise KtqError(f"{ckpt.path / 'config.json'} makes no decoder layer a MoE layer (see num_hidden_layers, "
                        f"{', '.join(hfformat.MOE_LAYER_RULES)})")
-    if block == "fused":
-        return _fused_model(ckpt, prefix, fused, geometry, layer_indices, requested_type)
-    return _per_expert_model(ckpt, prefix, block, per_expert, geometry, layer_indices, requested_type)
+    where = f"{prefix}layers.{{L}}.{block}."
+    if naming in _FUSED_NAMES:
+        return _fused_model(ckpt, where, naming, fused, geometry, layer_indices, requested_type)
+    return _per_expert_model(ckpt, where, naming, per_expert, geometry, layer_indices, requested_type)

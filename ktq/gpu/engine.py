@@ -32,7 +32,9 @@ from ktq.gpu.streamed_experts import LayerStatistics, StreamedExperts
 from ktq.kernels.ktformat import PROJECTIONS
 
 OUTPUT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
 _FUSED_NAME = re.compile(r"^(?P<module>.*)\.(gate_up_proj|down_proj)\[expert (?P<e>\d+)")
+_FUSED_LINEAR_NAME = re.compile(r"^(?P<block>.*)\.(input_linear|output_linear)\.weight\[expert (?P<e>\d+)")
 
 
 class _Stop(Exception):
@@ -65,10 +67,15 @@ class _Catcher(torch.nn.Module):
 
 def expert_module_name(source_name: str, e: int, proj: str) -> str:
     """The output name of one expert projection: the source's own (`...experts.7.gate_proj`, Mixtral's
-    `...experts.7.w1`); fused sources get llm-compressor's per-expert names (`...experts.7.gate_proj`)."""
+    `...experts.7.w1`); fused sources get llm-compressor's per-expert names (`...experts.7.gate_proj`), Granite-MoE's
+    `input_linear` / `output_linear` the names SGLang's and vLLM's GraniteMoe loaders split them into
+    (`block_sparse_moe.experts.7.w1`, Mixtral's)."""
     fused = _FUSED_NAME.match(source_name)
     if fused:
         return f"{fused['module']}.{e}.{OUTPUT_NAMES[proj]}"
+    linear = _FUSED_LINEAR_NAME.match(source_name)
+    if linear:
+        return f"{linear['block']}.experts.{e}.{MIXTRAL_NAMES[proj]}"
     return source_name.rsplit(".", 1)[0]
 
 

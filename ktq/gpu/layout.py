@@ -21,10 +21,10 @@ from ktq.errors import KtqError
 _ANY_PREFIX = r"(.*\.)?"
 BASE_RULES: tuple[tuple[str, str], ...] = (
     ("lm_head", rf"re:{_ANY_PREFIX}lm_head$"),
-    ("router", r"re:.*\.(gate|router)$"),
+    ("router", r"re:.*\.(gate|router|gate\.wg)$"),  # gate.wg: HunYuan-MoE
     ("router", r"re:.*\.shared_expert_gate$"),
     ("attention", r"re:.*\.(self_attn|linear_attn|attention|attn)\..*"),
-    ("shared expert", r"re:.*\.shared_experts?\..*"),
+    ("shared expert", r"re:.*\.(shared_experts?|shared_mlp)\..*"),  # shared_mlp: HunYuan-MoE
     ("vision/audio tower", rf"re:{_ANY_PREFIX}(visual|vision_tower|vision_model|multi_modal_projector|mm_projector"
                            r"|audio_tower)\..*"),
 )

@@ -179,12 +179,14 @@ class Plan:
 
 
 def auto_model_class(config):
-    """AutoModelForCausalLM, or AutoModelForImageTextToText for multimodal MoE models (Qwen3-VL-MoE) that the
-    former does not know; remote-code models resolve through their own auto_map in AutoModelForCausalLM."""
+    """AutoModelForImageTextToText for a multimodal config (Qwen3-VL-MoE, Qwen3.5-MoE's wrapper), else
+    AutoModelForCausalLM; remote-code models resolve through their own auto_map in AutoModelForCausalLM.
+
+    The multimodal class comes first: AutoModelForCausalLM also maps some multimodal configs (Qwen3.5-MoE's) to the
+    text-only model, which has no vision tower, so the tower's Linears would be missing from what is kept."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    kind = type(config)
-    if kind not in AutoModelForCausalLM._model_mapping and kind in AutoModelForImageTextToText._model_mapping:
+    if type(config) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 

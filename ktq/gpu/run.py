@@ -96,6 +96,7 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
             world: World = World()) -> Report:
     console = console or Console(stderr=True)
     quiet = opts.quiet or not world.is_main
+    refuse_unconvertible(Path(opts.model_id).expanduser() / "config.json")
     config_object = read_config(opts)
     config = config_object.to_dict()
     layout = MoeLayout.from_config(config, source=f"{opts.model_id}/config.json")
@@ -228,6 +229,19 @@ def _finish(opts: GpuOptions, output, engine, staging: Path) -> None:
     config["quantization_config"] = engine.quantization_config()
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _copy_side_files(source, staging)
+
+
+def refuse_unconvertible(config_file: Path) -> None:
+    """The families neither pipeline converts (hfformat.refusal), refused from config.json as ktq cpu does, before
+    transformers parses it: its warnings about the config would come before the one-line error."""
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            return  # read_config reports an unreadable config in its own words
+        refused = hfformat.refusal(config) if isinstance(config, dict) else None
+        if refused is not None:
+            raise KtqError(f"{config_file}: {refused}")
 
 
 def read_config(opts: GpuOptions):
