@@ -221,6 +221,11 @@ class Engine:
                         base(input_ids=torch.tensor([ids], device=self.device), use_cache=False)
                 except _Stop:
                     pass
+                except (TypeError, ValueError) as exc:
+                    # e.g. GLM-5's layers hand their top-k indices on to the next layer, beside the hidden states
+                    raise KtqError(f"{type(self.skeleton).__name__}'s decoder layers pass more than hidden states "
+                                   f"from one layer to the next ({exc}); ktq gpu calibrates layer by layer on "
+                                   "hidden states alone: use --quant_method RTN for this model") from exc
                 captured.hidden.append(sink[0][1].to(self.cache_device))
                 captured.kwargs.append([kwargs for _, _, kwargs in sink])
         finally:
