@@ -12,7 +12,6 @@ Everything else is decoded on the device it is used on: BF16 / FP16 / FP32 as st
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,6 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8, "U8": torch.uint8,
                 "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-_LAYER = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"  # FP8: `X.weight` beside `X.weight_scale_inv`
 
 
@@ -96,8 +94,3 @@ def decode_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     bn, bk = block
     scale = scale_inv.float().repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols]
     return (weight.float() * scale).to(torch.bfloat16)
-
-
-def layer_of(name: str) -> int | None:
-    match = _LAYER.match(name)
-    return int(match["layer"]) if match else None
