@@ -25,9 +25,10 @@ from loguru import logger
 
 from ktq.errors import KtqError
 from ktq.gpu.gptq import Quantized, SharedSolver, pack, qparams, solve_each, unpack, weight_scheme
+from ktq.gpu.layout import ignore_reason
 from ktq.gpu.output import StreamOutput, tensor_entry
 from ktq.gpu.plan import DOWN_BATCH, GATE_UP_CHUNK_ROWS, experts_module, linear_reasons
-from ktq.gpu.source import SourceCheckpoint
+from ktq.gpu.source import SourceCheckpoint, stored_weight, written_dtype
 from ktq.gpu.streamed_experts import LayerStatistics, StreamedExperts
 from ktq.kernels.ktformat import PROJECTIONS
 
@@ -85,14 +86,11 @@ class Engine:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-        from ktq.gpu.layout import ignore_reason
-
         self.opts, self.source, self.skeleton, self.rules = opts, source, skeleton, rules
         self.layer_names, self.device, self.cache_device = layer_names, torch.device(device), cache_device
         self.world, self.progress, self.output = world, progress, output
         self.dtype = getattr(torch, opts.torch_dtype)
         self.scheme = weight_scheme(opts.quant_type, opts.quant_method)
-        self._ignore_reason = ignore_reason
         text = skeleton.config.get_text_config()
         self.hidden_act = getattr(text, "hidden_act", None) or "silu"
         renamings = [t for t in get_model_conversion_mapping(skeleton) if isinstance(t, WeightRenaming)]
@@ -260,7 +258,7 @@ class Engine:
         weight is then replaced in place by what the output holds (dequantised), for the propagation pass, and the
         packed tensors move to the CPU for writing."""
         experts, inter, _ = weights[0].shape
-        keep = [[self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"]) is not None
+        keep = [[ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"]) is not None
                  for proj in PROJECTIONS] for e in range(experts)]
         solver = None
         if stats is not None:
@@ -344,7 +342,8 @@ class Engine:
         names = self.unit_tensors(unit)
         tensors: list[tuple[str, object]] = [(name, lambda n=name: self.source.read(self.logical[n], "cpu", None))
                                              for name in names]
-        entries = [tensor_entry(name, self._stored_dtype(name), self._stored_shape(name)) for name in names]
+        stored = [stored_weight(self.logical[name]) for name in names]
+        entries = [tensor_entry(name, written_dtype(info), tuple(info.shape)) for name, info in zip(names, stored)]
         if quantized is not None:
             for e, projections in enumerate(quantized):
                 for p, q in enumerate(projections):
@@ -360,15 +359,6 @@ class Engine:
                         entries.append(tensor_entry(f"{module}.{suffix}", tensor.dtype, tuple(tensor.shape)))
                         tensors.append((f"{module}.{suffix}", lambda t=tensor: t))
         self.output.write_unit("rest" if unit is None else unit, entries, tensors, extra or {})
-
-    def _stored_dtype(self, name: str) -> torch.dtype:
-        from ktq.gpu.source import TORCH_DTYPES
-
-        weight = next(i for i in self.logical[name] if not i.name.endswith("_scale_inv"))
-        return torch.bfloat16 if weight.dtype.startswith("F8_") else TORCH_DTYPES[weight.dtype]
-
-    def _stored_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(next(i for i in self.logical[name] if not i.name.endswith("_scale_inv")).shape)
 
     def restore(self, index: int, weights) -> None:
         """Replace a committed layer's quantised expert weights by what its shard holds (dequantised), in place:
@@ -403,7 +393,7 @@ class Engine:
         for index in self.source.moe_layers:
             names = self.expert_names(index)
             kept += [names[e][p] for e in range(g.experts) for p, proj in enumerate(PROJECTIONS)
-                     if self._ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"]) is not None]
+                     if ignore_reason(self.rules, self.report_name(index, e, proj), ["Linear"]) is not None]
         config = QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=kept, format="pack-quantized",
                                     quantization_status=QuantizationStatus.COMPRESSED)
         return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",

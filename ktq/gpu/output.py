@@ -10,7 +10,9 @@ write the same names and bytes.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,8 @@ import torch
 
 from ktq.cpu.manifest import PARTIAL_SUFFIX, fsync_dir, write_json_atomic
 from ktq.errors import KtqError, write_error
-from ktq.gpu.source import SAFETENSORS_DTYPES, TORCH_DTYPES
-from ktq.safetensors_io import ShardWriter, TensorInfo, TensorReader, read_header
+from ktq.gpu.source import SAFETENSORS_DTYPES, read_tensor
+from ktq.safetensors_io import ShardWriter, TensorReader, read_header
 
 MANIFEST = "ktq_gpu.json"
 FORMAT = "ktq-gpu-stream/1"
@@ -48,8 +50,6 @@ class StreamOutput:
         self.manifest = self._resume()
 
     def _resume(self) -> dict:
-        import json
-
         path = self.folder / MANIFEST
         if path.is_file():
             try:
@@ -67,8 +67,6 @@ class StreamOutput:
         if not self.writable:
             return {"format": FORMAT, "run": self.fingerprint, "units": {}}
         if self.folder.exists():
-            import shutil
-
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
         return {"format": FORMAT, "run": self.fingerprint, "units": {}}
@@ -109,7 +107,7 @@ class StreamOutput:
         path = self.folder / self.shard_name(unit)
         infos, _ = read_header(path)
         with TensorReader() as reader:
-            return {name: _tensor(reader, info) for name, info in infos.items()}
+            return {name: read_tensor(reader, info) for name, info in infos.items()}
 
     def weight_map(self) -> dict[str, str]:
         mapping = {}
@@ -128,9 +126,3 @@ class StreamOutput:
         missing = [u for u in [*map(str, range(self.units - 1)), "rest"] if u not in self.manifest["units"]]
         if missing:
             raise KtqError(f"{self.folder}: shards of units {', '.join(missing[:5])} were never written")
-
-
-def _tensor(reader: TensorReader, info: TensorInfo) -> torch.Tensor:
-    buffer = np.empty(info.nbytes, np.uint8)
-    reader.read_into(info, buffer)
-    return torch.from_numpy(buffer).view(TORCH_DTYPES[info.dtype]).reshape(info.shape)

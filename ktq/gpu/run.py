@@ -250,8 +250,7 @@ def read_config(opts: GpuOptions):
     try:
         return AutoConfig.from_pretrained(opts.model_id, trust_remote_code=opts.trust_remote_code)
     except Exception as exc:  # unknown model_type, remote code refused, offline hub, malformed json
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KtqError(f"cannot read the config of --model_id {opts.model_id}: {first}") from exc
+        raise KtqError(f"cannot read the config of --model_id {opts.model_id}: {_first_line(exc)}") from exc
 
 
 def load_tokenizer(opts: GpuOptions):
@@ -260,8 +259,13 @@ def load_tokenizer(opts: GpuOptions):
     try:
         return AutoTokenizer.from_pretrained(opts.model_id, trust_remote_code=opts.trust_remote_code)
     except Exception as exc:  # no tokenizer files, a tokenizer needing a package that is missing, remote code refused
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KtqError(f"cannot load the tokenizer of --model_id {opts.model_id}: {first}") from exc
+        raise KtqError(f"cannot load the tokenizer of --model_id {opts.model_id}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    """What a library's exception says, on one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _copy_side_files(source: Path, staging: Path) -> None:

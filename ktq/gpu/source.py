@@ -66,26 +66,38 @@ class SourceCheckpoint:
 
     def read(self, infos: list[TensorInfo], device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
         """One weight on `device`, FP8 decoded to bf16, floats cast to `dtype` when given."""
-        weight = next(i for i in infos if not i.name.endswith(_SCALE_SUFFIX))
-        tensor = self._raw(weight).to(device)
+        weight = stored_weight(infos)
+        tensor = read_tensor(self.reader, weight).to(device)
         if weight.dtype.startswith("F8_"):
             scale = next((i for i in infos if i.name.endswith(_SCALE_SUFFIX)), None)
             if scale is None:
                 raise KtqError(f"{weight.name} is {weight.dtype} without a weight_scale_inv beside it")
-            tensor = decode_fp8(tensor, self._raw(scale).to(device), self.fp8_block)
+            tensor = decode_fp8(tensor, read_tensor(self.reader, scale).to(device), self.fp8_block)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor
 
-    def _raw(self, info: TensorInfo) -> torch.Tensor:
-        if info.dtype not in TORCH_DTYPES:
-            raise KtqError(f"{info.name} in {info.path.name} is {info.dtype}, a dtype ktq gpu does not read")
-        buffer = np.empty(info.nbytes, np.uint8)
-        self.reader.read_into(info, buffer)
-        return torch.from_numpy(buffer).view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
-
     def close(self) -> None:
         self.reader.close()
+
+
+def stored_weight(infos: list[TensorInfo]) -> TensorInfo:
+    """The weight itself among the tensors of one logical weight (not its FP8 scale)."""
+    return next(i for i in infos if not i.name.endswith(_SCALE_SUFFIX))
+
+
+def written_dtype(weight: TensorInfo) -> torch.dtype:
+    """The dtype a stored weight has once read: FP8 decoded to bf16, anything else as stored."""
+    return torch.bfloat16 if weight.dtype.startswith("F8_") else TORCH_DTYPES[weight.dtype]
+
+
+def read_tensor(reader: TensorReader, info: TensorInfo) -> torch.Tensor:
+    """One tensor's raw bytes as a CPU torch tensor of its dtype."""
+    if info.dtype not in TORCH_DTYPES:
+        raise KtqError(f"{info.name} in {info.path.name} is {info.dtype}, a dtype ktq gpu does not read")
+    buffer = np.empty(info.nbytes, np.uint8)
+    reader.read_into(info, buffer)
+    return torch.from_numpy(buffer).view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
 def decode_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
