@@ -104,13 +104,78 @@ def _row_scale(row, bits):
 
 
 @njit(cache=True, inline="always")
+def _quantised_bytes(src, r, c0, iv, bits, packed, out):
+    """The 64 code bytes of row r at tile columns c0.. into packed[out:out + 64], quantised from bf16 bits with the
+    row's reciprocal scale iv."""
+    if bits == 8:
+        for j in range(64):
+            packed[out + np.uint64(j)] = _int8_code(src[r, np.uint64(c0 + j)], iv)
+    else:  # low nibble m & 0xF: columns c0..c0+63, high nibble: c0+64..c0+127
+        for j in range(64):
+            lo = _int4_code(src[r, np.uint64(c0 + j)], iv)
+            lo = lo + np.float32(16.0) if lo < np.float32(0.0) else lo
+            hi = _int4_code(src[r, np.uint64(c0 + 64 + j)], iv)
+            # the int32 -> uint8 conversion keeps the low 8 bits: 16 * hi wraps to (hi & 0xF) << 4
+            packed[out + np.uint64(j)] = np.uint8(np.int32(lo + np.float32(16.0) * hi))
+
+
+@njit(cache=True, inline="always")
+def _given_bytes(src, r, c0, iv, bits, packed, out):
+    """The same bytes from codes chosen elsewhere (int8; INT4 codes in [-8, 7])."""
+    if bits == 8:
+        for j in range(64):
+            packed[out + np.uint64(j)] = np.uint8(np.int32(src[r, np.uint64(c0 + j)]) & 0xFF)
+    else:
+        for j in range(64):
+            lo = np.int32(src[r, np.uint64(c0 + j)]) & 0xF
+            hi = np.int32(src[r, np.uint64(c0 + 64 + j)]) & 0xF
+            packed[out + np.uint64(j)] = np.uint8(lo | (hi << 4))
+
+
+def _stripe_placer(tile_bytes):
+    """The stripe placer for one way of making the code bytes (_quantised_bytes or _given_bytes), bound as a
+    global of the placer, so the tile layout is written once and each kernel inlines its own byte maker into the
+    loops that LLVM vectorises."""
+
+    @njit(cache=True, inline="always")
+    def place_stripe(src, col0, k, bits, r0, words, body_word0, inv, packed):
+        """Rows r0..r0+31 of src[:, col0:col0+k] into the body that starts at words[body_word0], each 2 KB tile
+        filled while it sits in L1. inv: the rows' reciprocal scales (quantising only); packed (uint8[1024]):
+        scratch."""
+        n = src.shape[0]
+        nb_rows = _NB4 if bits == 4 else _NB8
+        k_step = _KS4 if bits == 4 else _KS8
+        nb = (r0 // nb_rows) * nb_rows
+        nbs = min(nb_rows, n - nb)
+        ns = r0 - nb
+        packed_words = packed.view(np.uint32)
+        # Indices are unsigned below: Numba then adds no negative-index check, which would stop LLVM vectorising.
+        for kb in range(0, k, _KB):
+            kbs = min(_KB, k - kb)
+            block_word0 = body_word0 + (nb * k + nbs * kb + ns * kbs) * bits // 32
+            for t in range(kbs // k_step):
+                c0 = col0 + kb + t * k_step
+                for half in range(2):
+                    for i in range(16):  # the 64 code bytes of each of the half tile's 16 rows, one after the other
+                        tile_bytes(src, np.uint64(r0 + 16 * half + i), c0, inv[16 * half + i], bits, packed,
+                                    np.uint64(64 * i))
+                    # each 16-row half of the tile is a 16 x 16 matrix of 4-byte words, stored transposed
+                    _transpose_words(packed_words, 0, words, block_word0 + t * _TILE_WORDS + half * _HALF_WORDS)
+
+    return place_stripe
+
+
+_place_quantised = _stripe_placer(_quantised_bytes)
+_place_given = _stripe_placer(_given_bytes)
+
+
+@njit(cache=True, inline="always")
 def _pack_stripe(src, col0, k, bits, r0, words, body_word0, scales, inv, packed):
     """Quantise rows r0..r0+31 of src[:, col0:col0+k] into the body that starts at words[body_word0].
 
     scales (float32, one per row of src) receives the stripe's scales. inv (float32[32]) and packed (uint8[1024])
-    are the caller's scratch. First the 32 rows' scales (which brings the stripe into L2), then the tiles one
-    after the other, so that each 2 KB tile is filled while it sits in L1. Returns the first row holding Inf or
-    NaN, or -1.
+    are the caller's scratch. First the 32 rows' scales (which brings the stripe into L2), then the tiles. Returns
+    the first row holding Inf or NaN, or -1.
     """
     for i in range(TILE_ROWS):
         d, iv, nonfinite = _row_scale(src[r0 + i, col0:col0 + k], bits)
@@ -118,36 +183,7 @@ def _pack_stripe(src, col0, k, bits, r0, words, body_word0, scales, inv, packed)
             return r0 + i
         scales[r0 + i] = d
         inv[i] = iv
-    n = src.shape[0]
-    nb_rows = _NB4 if bits == 4 else _NB8
-    k_step = _KS4 if bits == 4 else _KS8
-    nb = (r0 // nb_rows) * nb_rows
-    nbs = min(nb_rows, n - nb)
-    ns = r0 - nb
-    packed_words = packed.view(np.uint32)
-    # Indices are unsigned below: Numba then adds no negative-index check, which would stop LLVM vectorising.
-    for kb in range(0, k, _KB):
-        kbs = min(_KB, k - kb)
-        block_word0 = body_word0 + (nb * k + nbs * kb + ns * kbs) * bits // 32
-        for t in range(kbs // k_step):
-            c0 = col0 + kb + t * k_step
-            for half in range(2):
-                for i in range(16):  # the 64 code bytes of each of the half tile's 16 rows, one after the other
-                    r = np.uint64(r0 + 16 * half + i)
-                    iv = inv[16 * half + i]
-                    out = np.uint64(64 * i)
-                    if bits == 8:
-                        for j in range(64):
-                            packed[out + np.uint64(j)] = _int8_code(src[r, np.uint64(c0 + j)], iv)
-                    else:  # low nibble m & 0xF: columns c0..c0+63, high nibble: c0+64..c0+127
-                        for j in range(64):
-                            lo = _int4_code(src[r, np.uint64(c0 + j)], iv)
-                            lo = lo + np.float32(16.0) if lo < np.float32(0.0) else lo
-                            hi = _int4_code(src[r, np.uint64(c0 + 64 + j)], iv)
-                            # the int32 -> uint8 conversion keeps the low 8 bits: 16 * hi wraps to (hi & 0xF) << 4
-                            packed[out + np.uint64(j)] = np.uint8(np.int32(lo + np.float32(16.0) * hi))
-                # each 16-row half of the tile is a 16 x 16 matrix of 4-byte words, stored transposed
-                _transpose_words(packed_words, 0, words, block_word0 + t * _TILE_WORDS + half * _HALF_WORDS)
+    _place_quantised(src, col0, k, bits, r0, words, body_word0, inv, packed)
     return -1
 
 
@@ -169,6 +205,17 @@ def quantize_pack(src, col0, k, bits, body, scales):
         if bad[s] >= 0:
             return bad[s]
     return -1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def pack_codes(codes, col0, k, bits, body):
+    """Pack codes chosen elsewhere (int8 [n, cols]; INT4 codes in [-8, 7]) of columns col0:col0+k into body (uint8,
+    n*k*bits/8 bytes), in quantize_pack's layout: calibrated rounding writes the format through the same placer."""
+    words = body.view(np.uint32)
+    unused = np.zeros(TILE_ROWS, np.float32)
+    for s in prange(codes.shape[0] // TILE_ROWS):
+        packed = np.empty(1024, np.uint8)
+        _place_given(codes, col0, k, bits, s * TILE_ROWS, words, 0, unused, packed)
 
 
 @intrinsic

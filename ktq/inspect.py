@@ -22,7 +22,7 @@ from ktq import digest, hfformat
 from ktq.cpu.checkpoint import open_checkpoint
 from ktq.cpu.experts import find_experts
 from ktq.cpu.layout import Layout
-from ktq.cpu.output import committed_path, index_data
+from ktq.cpu.output import PLACEMENT_FILE, committed_path, index_data
 from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import packed_slot
 from ktq.errors import KtqError
@@ -63,7 +63,8 @@ def _output_report(found: Found) -> dict:
     if found.manifest is not None:
         m = found.manifest
         manifest = {"ktq_version": m.ktq_version, "complete": m.complete, "layers_done": len(m.layers),
-                    "input_type": m.input_type, "input_fingerprint": m.input_fingerprint}
+                    "input_type": m.input_type, "input_fingerprint": m.input_fingerprint,
+                    "calibration": m.calibration, "hot_experts": _hot_experts(m)}
     return {
         "path": str(found.path.resolve()), "kind": found.kind, "form": layout.form,
         "method": layout.method.name, "kt_method": layout.method.kt_method, "numa": layout.numa,
@@ -73,9 +74,27 @@ def _output_report(found: Found) -> dict:
         "bytes": sum(layout.layer_bytes(layer) for layer in layout.layers),
         "manifest": manifest,
         "serve": {"kt_method": layout.method.kt_method, "kt_weight_path": str(found.path.resolve()),
-                  "kt_threadpool_count": layout.numa},
+                  "kt_threadpool_count": layout.numa,
+                  **({"init_expert_location": str((found.path / PLACEMENT_FILE).resolve())}
+                     if (found.path / PLACEMENT_FILE).is_file() else {})},
         "machine_numa_nodes": numa_nodes(),
     }
+
+
+HOT_EXPERTS_SHOWN = 8
+
+
+def _hot_experts(manifest) -> dict[str, dict] | None:
+    """Per layer of a calibrated output: the experts the router sent most calibration tokens to (most first) and
+    the share of all routed tokens they took."""
+    hot = {}
+    for layer, record in sorted(manifest.layers.items()):
+        if record.routed is None:
+            continue
+        total = sum(record.routed) or 1
+        order = sorted(range(len(record.routed)), key=lambda e: (-record.routed[e], e))[:HOT_EXPERTS_SHOWN]
+        hot[str(layer)] = {"experts": order, "share": round(sum(record.routed[e] for e in order) / total, 4)}
+    return hot or None
 
 
 def _numa_warning(numa: int, machine_numa: int) -> str | None:

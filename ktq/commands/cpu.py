@@ -8,10 +8,12 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 
+from ktq.commands.gpu import opt
 from ktq.errors import KtqError
 from ktq.system import cpu_cores, numa_nodes
 
@@ -28,7 +30,22 @@ class QuantMethod(str, Enum):
     int8 = "int8"
 
 
+def _run_calibrated(opts, threads: int | None, debug: bool) -> None:
+    """ktq cpu --calibrate: the streaming engine of ktq gpu, writing only the calibrated CPU experts."""
+    from ktq.gpu.devices import prepare_environment
+
+    prepare_environment(opts.force_cpu, debug)
+    import torch  # after prepare_environment, which hides the GPUs from it with --force_cpu
+
+    from ktq.gpu.run import run_gpu
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    run_gpu(opts, debug=debug)
+
+
 def cpu(
+    ctx: typer.Context,
     input_path: Path = typer.Option(..., "--input-path", "-i", help="Folder of the source checkpoint."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write (created; an unfinished ktq output "
                                 "there is continued)."),
@@ -50,6 +67,20 @@ def cpu(
     force: bool = typer.Option(False, "--force", help="Proceed anyway: run when the plan says it does not fit in "
                                "RAM or on the disk, and start over an output made with other settings (deleting "
                                "only what ktq wrote there)."),
+    calibrate: Optional[str] = opt(None, "--calibrate", help="Choose codes and scales by GPTQ on this "
+                                              "dataset's activations (a local file or saved dataset, as ktq gpu "
+                                              "--dataset), not by round to nearest: same format, better experts."),
+    num_calibration_samples: int = opt(512, "--num_calibration_samples", help="With --calibrate: "
+                                                  "calibration samples."),
+    max_sequence_length: int = opt(2048, "--max_sequence_length", help="With --calibrate: tokens per "
+                                              "sample at most."),
+    dataset_split: Optional[str] = opt(None, "--dataset_split", help="With --calibrate: split of a "
+                                                  "saved dataset (default: train)."),
+    text_column: Optional[str] = opt(None, "--text_column", help="With --calibrate: column to "
+                                                "calibrate on (default: messages, else text)."),
+    random_seed: int = opt(42, "--random_seed", help="With --calibrate: seed for picking samples."),
+    force_cpu: bool = opt(False, "--force_cpu", help="With --calibrate: calibrate on the CPU even "
+                                     "when there is a GPU."),
 ) -> None:
     """Convert routed experts to kt-kernel's AMXINT4 / AMXINT8 CPU format."""
     # OpenMP threads that spin while waiting for the next kernel launch steal the cores the read and write
@@ -69,6 +100,23 @@ def cpu(
     if as_json and not dry_run:
         raise KtqError("--json prints the plan of --dry-run: add --dry-run")
     refuse_inside(output, input_path, "--output", "--input-path")
+    if calibrate is not None:
+        if resume_layer is not None:
+            raise KtqError("--resume-layer: a calibrated conversion resumes by itself after its last finished "
+                           "layer (each layer's inputs come from the layers before it); drop --resume-layer")
+        from ktq.gpu.options import CpuExpertsOptions, GpuOptions
+
+        opts = GpuOptions(
+            model_id=str(input_path), output_dir=None, quant_method="GPTQ", dataset=calibrate,
+            num_calibration_samples=num_calibration_samples, max_sequence_length=max_sequence_length,
+            dataset_split=dataset_split, text_column=text_column, random_seed=random_seed, force_cpu=force_cpu,
+            dry_run=dry_run, as_json=as_json, no_memory_check=force, quiet=quiet,
+            cpu_experts=CpuExpertsOptions(output, quant_method.value,
+                                          numa_nodes() if threadpool_count is None else threadpool_count, merge,
+                                          force),
+        ).validate()
+        _run_calibrated(opts, cpuinfer_threads, bool(ctx.find_root().params.get("debug")))
+        return
     # At exit, the interpreter's last garbage collection walks every object of Numba's compiler and of the
     # checkpoint's description: 0.2 s of a dry run (measured). atexit handlers run before it; frozen objects are
     # skipped.

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from ktq.gpu.options import DEFAULT_DATASET, GpuOptions, parse_size
+from ktq.gpu.options import DEFAULT_DATASET, CpuExpertsOptions, GpuOptions, parse_size
 
 
 class QuantMethod(str, Enum):
@@ -23,13 +23,18 @@ class QuantType(str, Enum):
     W8A16 = "W8A16"
 
 
+class CpuMethod(str, Enum):
+    int4 = "int4"
+    int8 = "int8"
+
+
 class TorchDtype(str, Enum):
     bfloat16 = "bfloat16"
     float16 = "float16"
     float32 = "float32"
 
 
-def _opt(default, *names: str, help: str):
+def opt(default, *names: str, help: str):
     """Each option under its snake_case name and its kebab-case twin."""
     spellings = []
     for name in names:
@@ -41,42 +46,48 @@ def _opt(default, *names: str, help: str):
 
 def gpu(
     ctx: typer.Context,
-    model_id: str = _opt(..., "--model_id", help="Checkpoint folder (or hub id) of the BF16/FP16 MoE model."),
-    output_dir: Path = _opt(..., "--output_dir", help="Folder to create for the quantised checkpoint."),
-    quant_method: QuantMethod = _opt(QuantMethod.GPTQ, "--quant_method",
+    model_id: str = opt(..., "--model_id", help="Checkpoint folder (or hub id) of the BF16/FP16 MoE model."),
+    output_dir: Path = opt(..., "--output_dir", help="Folder to create for the quantised checkpoint."),
+    quant_method: QuantMethod = opt(QuantMethod.GPTQ, "--quant_method",
                                      help="GPTQ (calibrated) or RTN (round to nearest, no data)."),
-    quant_type: QuantType = _opt(QuantType.W8A16, "--quant_type", help="W4A16 or W8A16, groups of 128."),
-    num_calibration_samples: int = _opt(512, "--num_calibration_samples", help="Calibration samples."),
-    max_sequence_length: int = _opt(2048, "--max_sequence_length", help="Tokens per sample at most."),
-    dampening_frac: float = _opt(0.1, "--dampening_frac", help="GPTQ dampening, a fraction of the Hessian's "
+    quant_type: QuantType = opt(QuantType.W8A16, "--quant_type", help="W4A16 or W8A16, groups of 128."),
+    num_calibration_samples: int = opt(512, "--num_calibration_samples", help="Calibration samples."),
+    max_sequence_length: int = opt(2048, "--max_sequence_length", help="Tokens per sample at most."),
+    dampening_frac: float = opt(0.1, "--dampening_frac", help="GPTQ dampening, a fraction of the Hessian's "
                                  "mean diagonal."),
-    dataset: str = _opt(DEFAULT_DATASET, "--dataset", help="Local json/jsonl/parquet/arrow/csv/txt file, saved "
+    dataset: str = opt(DEFAULT_DATASET, "--dataset", help="Local json/jsonl/parquet/arrow/csv/txt file, saved "
                         "dataset folder, or hub id."),
-    dataset_split: Optional[str] = _opt(None, "--dataset_split", help="Split of a hub or saved dataset "
+    dataset_split: Optional[str] = opt(None, "--dataset_split", help="Split of a hub or saved dataset "
                                         "(default: train_sft for the default dataset, else train)."),
-    text_column: Optional[str] = _opt(None, "--text_column", help="Column to calibrate on (default: messages, "
+    text_column: Optional[str] = opt(None, "--text_column", help="Column to calibrate on (default: messages, "
                                       "else text); chat messages go through the tokenizer's chat template."),
-    ignore_patterns: Optional[List[str]] = _opt(None, "--ignore_patterns", help="More modules to keep unquantised, "
+    ignore_patterns: Optional[List[str]] = opt(None, "--ignore_patterns", help="More modules to keep unquantised, "
                                                 "by name, class or 're:' regex; repeat the option for several."),
-    torch_dtype: TorchDtype = _opt(TorchDtype.bfloat16, "--torch_dtype", help="dtype to load the model in."),
-    trust_remote_code: bool = _opt(False, "--trust_remote_code", help="Run the checkpoint's own modeling code "
+    torch_dtype: TorchDtype = opt(TorchDtype.bfloat16, "--torch_dtype", help="dtype to load the model in."),
+    trust_remote_code: bool = opt(False, "--trust_remote_code", help="Run the checkpoint's own modeling code "
                                    "(config, tokenizer and model)."),
-    random_seed: int = _opt(42, "--random_seed", help="Seed for picking calibration samples."),
-    max_gpu_memory: Optional[str] = _opt(None, "--max_gpu_memory", help="GPU memory ktq may use, weights and "
+    random_seed: int = opt(42, "--random_seed", help="Seed for picking calibration samples."),
+    max_gpu_memory: Optional[str] = opt(None, "--max_gpu_memory", help="GPU memory ktq may use, weights and "
                                          "GPTQ together, e.g. 40GiB (default: 90% of the free memory)."),
-    max_cpu_memory: Optional[str] = _opt(None, "--max_cpu_memory", help="RAM ktq may use, e.g. 200GiB "
+    max_cpu_memory: Optional[str] = opt(None, "--max_cpu_memory", help="RAM ktq may use, e.g. 200GiB "
                                          "(default: 85% of the available RAM)."),
-    force_cpu: bool = _opt(False, "--force_cpu", help="Hide all GPUs and calibrate on the CPU."),
-    dry_run: bool = _opt(False, "--dry_run", help="Show the plan and stop; nothing is loaded or written. Exit code 2 "
+    force_cpu: bool = opt(False, "--force_cpu", help="Hide all GPUs and calibrate on the CPU."),
+    dry_run: bool = opt(False, "--dry_run", help="Show the plan and stop; nothing is loaded or written. Exit code 2 "
                          "when it would not fit (unless --force)."),
     as_json: bool = typer.Option(False, "--json", help="With --dry_run: the plan as JSON on stdout."),
-    overwrite: bool = _opt(False, "--overwrite", help="Replace an existing --output_dir once the new one is "
+    overwrite: bool = opt(False, "--overwrite", help="Replace an existing --output_dir once the new one is "
                            "complete."),
-    no_memory_check: bool = _opt(False, "--no_memory_check", "--force", help="Run even when the plan says it will "
+    no_memory_check: bool = opt(False, "--no_memory_check", "--force", help="Run even when the plan says it will "
                                  "not fit (--force, as in ktq cpu)."),
-    nproc: Optional[int] = _opt(None, "--nproc", help="Run on this many processes through torch.distributed, "
+    nproc: Optional[int] = opt(None, "--nproc", help="Run on this many processes through torch.distributed, "
                                 "one per GPU (gloo on the CPU); inside torchrun ktq joins its job instead."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan, progress or summary output."),
+    cpu_output: Optional[Path] = opt(None, "--cpu_output", help="Also write the CPU experts, calibrated on the "
+                                      "same data in the same pass, as kt-kernel AMXINT4/AMXINT8 (a ktq cpu "
+                                      "output, with init_expert_location.pt)."),
+    cpu_method: CpuMethod = opt(CpuMethod.int4, "--cpu_method", help="With --cpu-output: int4 (AMXINT4) or int8."),
+    threadpool_count: int = opt(1, "--threadpool_count", help="With --cpu-output: NUMA parts; serve with the same "
+                                 "--kt-threadpool-count."),
 ) -> None:
     """Quantise a MoE checkpoint's routed experts to GPTQ W4A16/W8A16 (compressed-tensors) for the GPU side."""
     opts = GpuOptions(
@@ -88,6 +99,8 @@ def gpu(
         max_gpu_memory=parse_size(max_gpu_memory, "--max_gpu_memory"),
         max_cpu_memory=parse_size(max_cpu_memory, "--max_cpu_memory"), force_cpu=force_cpu, dry_run=dry_run,
         as_json=as_json, overwrite=overwrite, no_memory_check=no_memory_check, quiet=quiet,
+        cpu_experts=CpuExpertsOptions(cpu_output, cpu_method.value, threadpool_count, force=overwrite)
+        if cpu_output is not None else None,
     ).validate()
     from ktq.gpu import distributed
     from ktq.gpu.devices import prepare_environment

@@ -84,7 +84,22 @@ def _render(report: dict) -> None:
                                       f"input {manifest['input_fingerprint']}")
         else:
             table.add_row("manifest", "none (layout inferred from the files)")
+        calibration = manifest.get("calibration") if manifest else None
+        if calibration:
+            table.add_row("calibrated", f"GPTQ on {calibration['dataset']}: {calibration['samples']} samples, "
+                                        f"{calibration['tokens']} tokens (fingerprint "
+                                        f"{calibration['tokens_fingerprint']}), on the {calibration['device']}")
+        elif manifest:
+            table.add_row("calibrated", "no (round to nearest)")
         console.print(table)
+        hot = manifest.get("hot_experts") if manifest else None
+        if hot:
+            hottest = Table(title="hottest experts per layer (calibration tokens routed)", title_justify="left")
+            for column in ("layer", "experts, most tokens first", "share of the layer's tokens"):
+                hottest.add_column(column)
+            for layer, row in hot.items():
+                hottest.add_row(layer, " ".join(map(str, row["experts"])), f"{100 * row['share']:.1f}%")
+            console.print(hottest)
         pieces = Table(title="per expert and NUMA part", title_justify="left")
         for column in ("projection", "shape [n, k]", f"weight ({report['dtypes']['weight']})",
                        f"scale ({report['dtypes']['scale']})"):
@@ -96,8 +111,10 @@ def _render(report: dict) -> None:
         if serve is None:
             console.print("serve with: nothing yet, the output is unfinished or damaged (problems below)")
         else:
+            placement = (f" --init-expert-location {serve['init_expert_location']} --kt-num-gpu-experts N"
+                         if "init_expert_location" in serve else "")
             console.print(f"serve with: --kt-method {serve['kt_method']} --kt-weight-path {serve['kt_weight_path']} "
-                          f"--kt-threadpool-count {serve['kt_threadpool_count']}", soft_wrap=True)
+                          f"--kt-threadpool-count {serve['kt_threadpool_count']}{placement}", soft_wrap=True)
     if "compare" in report:
         errors = Table(title=f"error against {report['compare']['source']}", title_justify="left")
         for column in ("layer", "projection", "relative RMS", "max abs", "SNR dB"):

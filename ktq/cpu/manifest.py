@@ -30,27 +30,35 @@ PENDING_SUFFIX = ".pending"
 
 # Fields that must agree for a run to continue an existing output: anything that changes a single output byte.
 IDENTITY_FIELDS = ("format", "form", "method", "numa", "hidden", "intermediate", "experts", "moe_layers",
-                   "input_type", "input_fingerprint")
+                   "input_type", "input_fingerprint", "calibration")
 
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """One committed layer: its file (merged) or folder (kt) relative to the output folder, bytes and digest."""
+    """One committed layer: its file (merged) or folder (kt) relative to the output folder, bytes and digest; for a
+    calibrated output also the calibration tokens the router sent to each expert."""
 
     path: str
     bytes: int
     algorithm: str  # digest.KEY; "sha256" in outputs of ktq versions before XXH3
     digest: str
+    routed: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
-        return {"path": self.path, "bytes": self.bytes, self.algorithm: self.digest}
+        record = {"path": self.path, "bytes": self.bytes, self.algorithm: self.digest}
+        if self.routed is not None:
+            record["routed"] = list(self.routed)
+        return record
 
     @classmethod
     def from_json(cls, record: dict) -> "LayerRecord":
         algorithm, value = digest.recorded(record)
         if not isinstance(record["path"], str) or not isinstance(record["bytes"], int):
             raise TypeError("path or bytes")
-        return cls(record["path"], record["bytes"], algorithm, value)
+        routed = record.get("routed")
+        if routed is not None and not (isinstance(routed, list) and all(type(n) is int and n >= 0 for n in routed)):
+            raise TypeError("routed")
+        return cls(record["path"], record["bytes"], algorithm, value, tuple(routed) if routed is not None else None)
 
 
 @dataclass
@@ -64,10 +72,13 @@ class Manifest:
     layers: dict[int, LayerRecord] = field(default_factory=dict)  # the committed layers
     complete: bool = False
     ktq_version: str | None = __version__  # of the ktq that wrote the file
+    # codes chosen against calibration data (ktq cpu --calibrate, ktq gpu --cpu-output): with what; None for RTN
+    calibration: dict | None = None
 
     def fresh(self, layers: dict[int, LayerRecord] | None = None) -> "Manifest":
         """This identity, written by this ktq, not complete, holding `layers`."""
-        return Manifest(self.layout, self.input_type, self.input_fingerprint, dict(layers or {}))
+        return Manifest(self.layout, self.input_type, self.input_fingerprint, dict(layers or {}),
+                        calibration=self.calibration)
 
     @property
     def output_bytes(self) -> int:
@@ -78,7 +89,8 @@ class Manifest:
         return {"format": FORMAT, "form": layout.form, "method": layout.method.name,
                 "kt_method": layout.method.kt_method, "numa": layout.numa, "hidden": layout.hidden,
                 "intermediate": layout.intermediate, "experts": layout.experts, "input_type": self.input_type,
-                "input_fingerprint": self.input_fingerprint, "moe_layers": list(layout.layers)}
+                "input_fingerprint": self.input_fingerprint, "moe_layers": list(layout.layers),
+                **({"calibration": self.calibration} if self.calibration is not None else {})}
 
     def to_json(self) -> dict:
         """Layers in layer order, whatever order they were committed in, so that resumed and uninterrupted runs
@@ -104,8 +116,11 @@ class Manifest:
         if not isinstance(data.get("input_type"), str) or not isinstance(data.get("input_fingerprint"), str):
             raise KtqError(f"{MANIFEST_NAME} lacks a valid input_type or input_fingerprint entry: it was not written "
                            "by this version of ktq")
+        calibration = data.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise KtqError(f"{MANIFEST_NAME} holds a calibration entry that is not an object: it is damaged")
         return cls(layout, data["input_type"], data["input_fingerprint"], layers, bool(data.get("complete")),
-                   data.get("ktq_version"))
+                   data.get("ktq_version"), calibration)
 
 
 def identity_mismatch(existing: Manifest, wanted: Manifest) -> str | None:
@@ -115,7 +130,8 @@ def identity_mismatch(existing: Manifest, wanted: Manifest) -> str | None:
         return text if len(text) <= 40 else text[:37] + "..."
 
     old, new = existing.identity(), wanted.identity()
-    diffs = [f"{key} {show(old[key])} -> {show(new[key])}" for key in IDENTITY_FIELDS if old[key] != new[key]]
+    diffs = [f"{key} {show(old.get(key))} -> {show(new.get(key))}" for key in IDENTITY_FIELDS
+             if old.get(key) != new.get(key)]
     return ", ".join(diffs) or None
 
 

@@ -46,6 +46,8 @@ from ktq.safetensors_io import open_regular
 # Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
 AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*")
+# A calibrated output's routed-token counts, as sglang-kt's --init-expert-location reads them (ktq.gpu.cpu_output)
+PLACEMENT_FILE = "init_expert_location.pt"
 METADATA_RESERVE = 1 << 20  # room for ktq.json (a few hundred bytes per layer)
 
 
@@ -156,7 +158,7 @@ def ktq_files(out: Path, manifest: Manifest) -> list[Path]:
     """Everything in out that ktq wrote for this manifest, or would have: layers, index, copied files,
     temporaries. ktq.json itself is not listed."""
     layout = manifest.layout  # its layer paths are those of every record too
-    names = {layout.layer_path(layer) for layer in layout.layers} | {hfformat.INDEX_NAME}
+    names = {layout.layer_path(layer) for layer in layout.layers} | {hfformat.INDEX_NAME, PLACEMENT_FILE}
     if layout.form == "merged":
         names |= {merged_pending_path(out, layout, layer).name for layer in layout.layers}
     found = [out / name for name in sorted(names) if (out / name).exists()]

@@ -24,6 +24,8 @@ import torch
 from loguru import logger
 
 from ktq.errors import KtqError
+from ktq.gpu.cpu_experts import RoutedInputs, calibrate_layer
+from ktq.gpu.cpu_output import CalibratedCpuOutput
 from ktq.gpu.gptq import Quantized, SharedSolver, pack, qparams, solve_each, unpack, weight_scheme
 from ktq.gpu.layout import ignore_reason
 from ktq.gpu.output import StreamOutput, tensor_entry
@@ -36,6 +38,15 @@ OUTPUT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
 _FUSED_NAME = re.compile(r"^(?P<module>.*)\.(gate_up_proj|down_proj)\[expert (?P<e>\d+)")
 _FUSED_LINEAR_NAME = re.compile(r"^(?P<block>.*)\.(input_linear|output_linear)\.weight\[expert (?P<e>\d+)")
+
+
+@dataclass
+class CpuArtifact:
+    """The calibrated CPU experts a run writes: where, and on which grid."""
+
+    output: CalibratedCpuOutput
+    bits: int
+    numa: int
 
 
 class _Stop(Exception):
@@ -82,13 +93,15 @@ def expert_module_name(source_name: str, e: int, proj: str) -> str:
 
 class Engine:
     def __init__(self, opts, source: SourceCheckpoint, skeleton, layer_names: list[str], rules, device, cache_device,
-                 world, progress, output: StreamOutput) -> None:
+                 world, progress, output: StreamOutput | None, cpu: CpuArtifact | None = None) -> None:
+        """output: the GPU checkpoint's staging folder (None: only CPU experts are made); cpu: the calibrated CPU
+        experts to write beside it (ktq cpu --calibrate, ktq gpu --cpu-output)."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
 
         self.opts, self.source, self.skeleton, self.rules = opts, source, skeleton, rules
         self.layer_names, self.device, self.cache_device = layer_names, torch.device(device), cache_device
-        self.world, self.progress, self.output = world, progress, output
+        self.world, self.progress, self.output, self.cpu = world, progress, output, cpu
         self.dtype = getattr(torch, opts.torch_dtype)
         self.scheme = weight_scheme(opts.quant_type, opts.quant_method)
         text = skeleton.config.get_text_config()
@@ -407,7 +420,7 @@ class Engine:
         self.prefetch(self._next_moe_layer(-1))
         for index in range(len(self.layers)):
             self._layer(index, captured)
-        if self.world.is_main and self.output.done("rest") is None:
+        if self.world.is_main and self.output is not None and self.output.done("rest") is None:
             self.write_unit(None)
         self._ahead.shutdown()
 
@@ -415,16 +428,23 @@ class Engine:
         return next((i for i in range(after + 1, len(self.layers)) if i in self.source.moe_layers), len(self.layers))
 
     def _layer(self, index: int, captured: Captured | None) -> None:
-        done = self.output.done(index)
-        if done is not None:
-            self.losses.update(done.get("losses", {}))
-            self.routed.update(done.get("routed", {}))
+        """One decoder layer: calibrated and written where an artifact still lacks it, else only replayed from
+        what was written (the propagation weights: the GPU checkpoint's when there is one, else the CPU experts')."""
+        is_moe = index in self.source.moe_layers
+        path = self.experts_path[index]
+        gpu_done = self.output.done(index) if self.output is not None else None
+        if gpu_done is not None:
+            self.losses.update(gpu_done.get("losses", {}))
+            self.routed.update(gpu_done.get("routed", {}))
+        gpu_pending = self.output is not None and gpu_done is None
+        cpu_pending = self.cpu is not None and is_moe and not self.cpu.output.done(index)
+        if self.cpu is not None and is_moe and not cpu_pending and path not in self.routed:
+            self.routed[path] = self.cpu.output.routed(index)
         propagate = captured is not None and index < len(self.layers) - 1
-        if done is not None and not propagate:
+        if not (gpu_pending or cpu_pending or propagate):
             return
         times: dict[str, float] = {}
         clock = time.perf_counter()
-        is_moe = index in self.source.moe_layers
         weights = self.experts_on_device(index) if is_moe else None
         # on a GPU the next layer is decoded while this one calibrates; on the CPU both would share the same
         # cores, so the next layer waits until this one is solved and the host holds one decoded layer less
@@ -434,34 +454,55 @@ class Engine:
         experts = None
         if is_moe and layer is not None:
             experts = StreamedExperts(*weights, self.hidden_act)
-            layer.set_submodule(self.experts_path[index][len(self.layer_names[index]) + 1:], experts)
+            layer.set_submodule(path[len(self.layer_names[index]) + 1:], experts)
         times["read"], clock = time.perf_counter() - clock, time.perf_counter()
-        quantized = None
-        if done is not None:
-            if is_moe:
-                self.restore(index, weights)
-        elif is_moe:
-            stats = None
-            if captured is not None:
-                g = self.source.experts.geometry
+        quantized, stats, extra = None, None, {}
+        if is_moe and (gpu_pending or cpu_pending) and captured is not None:
+            g = self.source.experts.geometry
+            if gpu_pending:
                 stats = experts.statistics = LayerStatistics(g.experts, g.hidden, g.intermediate, self.device)
-                self.forward_all(layer, captured, index, keep=False)
-                experts.statistics = None
+            if cpu_pending:
+                experts.inputs = RoutedInputs(self.cache_device)
+            self.forward_all(layer, captured, index, keep=False)
+            experts.statistics = None
+            if stats is not None:
                 self.world.reduce(stats.tensors())
-                self.routed[self.experts_path[index]] = stats.routed.tolist()
-                times["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
-            quantized = self.quantize_layer(index, weights, stats)
-            times["solve"], clock = time.perf_counter() - clock, time.perf_counter()
-        self.prefetch(self._next_moe_layer(index))
-        if done is None and self.world.is_main:
+                self.routed[path] = stats.routed.tolist()
+            times["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
+        cpu_weights = None
+        if cpu_pending:
+            inputs, experts.inputs = experts.inputs, None
+            gate, up, down, routed = calibrate_layer(*weights, inputs, experts.act_fn, self.cpu.bits, self.cpu.numa)
+            del inputs
+            self.routed.setdefault(path, routed)
+            if self.world.is_main:
+                self.cpu.output.write_layer(index, gate, up, down, routed)
+            cpu_weights = [codes.dequantize(self.cpu.bits) for codes in (gate, up, down)]
+            times["cpu experts"], clock = time.perf_counter() - clock, time.perf_counter()
+        if gpu_pending:
+            if is_moe:
+                quantized = self.quantize_layer(index, weights, stats)
+                times["solve"], clock = time.perf_counter() - clock, time.perf_counter()
             extra = {"losses": {k: v for k, v in self.losses.items() if k.startswith(self.layer_names[index] + ".")}}
-            if self.experts_path[index] in self.routed:
-                extra["routed"] = {self.experts_path[index]: self.routed[self.experts_path[index]]}
+            if path in self.routed:
+                extra["routed"] = {path: self.routed[path]}
+        self.prefetch(self._next_moe_layer(index))
+        if gpu_pending and self.world.is_main:
             if is_moe:
                 self.write_unit(index, quantized, self.expert_names(index), weights, extra)
             else:
                 self.write_unit(index, extra=extra)
             times["write"], clock = time.perf_counter() - clock, time.perf_counter()
+        if is_moe and propagate:
+            if self.output is not None:
+                if not gpu_pending:
+                    self.restore(index, weights)
+            else:
+                if cpu_weights is None:
+                    cpu_weights = self.cpu.output.restore(index)
+                for weight, value in zip(weights, cpu_weights):
+                    weight.copy_(value)
+        del cpu_weights
         if propagate:
             self.forward_all(layer, captured, index, keep=True)
             times["propagate"] = time.perf_counter() - clock
@@ -472,5 +513,6 @@ class Engine:
         if captured is None:
             self.progress.step(index)
         self.layer_seconds[self.layer_names[index]] = {k: round(v, 3) for k, v in times.items()}
-        logger.info(f"{self.layer_names[index]}{' (replayed)' if done is not None else ''}: "
+        replayed = not (gpu_pending or cpu_pending)
+        logger.info(f"{self.layer_names[index]}{' (replayed)' if replayed else ''}: "
                     + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))

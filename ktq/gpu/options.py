@@ -32,9 +32,20 @@ def parse_size(text: str | None, option: str) -> int | None:
 
 
 @dataclass(frozen=True)
+class CpuExpertsOptions:
+    """The calibrated CPU experts a run writes (ktq cpu --calibrate; ktq gpu --cpu-output): a ktq cpu output."""
+
+    output: Path
+    method: str = "int4"  # ktq cpu's --quant-method
+    numa: int = 1  # --threadpool-count
+    merge: bool = True  # merged shards, or the .kt tree
+    force: bool = False  # start over an output made with other settings (ktq cpu's --force)
+
+
+@dataclass(frozen=True)
 class GpuOptions:
     model_id: str
-    output_dir: Path
+    output_dir: Path | None  # the GPU checkpoint; None when only calibrated CPU experts are made (ktq cpu)
     quant_method: str = "GPTQ"
     quant_type: str = "W8A16"
     num_calibration_samples: int = 512
@@ -55,6 +66,7 @@ class GpuOptions:
     overwrite: bool = False
     no_memory_check: bool = False
     quiet: bool = False
+    cpu_experts: CpuExpertsOptions | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -99,12 +111,35 @@ class GpuOptions:
                 raise KtqError(f"{model} has no config.json; --model_id takes a Hugging Face checkpoint folder")
         elif looks_like_path(self.model_id):
             raise KtqError(f"--model_id {self.model_id}: no such folder")
+        if self.cpu_experts is not None:
+            self._check_cpu_experts(model)
+        if self.output_dir is None:
+            return
         out = self.output_dir.expanduser()
         if out.exists() and not self.dry_run:
             if not self.overwrite:
                 raise KtqError(f"--output_dir {out} already exists; choose a new folder or pass --overwrite")
             if model.exists() and out.resolve() == model.resolve():
                 raise KtqError("--output_dir is the --model_id folder; write the quantised model elsewhere")
+
+
+    def _check_cpu_experts(self, model: Path) -> None:
+        from ktq.cpu.output import refuse_inside
+        from ktq.kernels.ktformat import METHODS
+
+        cpu = self.cpu_experts
+        if cpu.method not in METHODS:
+            raise KtqError(f"--cpu-method must be one of {', '.join(METHODS)}, not {cpu.method!r}")
+        if cpu.numa < 1:
+            raise KtqError(f"--threadpool-count must be at least 1, not {cpu.numa}")
+        if not self.calibrated:
+            raise KtqError("calibrated CPU experts need calibration data: --cpu-output takes --quant_method GPTQ")
+        if model.exists():
+            refuse_inside(cpu.output, model, "--cpu-output" if self.output_dir else "--output",
+                          "--model_id" if self.output_dir else "--input-path")
+        if self.output_dir is not None:
+            refuse_inside(cpu.output, self.output_dir, "--cpu-output", "--output_dir")
+            refuse_inside(self.output_dir, cpu.output, "--output_dir", "--cpu-output")
 
 
 def looks_like_path(text: str) -> bool:

@@ -358,7 +358,7 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     reasons = list(linear_reasons(model, text, rules).values())
     quantized = reasons.count(None)
     kept = Counter(reason for reason in reasons if reason is not None)
-    parent = opts.output_dir.expanduser().resolve().parent
+    parent = (opts.output_dir or opts.cpu_experts.output).expanduser().resolve().parent
     disk_free = shutil.disk_usage(next(p for p in (parent, *parent.parents) if p.exists())).free
     packed = packed_bytes(largest_moe, opts.quant_type, width) if largest_moe else 0
     output = sum(spec.dense_bytes for spec in specs) + sum(packed_bytes(s, opts.quant_type, width) for s in moe)
@@ -371,7 +371,9 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
                 if (gptq and largest_moe) else 0,
                 solve_bytes=solve_bytes(largest_moe, width) if largest_moe else 0,
                 activation_bytes=activation_bytes(text, seq, width, largest_moe or specs[0]) if gptq else 0,
-                cache_bytes=cache_bytes(text, samples, seq, width) if gptq else 0, packed_bytes=packed,
+                # calibrating CPU experts keeps each token's input to the experts as well (cpu_experts.RoutedInputs)
+                cache_bytes=cache_bytes(text, samples, seq, width) * (2 if opts.cpu_experts else 1) if gptq else 0,
+                packed_bytes=packed,
                 output_bytes=output, process_bytes=_process_bytes(),
                 gpu_budget=(opts.max_gpu_memory or int(device.free_bytes * DEFAULT_GPU_SHARE)) if device.is_gpu else 0,
                 cpu_budget=opts.max_cpu_memory or int(cpu_available * DEFAULT_CPU_SHARE), disk_free=disk_free,

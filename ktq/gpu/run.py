@@ -11,6 +11,7 @@ rank 0 prints, shows progress and writes; every rank calibrates on its share of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -127,19 +128,26 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
         raise KtqError(f"--max_gpu_memory plans for {plan.device.name}, and this machine has none: add --dry_run "
                        "to see that plan, or --force_cpu to calibrate on the CPU")
 
+    if opts.cpu_experts is not None and world.size > 1:
+        raise KtqError("calibrated CPU experts are made by one process: drop --nproc (or torchrun) for this run")
     # a staging folder left by an interrupted run of the same command is continued, any other one started over
-    staging = _staging_path(opts.output_dir)
+    staging = _staging_path(opts.output_dir) if opts.output_dir is not None else None
     try:
         _quantize_and_save(opts, source, skeleton, plan, rules, report, staging, console, quiet, debug, world)
     finally:
         source.close()
     if world.is_main:
-        report.write(staging)
-        _commit(staging, opts.output_dir)
+        if staging is not None:
+            report.write(staging)
+            _commit(staging, opts.output_dir)
         if not quiet:
             for line in report.summary_lines():
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
-            console.print(f"wrote {opts.output_dir}", highlight=False)
+            if opts.output_dir is not None:
+                console.print(f"wrote {opts.output_dir}", highlight=False)
+            if opts.cpu_experts is not None:
+                for line in cpu_experts_lines(opts.cpu_experts):
+                    console.print(line, highlight=False, markup=False, soft_wrap=True)
     return report
 
 
@@ -166,11 +174,15 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
         from ktq.gpu.distributed import rank_share
 
         dataset = rank_share(dataset, world) if dataset is not None else None
-    output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(layer_names) + 1, writable))
+    output = None
+    if staging is not None:
+        output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(layer_names) + 1,
+                                                                 writable))
+    cpu = _open_cpu_experts(opts, source, dataset, fingerprint, len(layer_names)) if opts.cpu_experts else None
     logs = _run_logs(staging if world.is_main else None, report, debug)
-    with logs, GpuProgress(quiet, console) as progress:
+    with cpu.output if cpu else contextlib.nullcontext(), logs, GpuProgress(quiet, console) as progress:
         engine = Engine(opts, source, skeleton, layer_names, rules, plan.device.torch_device, plan.cache_device,
-                        world, progress, output)
+                        world, progress, output, cpu)
         if dataset is not None:
             progress.start(len(layer_names), len(dataset), "calibrating")
         else:
@@ -198,9 +210,55 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
                                    f"definite; they were rounded to nearest (e.g. {engine.fallbacks[0]})")
         if world.is_main:
             with report.stage("save"):
-                _finish(opts, output, engine, staging)
+                if output is not None:
+                    _finish(opts, output, engine, staging)
+                if cpu is not None:
+                    cpu.output.finish(Path(opts.model_id).expanduser())
         if plan.device.is_gpu:
             report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(0))
+
+
+def cpu_experts_lines(cpu) -> list[str]:
+    """Where the calibrated CPU experts went and how sglang-kt serves them, hot experts on the GPU."""
+    from ktq.cpu.output import PLACEMENT_FILE
+    from ktq.kernels.ktformat import METHODS
+
+    return [f"wrote {cpu.output} (calibrated {METHODS[cpu.method].kt_method}, {cpu.numa} NUMA parts)",
+            f"serve with: --kt-method {METHODS[cpu.method].kt_method} --kt-weight-path {cpu.output} "
+            f"--kt-threadpool-count {cpu.numa} --init-expert-location {cpu.output / PLACEMENT_FILE} "
+            "--kt-num-gpu-experts N (the N experts per layer that calibration routed most tokens to go to the GPU)"]
+
+
+def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_hidden_layers: int):
+    """The calibrated CPU experts' output (a ktq cpu folder), opened and locked; its identity records the
+    calibration, so a run with other data or settings does not continue it."""
+    from ktq.cpu.layout import Layout
+    from ktq.cpu.output import check_disk, needed_bytes
+    from ktq.gpu.cpu_experts import DAMPENING, GENERIC_TOKENS, GENERIC_WEIGHT
+    from ktq.gpu.cpu_output import CalibratedCpuOutput
+    from ktq.gpu.engine import CpuArtifact
+    from ktq.kernels import ktformat as fmt
+
+    cpu = opts.cpu_experts
+    method = fmt.METHODS[cpu.method]
+    g = source.experts.geometry
+    problem = fmt.alignment_problem(method, g.hidden, g.intermediate, cpu.numa)
+    if problem:
+        raise KtqError(problem)
+    layout = Layout("merged" if cpu.merge else "kt", method, cpu.numa, g.hidden, g.intermediate, g.experts,
+                    tuple(layer.index for layer in source.experts.layers))
+    calibration = {"method": "gptq", "dataset": opts.dataset, "split": opts.split, "text_column": opts.text_column,
+                   "samples": len(dataset), "tokens": sum(len(ids) for ids in dataset["input_ids"]),
+                   "max_sequence_length": opts.max_sequence_length, "random_seed": opts.random_seed,
+                   "tokens_fingerprint": fingerprint["calibration_tokens"], "device": fingerprint["device"],
+                   "torch_dtype": opts.torch_dtype, "dampening": DAMPENING, "generic_tokens": GENERIC_TOKENS,
+                   "generic_weight": GENERIC_WEIGHT}
+    output = CalibratedCpuOutput(cpu.output.expanduser(), layout, source.ckpt, source.experts, calibration,
+                                 num_hidden_layers, cpu.force)
+    todo = [layer for layer in layout.layers if layer not in output.manifest.layers]
+    check_disk(cpu.output, needed_bytes(layout, todo, Path(opts.model_id).expanduser() if cpu.merge else None), 0,
+               opts.no_memory_check, logger.warning)
+    return CpuArtifact(output, method.bits, cpu.numa)
 
 
 def _run_fingerprint(opts: GpuOptions, source, dataset, plan: Plan, world: World) -> dict:
@@ -337,5 +395,10 @@ class _run_logs:
             logger.remove(handler)
 
 
-def _jsonable(options: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+def _jsonable(value):
+    """asdict(GpuOptions) for the report: paths as text, tuples as lists, nested options likewise."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value

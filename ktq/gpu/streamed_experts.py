@@ -7,6 +7,8 @@ top_k_weights [T, K])`; `StreamedExperts` takes its place, with the layer's expe
   accumulates GPTQ's Hessians with llm-compressor's own `accumulate_hessian`: the gate and up projections of all
   experts see the same input, so one Hessian serves all of them; each down projection gets its own. It counts the
   tokens the router sends to each expert, and returns zeros: the calibration pass's output is never used.
+- Collecting for the calibrated CPU experts (`inputs` set), it keeps every token's input and routing
+  (cpu_experts.RoutedInputs); this too returns zeros.
 - Propagating, it computes what transformers' experts module computes (the routed experts only, added in expert
   order with `index_add_`; a token picks an expert at most once, so no index repeats within a call and the result is
   deterministic on a GPU too), with the weights the output checkpoint holds.
@@ -42,7 +44,8 @@ class StreamedExperts(torch.nn.Module):
         super().__init__()
         self.gate, self.up, self.down = gate, up, down  # [E, I, H], [E, I, H], [E, H, I]
         self.act_fn = ACT2FN[hidden_act]
-        self.statistics: LayerStatistics | None = None  # set while calibrating
+        self.statistics: LayerStatistics | None = None  # set while calibrating the GPU experts
+        self.inputs = None  # a cpu_experts.RoutedInputs while calibrating the CPU experts
 
     @property
     def num_experts(self) -> int:
@@ -50,8 +53,11 @@ class StreamedExperts(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.statistics is not None:
-            self._calibrate(hidden_states, top_k_index, self.statistics)
+        if self.statistics is not None or self.inputs is not None:
+            if self.statistics is not None:
+                self._calibrate(hidden_states, top_k_index, self.statistics)
+            if self.inputs is not None:
+                self.inputs.add(hidden_states, top_k_index, top_k_weights)
             return torch.zeros_like(hidden_states)
         return self._routed(hidden_states, top_k_index, top_k_weights)
 

@@ -1,0 +1,154 @@
+"""Calibrated CPU experts written by the streaming engine into a `ktq cpu` output: the same folder, forms, names,
+sizes, manifest, locking and resume as a round-to-nearest conversion (ktq.cpu.output, ktq.cpu.sinks), only the codes
+and scales come from ktgrid instead of the Numba quantiser. ktq.json records the calibration in the output's
+identity (a run with other data starts over, or is refused without --force) and the routed-token counts per layer;
+when the output is complete, `init_expert_location.pt` holds those counts as sglang-kt's `--init-expert-location`
+reads them.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ktq.cpu.checkpoint import Checkpoint
+from ktq.cpu.experts import MoeModel
+from ktq.cpu.layout import Layout
+from ktq.cpu.manifest import Manifest, save_manifest
+from ktq.cpu.output import PLACEMENT_FILE, committed_path, finish_output, plan_output
+from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
+from ktq.gpu.ktgrid import GridCodes
+from ktq.kernels import ktformat as fmt
+from ktq.kernels.amx import pack_codes, unpack_dequantize
+from ktq.safetensors_io import TensorReader, read_header
+
+
+def placement(counts: dict[int, list[int]], num_hidden_layers: int, experts: int) -> dict[str, torch.Tensor]:
+    """sglang-kt's --init-expert-location contents: logical_count [1, num_hidden_layers, experts], the routed
+    calibration tokens of every expert, every decoder layer on the layer axis (dense ones zero)."""
+    table = torch.zeros((1, num_hidden_layers, experts), dtype=torch.int64)
+    for layer, routed in counts.items():
+        table[0, layer] = torch.tensor(routed, dtype=torch.int64)
+    return {"logical_count": table}
+
+
+def write_placement(path: Path, counts: dict[int, list[int]], num_hidden_layers: int, experts: int) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(placement(counts, num_hidden_layers, experts), tmp)
+    tmp.replace(path)
+
+
+class CalibratedCpuOutput:
+    """Planned when made (the layers kept from an earlier run known, nothing written); written inside `with`, which
+    holds the folder's lock (ktq.cpu.output.OutputPlan.writing) and removes a folder the run created if it fails
+    before its first layer."""
+
+    def __init__(self, out: Path, layout: Layout, ckpt: Checkpoint, model: MoeModel, calibration: dict,
+                 num_hidden_layers: int, force: bool) -> None:
+        self.out, self.layout, self.num_hidden_layers = out, layout, num_hidden_layers
+        plan = plan_output(out, Manifest(layout, model.input_type, ckpt.fingerprint(), calibration=calibration),
+                           force)
+        self.manifest, self._plan = plan.manifest, plan
+        self._stack = ExitStack()
+        self.sink = MergedSink(out, layout) if layout.form == "merged" else KtTreeSink(out, layout)
+        self._slot = packed_slot(layout.pieces)
+
+    def __enter__(self) -> "CalibratedCpuOutput":
+        self._stack.enter_context(self._plan.writing())
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return self._stack.__exit__(*exc)
+
+    def done(self, layer: int) -> bool:
+        return layer in self.manifest.layers
+
+    def routed(self, layer: int) -> list[int] | None:
+        record = self.manifest.layers.get(layer)
+        return list(record.routed) if record is not None and record.routed is not None else None
+
+    def write_layer(self, layer: int, gate: GridCodes, up: GridCodes, down: GridCodes, routed: list[int]) -> None:
+        """One MoE layer's experts (codes [E, I, H], [E, I, H], [E, H, I] on any device), committed atomically."""
+        bits, part_rows = self.layout.method.bits, self.layout.intermediate // self.layout.numa
+        gate_codes, up_codes, down_codes = (g.codes.cpu().numpy() for g in (gate, up, down))
+        gate_scales, up_scales, down_scales = (g.scales.cpu().numpy() for g in (gate, up, down))
+        try:
+            self.sink.begin(layer)
+            for e in range(self.layout.experts):
+                for piece in self._slot:
+                    rows = slice(piece.part * part_rows, (piece.part + 1) * part_rows)
+                    if piece.proj == "down":
+                        pack_codes(down_codes[e], piece.part * part_rows, part_rows, bits, piece.body)
+                        piece.scales[:] = down_scales[e, :, piece.part]
+                    else:
+                        codes, scales = (gate_codes, gate_scales) if piece.proj == "gate" else (up_codes, up_scales)
+                        pack_codes(np.ascontiguousarray(codes[e, rows]), 0, self.layout.hidden, bits, piece.body)
+                        piece.scales[:] = scales[e, rows, 0]
+                self.sink.write_expert(e, self._slot)
+            record = self.sink.commit()
+        except BaseException:
+            self.sink.abort()
+            raise
+        self.manifest.layers[layer] = type(record)(record.path, record.bytes, record.algorithm, record.digest,
+                                                   tuple(routed))
+        save_manifest(self.out, self.manifest)
+
+    def restore(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return dequantized_layer(self.out, self.layout, layer)
+
+    def finish(self, source: Path | None) -> None:
+        counts = {layer: list(record.routed or ()) for layer, record in self.manifest.layers.items()}
+        write_placement(self.out / PLACEMENT_FILE, counts, self.num_hidden_layers, self.layout.experts)
+        finish_output(self.out, self.manifest, source if self.layout.form == "merged" else None)
+
+
+def dequantized_layer(out: Path, layout: Layout, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A committed layer's experts as kt-kernel computes with them: fp32 gate, up [E, I, H] and down [E, H, I]
+    (NUMA parts joined: gate and up parts are row ranges, down parts column ranges)."""
+    bits, part_rows = layout.method.bits, layout.intermediate // layout.numa
+    gate = np.empty((layout.experts, layout.intermediate, layout.hidden), np.float32)
+    up = np.empty_like(gate)
+    down = np.empty((layout.experts, layout.hidden, layout.intermediate), np.float32)
+    with _PieceFiles(out, layout, layer) as files:
+        for e in range(layout.experts):
+            for piece in layout.pieces:
+                values = unpack_dequantize(*files.read(e, piece), piece.n, piece.k, bits)
+                part = slice(piece.part * part_rows, (piece.part + 1) * part_rows)
+                if piece.proj == "down":
+                    down[e, :, part] = values
+                else:
+                    (gate if piece.proj == "gate" else up)[e, part] = values
+    return torch.from_numpy(gate), torch.from_numpy(up), torch.from_numpy(down)
+
+
+class _PieceFiles:
+    """Reads the pieces of one committed layer back, from its pending or published shard or its .kt folder."""
+
+    def __init__(self, out: Path, layout: Layout, layer: int) -> None:
+        self.layout, self.layer = layout, layer
+        self.path = committed_path(out, layout, layer)
+        self._reader = TensorReader()
+        self._tensors = read_header(self.path)[0] if layout.form == "merged" else None
+
+    def read(self, expert: int, piece) -> tuple[np.ndarray, np.ndarray]:
+        body = np.empty(piece.body_bytes, np.uint8)
+        scales = np.empty(piece.n, np.float32)
+        if self._tensors is None:
+            names = fmt.kt_file_names(self.layout.method, piece.proj, expert, piece.n, piece.k)
+            folder = self.path / fmt.numa_dir_name(piece.part)
+            body[:] = np.fromfile(folder / names[0], np.uint8)
+            scales[:] = np.fromfile(folder / names[1], np.float32)
+            return body, scales
+        for kind, array in (("weight", body), ("scale", scales)):
+            name = fmt.merged_tensor_name(self.layer, piece.proj, expert, piece.part, kind)
+            self._reader.read_into(self._tensors[name], array)
+        return body, scales
+
+    def __enter__(self) -> "_PieceFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._reader.close()

@@ -1,0 +1,128 @@
+"""GPTQ onto kt-kernel's own CPU grid: codes and per-row scales of AMXINT4 / AMXINT8 chosen against a Hessian.
+
+kt-kernel decodes value = code x step x scale (step 16 for INT4, 1 for INT8), one fp32 scale per output row of each
+NUMA part, and whatever codes it finds; round-to-nearest is only what its converter writes. llm-compressor's GPTQ
+pieces cannot be used for this grid: compressed-tensors' integer grids are [-2^(b-1), 2^(b-1) - 1] with scales in
+the weight dtype, while the codes here must stay inside what both of kt-kernel's kernels decode correctly (INT4
+[-7, 7], INT8 [-127, 127]: its small-batch kernel reads weight byte -128 as if the activation had no sign) and the
+scales are fp32. So the block loop is written here, batched over matrices that each have their own Hessian (the
+experts of a layer), with llm-compressor's conventions: static activation order, blocks of 128 columns, dampening a
+fraction of the mean diagonal, dead columns zeroed.
+
+Scales come first, per row and part, by a clipping search: the step that minimises the round-to-nearest error
+weighted by the Hessian's diagonal (the inputs' energy per column), among shrinking clipping ratios; then GPTQ
+rounds column by column and carries each column's error into the columns not yet rounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 128  # columns per lazy-update block, as GPTQModifier.block_size
+LEVELS = {4: 7, 8: 127}  # largest code magnitude: both kt-kernel kernels decode [-LEVELS, LEVELS] correctly
+STEP = {4: 16.0, 8: 1.0}  # value = code x STEP x stored scale
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 down to 0.7 of each row's largest magnitude
+
+
+@dataclass
+class GridCodes:
+    """A batch of matrices on kt-kernel's grid: codes int8 [B, R, C] and fp32 stored scales [B, R, G] (one per row
+    and column group: the NUMA parts of a down projection, a single group otherwise)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    groups: int
+    rounded: torch.Tensor  # bool [B]: rounded to nearest (no Hessian, or one not positive definite)
+
+    def dequantize(self, bits: int) -> torch.Tensor:
+        """fp32 [B, R, C]: what kt-kernel computes with."""
+        b, r, c = self.codes.shape
+        steps = (self.scales * STEP[bits]).repeat_interleave(c // self.groups, dim=2)
+        return self.codes.float() * steps
+
+
+def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """Grid steps [B, R, G] (value of code 1) for weights [B, R, C] fp32 split into `groups` column groups: per row
+    and group, the clipping ratio with the least sum over columns of importance [B, C] x (w - rtn(w))^2."""
+    b, r, c = weights.shape
+    w = weights.view(b, r, groups, c // groups)
+    imp = importance.view(b, 1, groups, c // groups)
+    amax = w.abs().amax(dim=3)
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / LEVELS[bits]
+    for ratio in CLIP_RATIOS:
+        step = (amax * ratio / LEVELS[bits]).clamp_min(torch.finfo(torch.float32).tiny)
+        err = ((torch.clamp(torch.round(w / step[..., None]), -LEVELS[bits], LEVELS[bits]) * step[..., None] - w)
+               .square_() * imp).sum(dim=3)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, step, best)
+    # the stored scale is step / STEP: exact in fp32 (a power of two), so kt-kernel's step equals this one
+    return best
+
+
+def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits: int, groups: int = 1,
+                     dampening: float = 0.01) -> GridCodes:
+    """Codes for weights [B, R, C] (any float dtype; not modified) against hessians [B, C, C] fp32 (consumed), or by
+    round to nearest on the clipped steps when hessians is None. A Hessian that is zero or not positive definite
+    even after more dampening gives round-to-nearest for its matrix."""
+    w = weights.to(torch.float32, copy=True)
+    b, r, c = w.shape
+    levels = LEVELS[bits]
+    if hessians is None:
+        steps = clipped_steps(w, torch.ones((b, c), device=w.device), bits, groups)
+        codes = _round(w, steps.repeat_interleave(c // groups, dim=2), levels)
+        return GridCodes(codes.to(torch.int8), steps / STEP[bits], groups,
+                         torch.ones(b, dtype=torch.bool, device=w.device))
+    diag = torch.diagonal(hessians, dim1=1, dim2=2)
+    steps = clipped_steps(w, diag, bits, groups)
+    dead = diag == 0
+    hessians.diagonal(dim1=1, dim2=2).masked_fill_(dead, 1.0)
+    w.masked_fill_(dead[:, None, :], 0.0)
+    perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # static activation order
+    w = torch.gather(w, 2, perm[:, None, :].expand(b, r, c))
+    hessians = torch.gather(torch.gather(hessians, 1, perm[:, :, None].expand(b, c, c)), 2,
+                            perm[:, None, :].expand(b, c, c))
+    hinv, fallback = _inverse_factor(hessians, dampening)
+    del hessians
+    group_of = perm // (c // groups)  # [B, C]: the step group of each column, in the solved order
+    codes = torch.empty((b, r, c), dtype=torch.int8, device=w.device)
+    for i1 in range(0, c, BLOCK):
+        i2 = min(i1 + BLOCK, c)
+        w1 = w[:, :, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        step1 = torch.gather(steps, 2, group_of[:, None, i1:i2].expand(b, r, i2 - i1))
+        for i in range(i2 - i1):
+            q = _round(w1[:, :, i], step1[:, :, i], levels)
+            codes[:, :, i1 + i] = q.to(torch.int8)
+            err = (w1[:, :, i] - q * step1[:, :, i]) / hinv[:, i1 + i, i1 + i, None]
+            w1[:, :, i:] -= err[:, :, None] * hinv[:, None, i1 + i, i1 + i:i2]
+            err1[:, :, i] = err
+        w[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
+    codes = torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(b, r, c), codes)
+    return GridCodes(codes, steps / STEP[bits], groups, fallback)
+
+
+def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / step), -levels, levels)
+
+
+def _inverse_factor(hessians: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of each H^-1 after dampening (GPTQ's Hinv), fp32 [B, C, C], and which matrices got
+    the identity instead [B]: those still indefinite at ten times the dampening are rounded to nearest."""
+    b, c, _ = hessians.shape
+    eye = torch.eye(c, device=hessians.device, dtype=hessians.dtype)
+    out = eye.expand(b, c, c).clone()
+    todo = torch.ones(b, dtype=torch.bool, device=hessians.device)
+    mean = torch.diagonal(hessians, dim1=1, dim2=2).mean(dim=1)
+    for attempt in (dampening, 10 * dampening):
+        chol, info = torch.linalg.cholesky_ex(hessians + (attempt * mean)[:, None, None] * eye)
+        factor, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        good = todo & (info == 0) & (info2 == 0)
+        out[good] = factor[good]
+        todo &= ~good
+        if not bool(todo.any()):
+            break
+    return out, todo
