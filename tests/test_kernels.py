@@ -199,3 +199,45 @@ def test_expert_kernel_reports_the_first_nonfinite_row(proj, row):
     found = quantize_pack_expert(*matrices, parts, 8, out.view(np.uint32), out.view(np.float32), offsets,
                                  numba.get_num_threads())
     assert found == (proj, row)
+
+
+@pytest.mark.parametrize("case, tree", [("small", "kt-int4-numa2"), ("small", "kt-int8-numa1"),
+                                        ("wide", "kt-int4-numa2"), ("wide", "kt-int8-numa2")])
+def test_codes_packed_from_kt_kernel_s_own_files_give_its_bytes(golden, case, tree):
+    """pack_codes, which writes calibrated codes, puts every code where kt-kernel 0.7.2 put it: the codes of its
+    own files (decoded by unpack_dequantize, divided by the step) packed again are its files, byte for byte."""
+    from ktq.kernels.amx import pack_codes
+
+    folder = golden / case / tree
+    files = sorted(folder.rglob("*_quant_.kt"))
+    assert files
+    method = fmt.METHODS[tree.split("-")[1]]
+    step = 16 if method.bits == 4 else 1
+    for body_file in files:
+        name = fmt.parse_kt_file_name(body_file.name)
+        scales = np.fromfile(next(body_file.parent.glob(f"{method.file_tag}_{name.proj}_{name.expert}_*_scale_.kt")),
+                             np.float32)
+        body = np.fromfile(body_file, np.uint8)
+        n = scales.size
+        k = body.size * 8 // method.bits // n
+        values = unpack_dequantize(body, scales, n, k, method.bits)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            codes = np.where(scales[:, None] == 0, 0, np.rint(values / (scales[:, None] * step))).astype(np.int8)
+        again = np.zeros_like(body)
+        pack_codes(codes, 0, k, method.bits, again)
+        assert again.tobytes() == body.tobytes(), body_file
+
+
+@pytest.mark.parametrize("method", [fmt.INT4, fmt.INT8], ids=lambda m: m.name)
+def test_codes_of_a_column_range_pack_as_that_range_alone(method):
+    """A down projection's NUMA part is a column range of the full matrix: col0 / k select it in place."""
+    from ktq.kernels.amx import pack_codes
+
+    low, high = (-8, 8) if method.bits == 4 else (-128, 128)
+    codes = np.random.default_rng(5).integers(low, high, (128, 2 * 3712), dtype=np.int8)
+    whole, part = (np.zeros(method.body_bytes(128, 3712), np.uint8) for _ in range(2))
+    pack_codes(codes, 3712, 3712, method.bits, whole)
+    pack_codes(np.ascontiguousarray(codes[:, 3712:]), 0, 3712, method.bits, part)
+    assert whole.tobytes() == part.tobytes()
+    values = unpack_dequantize(part, np.ones(128, np.float32), 128, 3712, method.bits)
+    assert np.array_equal(values / (16 if method.bits == 4 else 1), codes[:, 3712:].astype(np.float32))

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from ktq.errors import KtqError
 from ktq.gpu.options import DEFAULT_DATASET, CpuExpertsOptions, GpuOptions, parse_size
 
 
@@ -104,6 +105,9 @@ def gpu(
     ).validate()
     from ktq.gpu import distributed
     from ktq.gpu.devices import prepare_environment
+
+    if cpu_output is not None and (nproc is not None or distributed.in_torchrun()):
+        raise KtqError("--cpu-output: calibrated CPU experts are made by one process; drop --nproc (or torchrun)")
 
     debug = bool(ctx.find_root().params.get("debug"))
     prepare_environment(force_cpu, debug)  # before the import below: it is the first to load torch

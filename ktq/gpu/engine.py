@@ -386,6 +386,10 @@ class Engine:
 
     # ---- what the output says about itself ------------------------------------------------------------------
 
+    def routed_by_layer(self) -> dict[int, list[int]]:
+        """The routed calibration tokens of every expert, by decoder layer index (for the placement file)."""
+        return {index: self.routed[path] for index, path in enumerate(self.experts_path) if path in self.routed}
+
     def module_reasons(self) -> list[str | None]:
         """For the report: each Linear of the model and each expert projection, None when quantised, else why
         it was kept."""
@@ -513,6 +517,6 @@ class Engine:
         if captured is None:
             self.progress.step(index)
         self.layer_seconds[self.layer_names[index]] = {k: round(v, 3) for k, v in times.items()}
-        replayed = not (gpu_pending or cpu_pending)
+        replayed = gpu_done is not None or (self.cpu is not None and is_moe and not cpu_pending)
         logger.info(f"{self.layer_names[index]}{' (replayed)' if replayed else ''}: "
                     + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))

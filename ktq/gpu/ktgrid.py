@@ -76,11 +76,15 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
         codes = _round(w, steps.repeat_interleave(c // groups, dim=2), levels)
         return GridCodes(codes.to(torch.int8), steps / STEP[bits], groups,
                          torch.ones(b, dtype=torch.bool, device=w.device))
+    # Columns no calibration token reached carry no information: unlike llm-compressor, which zeroes their weights,
+    # they are rounded as they are (held-out text may reach them), with the mean energy of the others, decoupled
+    # from the rest. A matrix with no such energy at all is rounded to nearest.
     diag = torch.diagonal(hessians, dim1=1, dim2=2)
-    steps = clipped_steps(w, diag, bits, groups)
     dead = diag == 0
-    hessians.diagonal(dim1=1, dim2=2).masked_fill_(dead, 1.0)
-    w.masked_fill_(dead[:, None, :], 0.0)
+    alive = (~dead).sum(dim=1)
+    mean = torch.where(alive > 0, diag.sum(dim=1) / alive.clamp_min(1), torch.ones_like(diag[:, 0]))
+    diag.copy_(torch.where(dead, mean[:, None], diag))
+    steps = clipped_steps(w, diag, bits, groups)
     perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # static activation order
     w = torch.gather(w, 2, perm[:, None, :].expand(b, r, c))
     hessians = torch.gather(torch.gather(hessians, 1, perm[:, :, None].expand(b, c, c)), 2,
@@ -102,7 +106,7 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
             err1[:, :, i] = err
         w[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
     codes = torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(b, r, c), codes)
-    return GridCodes(codes, steps / STEP[bits], groups, fallback)
+    return GridCodes(codes, steps / STEP[bits], groups, fallback | (alive == 0))
 
 
 def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:

@@ -94,6 +94,9 @@ class Plan:
     source_note: str  # what was checked of the weights
     rates: dict[str, float] = field(default_factory=dict)
     rates_measured: bool = False
+    gpu_artifact: bool = True  # a GPU checkpoint is written (not for ktq cpu --calibrate)
+    cpu_experts: str | None = None  # kt method of the calibrated CPU experts written too, if any
+    cpu_solve_bytes: int = 0  # Hessians of one chunk of CPU experts (cpu_experts.chunk_size)
     cache_on_gpu: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -122,7 +125,8 @@ class Plan:
     @property
     def working_bytes(self) -> int:
         """Memory of the device that calibrates beyond the cached hidden states."""
-        return self.layer.weight_bytes + self.hessian_bytes + max(self.activation_bytes, self.solve_bytes)
+        return self.layer.weight_bytes + self.hessian_bytes + max(self.activation_bytes, self.solve_bytes,
+                                                                   self.cpu_solve_bytes)
 
     @property
     def gpu_peak(self) -> int:
@@ -143,7 +147,8 @@ class Plan:
     def seconds(self) -> dict[str, float]:
         """Time per stage over the whole run, from the arithmetic of each layer and the rates."""
         tokens = self.samples * self.seq_len
-        stages = {"read": 0.0, "calibrate": 0.0, "hessians": 0.0, "solve": 0.0, "propagate": 0.0}
+        stages = {"read": 0.0, "calibrate": 0.0, "hessians": 0.0, "solve": 0.0, "cpu experts": 0.0,
+                  "propagate": 0.0}
         for spec in self.layers:
             stages["read"] += spec.weight_bytes / self.rates["read"]
             dense = 2 * tokens * spec.dense_bytes / DTYPE_BYTES[self.dtype]  # two FLOPs per weight and token
@@ -151,11 +156,19 @@ class Plan:
                 stages["propagate"] += dense / self.rates["bf16"]
                 continue
             h, i, e = spec.hidden, spec.intermediate, spec.experts
-            if self.method == "GPTQ":
+            if self.method != "GPTQ":
+                continue
+            routed = tokens * self.top_k
+            if self.gpu_artifact:  # every expert on every token: the all-token Hessians of llm-compressor's GPTQ
                 stages["calibrate"] += (dense + tokens * e * 4 * h * i) / self.rates["bf16"]
                 stages["hessians"] += tokens * 2 * (h * h + e * i * i) / self.rates["fp32"]
                 stages["solve"] += 2 * e * (2 * i * h * h + h * i * i) / self.rates["fp32"]
-                stages["propagate"] += (dense + tokens * self.top_k * 6 * h * i) / self.rates["bf16"]
+            else:
+                stages["calibrate"] += dense / self.rates["bf16"]
+            if self.cpu_experts:  # Hessians of the routed tokens, then the same solve on kt-kernel's grid
+                stages["cpu experts"] += (routed * 2 * (h * h + i * i + 2 * h * i)
+                                          + 2 * e * (2 * i * h * h + h * i * i)) / self.rates["fp32"]
+            stages["propagate"] += (dense + routed * 6 * h * i) / self.rates["bf16"]
         return stages
 
     def as_dict(self) -> dict:
@@ -175,6 +188,8 @@ class Plan:
             "seconds_total": round(sum(self.seconds().values()), 1),
             "rates": self.rates, "rates_measured": self.rates_measured, "source": self.source_note,
             "quantized_linears": self.quantized, "ignored_linears": dict(self.ignored), "problems": self.problems,
+            "gpu_checkpoint": self.gpu_artifact, "cpu_experts": self.cpu_experts,
+            "cpu_solve_bytes": self.cpu_solve_bytes,
         }
 
 
@@ -364,12 +379,16 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     output = sum(spec.dense_bytes for spec in specs) + sum(packed_bytes(s, opts.quant_type, width) for s in moe)
     output += sum(p.numel() for name, p in model.named_parameters()
                   if not any(name.startswith(spec.name + ".") for spec in specs)) * width
+    if opts.output_dir is None:
+        output = 0
+    if opts.cpu_experts is not None:
+        output += sum(cpu_experts_bytes(spec, opts.cpu_experts) for spec in moe)
     plan = Plan(device=device, planned_gpu=planned, method=opts.quant_method, dtype=opts.torch_dtype,
                 quant_type=opts.quant_type, layers=specs, top_k=int(text.get("num_experts_per_tok") or 1),
                 samples=samples, seq_len=seq,
                 hessian_bytes=4 * (largest_moe.hidden ** 2 + largest_moe.experts * largest_moe.intermediate ** 2)
-                if (gptq and largest_moe) else 0,
-                solve_bytes=solve_bytes(largest_moe, width) if largest_moe else 0,
+                if (gptq and largest_moe and opts.output_dir is not None) else 0,
+                solve_bytes=solve_bytes(largest_moe, width) if largest_moe and opts.output_dir is not None else 0,
                 activation_bytes=activation_bytes(text, seq, width, largest_moe or specs[0]) if gptq else 0,
                 # calibrating CPU experts keeps each token's input to the experts as well (cpu_experts.RoutedInputs)
                 cache_bytes=cache_bytes(text, samples, seq, width) * (2 if opts.cpu_experts else 1) if gptq else 0,
@@ -380,6 +399,14 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
                 quantized=quantized, ignored=kept,
                 source_note="safetensors headers read and checked" if source is not None
                 else "config.json only: the weights were not checked")
+    plan.gpu_artifact = opts.output_dir is not None
+    if opts.cpu_experts is not None and largest_moe is not None:
+        from ktq.gpu.cpu_experts import chunk_size, stacked_bytes
+        from ktq.kernels.ktformat import METHODS
+
+        plan.cpu_experts = METHODS[opts.cpu_experts.method].kt_method
+        h, i = largest_moe.hidden, largest_moe.intermediate
+        plan.cpu_solve_bytes = stacked_bytes(chunk_size(largest_moe.experts, h, i), h, i)
     plan.rates_measured = not planned and (torch.cuda.is_available() or not device.is_gpu)
     plan.rates = measured_rates(device) if plan.rates_measured else NOMINAL_RATES
     if not moe or not quantized:
@@ -410,9 +437,19 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     return plan
 
 
+def cpu_experts_bytes(spec: LayerSpec, cpu) -> int:
+    """One MoE layer of a ktq cpu output (bodies and scales; a shard header is noise at this size)."""
+    from ktq.kernels.ktformat import METHODS, part_bytes
+
+    return spec.experts * cpu.numa * part_bytes(METHODS[cpu.method], spec.hidden, spec.intermediate // cpu.numa)
+
+
 def plan_json(plan: Plan, opts: GpuOptions) -> dict:
     """The plan of --dry_run --json: the run it describes, every memory term, and whether it fits."""
-    return {"command": "gpu", "model_id": opts.model_id, "output_dir": str(opts.output_dir),
+    cpu = opts.cpu_experts
+    return {"command": "gpu" if plan.gpu_artifact else "cpu", "model_id": opts.model_id,
+            "output_dir": str(opts.output_dir) if opts.output_dir is not None else None,
+            "cpu_output": str(cpu.output) if cpu is not None else None,
             "quant_method": opts.quant_method, "quant_type": opts.quant_type, **plan.as_dict(), "fits": plan.fits}
 
 
@@ -425,8 +462,10 @@ def plan_table(plan: Plan, opts: GpuOptions):
     """The plan as a rich table: each memory term, where it lives, the budgets and the time estimate."""
     from rich.table import Table
 
-    table = Table(title=f"ktq gpu plan: {opts.quant_method} {opts.quant_type} on {plan.device.name}",
-                  title_justify="left")
+    made = [f"{opts.quant_method} {opts.quant_type}"] if plan.gpu_artifact else []
+    made += [f"calibrated {plan.cpu_experts} CPU experts"] if plan.cpu_experts else []
+    title = "ktq gpu plan" if plan.gpu_artifact else "ktq cpu --calibrate plan"
+    table = Table(title=f"{title}: {' + '.join(made)} on {plan.device.name}", title_justify="left")
     for column, justify in (("item", "left"), ("size", "right"), ("where", "left"), ("note", "left")):
         table.add_column(column, justify=justify)
     place = "GPU" if plan.device.is_gpu else "CPU"
@@ -434,19 +473,26 @@ def plan_table(plan: Plan, opts: GpuOptions):
     table.add_row("layer", gb(layer.weight_bytes), place,
                   f"{plan.num_layers} decoder layers ({plan.moe_layers} MoE), one at a time; largest {layer.name}")
     table.add_row("next layer's experts", gb(moe.expert_bytes if moe else 0), "CPU", "decoded ahead (bf16)")
-    if plan.method == "GPTQ" and moe is not None:
+    if plan.method == "GPTQ" and moe is not None and plan.gpu_artifact:
         table.add_row("Hessians", gb(plan.hessian_bytes), place,
                       f"one shared gate/up {moe.hidden}^2 + {moe.experts} down {moe.intermediate}^2, fp32")
+    if plan.cpu_experts and moe is not None:
+        table.add_row("CPU-expert Hessians", gb(plan.cpu_solve_bytes), place,
+                      f"a gate/up {moe.hidden}^2 and a down {moe.intermediate}^2 per expert of one chunk, fp32")
+    if plan.method == "GPTQ" and moe is not None:
         table.add_row("activations", gb(plan.activation_bytes), place,
                       f"one sample of {opts.max_sequence_length} tokens through one layer")
         table.add_row("hidden states", gb(plan.cache_bytes), "GPU" if plan.cache_on_gpu else "CPU",
-                      f"{opts.num_calibration_samples} samples x {opts.max_sequence_length} tokens")
-    table.add_row("GPTQ working set", gb(plan.solve_bytes), place, "one chunk of experts")
+                      f"{opts.num_calibration_samples} samples x {opts.max_sequence_length} tokens"
+                      + (", and their inputs to the experts" if plan.cpu_experts else ""))
+    if plan.gpu_artifact:
+        table.add_row("GPTQ working set", gb(plan.solve_bytes), place, "one chunk of experts")
     table.add_row("packed layer", gb(plan.packed_bytes), "CPU", "on its way to the disk")
     table.add_row("output", gb(plan.output_bytes), "disk", f"{gb(plan.disk_free)} free")
     kept = ", ".join(f"{n} {reason}" for reason, n in sorted(plan.ignored.items()))
-    table.add_row("Linears", str(plan.quantized + sum(plan.ignored.values())), "",
-                  f"{plan.quantized} expert projections quantised; kept: {kept or 'none'}")
+    if plan.gpu_artifact:
+        table.add_row("Linears", str(plan.quantized + sum(plan.ignored.values())), "",
+                      f"{plan.quantized} expert projections quantised; kept: {kept or 'none'}")
     if plan.device.is_gpu:
         table.add_row("GPU peak", gb(plan.gpu_peak), "GPU", f"budget {gb(plan.gpu_budget)}")
     table.add_row("CPU peak", gb(plan.cpu_peak), "CPU", f"budget {gb(plan.cpu_budget)}")

@@ -66,9 +66,10 @@ class Report:
         if self.rank_stages:
             lines.append(f"ranks: {self.world_size}; quantize per rank " + ", ".join(
                 f"{stages.get('quantize', 0):.1f} s" for stages in self.rank_stages))
-        kept = ", ".join(f"{n} {reason}" for reason, n in self.ignored_modules.items()) or "none"
-        lines.append(f"modules: {self.quantized_modules} quantised ({self.quant_method} {self.quant_type}); "
-                     f"kept: {kept}")
+        if self.quantized_modules:
+            kept = ", ".join(f"{n} {reason}" for reason, n in self.ignored_modules.items()) or "none"
+            lines.append(f"modules: {self.quantized_modules} quantised ({self.quant_method} {self.quant_type}); "
+                         f"kept: {kept}")
         if self.calibration_samples:
             lines.append(f"calibration: {self.calibration_samples} samples, {self.calibration_tokens} tokens")
         if self.gptq_loss:

@@ -198,7 +198,8 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
         report.layer_seconds = engine.layer_seconds
         report.unrouted_experts = {name: [e for e, n in enumerate(counts) if n == 0]
                                    for name, counts in engine.routed.items() if 0 in counts}
-        report.count_modules(engine.module_reasons())
+        if output is not None:
+            report.count_modules(engine.module_reasons())
         if stores_fused_experts(opts.model_id):
             report.warnings.append(
                 "the source checkpoint stores each layer's experts fused in 3-D tensors; the output stores one "
@@ -247,7 +248,9 @@ def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_
         raise KtqError(problem)
     layout = Layout("merged" if cpu.merge else "kt", method, cpu.numa, g.hidden, g.intermediate, g.experts,
                     tuple(layer.index for layer in source.experts.layers))
-    calibration = {"method": "gptq", "dataset": opts.dataset, "split": opts.split, "text_column": opts.text_column,
+    local = Path(opts.dataset).expanduser()
+    dataset_name = str(local.resolve()) if local.exists() else opts.dataset  # the same file from any folder
+    calibration = {"method": "gptq", "dataset": dataset_name, "split": opts.split, "text_column": opts.text_column,
                    "samples": len(dataset), "tokens": sum(len(ids) for ids in dataset["input_ids"]),
                    "max_sequence_length": opts.max_sequence_length, "random_seed": opts.random_seed,
                    "tokens_fingerprint": fingerprint["calibration_tokens"], "device": fingerprint["device"],
@@ -286,6 +289,12 @@ def _finish(opts: GpuOptions, output, engine, staging: Path) -> None:
             holder["torch_dtype"] = opts.torch_dtype
     config["quantization_config"] = engine.quantization_config()
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    counts = engine.routed_by_layer()
+    if counts:
+        from ktq.cpu.output import PLACEMENT_FILE
+        from ktq.gpu.cpu_output import write_placement
+
+        write_placement(staging / PLACEMENT_FILE, counts, len(engine.layers), engine.source.experts.geometry.experts)
     _copy_side_files(source, staging)
 
 

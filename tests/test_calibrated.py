@@ -1,0 +1,299 @@
+"""Calibrated CPU experts (ktq cpu --calibrate, ktq gpu --cpu-output): kt-kernel's format with codes chosen on the
+layer's real inputs, better than round to nearest on held-out text, resumable to the same bytes, and the placement
+file sglang-kt reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tree_files
+from faults import ForkServer
+from gpu_models import chat_rows, run_ktq, run_ktq_capture, sample_moe, write_jsonl
+from ktq.cpu.layout import Layout
+from ktq.cpu.scan import recognise
+from ktq.gpu.cpu_output import dequantized_layer
+from ktq.gpu.ktgrid import LEVELS, STEP, quantize_to_grid
+from ktq.kernels import ktformat as fmt
+
+SAMPLES = ("--num_calibration_samples", 12, "--max_sequence_length", 64)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("calibrated")
+
+
+@pytest.fixture(scope="module")
+def chat(work) -> Path:
+    return write_jsonl(work / "chat.jsonl", chat_rows(24))
+
+
+@pytest.fixture(scope="module")
+def src(work) -> Path:
+    """qwen3_moe, 3 layers (one dense), 8 experts, intermediate 256 (two INT4 NUMA parts), with heavy-tailed
+    per-channel gains on the post-attention norms: the experts' inputs have outlier channels, as in real models."""
+    from safetensors.torch import load_file, save_file
+
+    from ktq.sample import write_sample
+
+    folder = write_sample(work / "src", layers=3, experts=8, hidden=128, moe_intermediate=256, dense_layers=1,
+                          seed=3)
+    generator = torch.Generator().manual_seed(0)
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, tensor in tensors.items():
+            if name.endswith("post_attention_layernorm.weight"):
+                gains = torch.exp(torch.randn(tensor.shape, generator=generator))
+                tensors[name] = (tensor.float() * gains).to(tensor.dtype)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return folder
+
+
+def calibrate(src: Path, out: Path, chat: Path, *extra: object) -> list[object]:
+    return ["cpu", "-i", src, "-o", out, "--calibrate", chat, *SAMPLES, "--force_cpu", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def int4(src, chat, work) -> Path:
+    assert run_ktq(*calibrate(src, work / "int4", chat, "--quant-method", "int4", "--threadpool-count", 2)) == 0
+    return work / "int4"
+
+
+def rtn(src: Path, out: Path, method: str, numa: int, *extra: object) -> Path:
+    if not out.exists():
+        assert run_ktq("cpu", "-i", src, "-o", out, "--quant-method", method, "--threadpool-count", numa, "--quiet",
+                       *extra) == 0
+    return out
+
+
+def header_and_sizes(folder: Path) -> dict[str, object]:
+    """Every file's size, and for shards their safetensors header: what must equal between RTN and calibrated."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name not in ("ktq.json", "init_expert_location.pt"):
+            head = path.read_bytes()[:8 + int.from_bytes(path.read_bytes()[:8], "little")] \
+                if path.suffix == ".safetensors" else b""
+            found[str(path.relative_to(folder))] = (path.stat().st_size, head)
+    return found
+
+
+@pytest.mark.parametrize("method, numa, form", [("int4", 2, "merged"), ("int8", 1, "kt")])
+def test_calibrated_output_has_the_names_sizes_and_headers_of_round_to_nearest(src, chat, work, int4, method, numa,
+                                                                              form):
+    extra = () if form == "merged" else ("--no-merge-safetensor",)
+    out = int4 if (method, numa, form) == ("int4", 2, "merged") else work / f"{method}-{form}"
+    if not out.exists():
+        assert run_ktq(*calibrate(src, out, chat, "--quant-method", method, "--threadpool-count", numa, *extra)) == 0
+    reference = rtn(src, work / f"rtn-{method}-{numa}-{form}", method, numa, *extra)
+    assert header_and_sizes(out) == header_and_sizes(reference)
+    code, stdout, stderr = run_ktq_capture("inspect", out, "--verify")
+    assert code == 0, stderr
+    assert "no problem" in stdout and "calibrated" in stdout and "hottest experts" in stdout
+    manifest = json.loads((out / "ktq.json").read_text())
+    assert manifest["complete"] and manifest["calibration"]["samples"] == 12
+    assert manifest["calibration"]["tokens"] > 12 * 32
+    # the codes are not round to nearest's, and stay inside what both kt-kernel kernels decode
+    found = recognise(out)
+    bits = fmt.METHODS[method].bits
+    for layer in found.layout.layers:
+        mine, theirs = dequantized_layer(out, found.layout, layer), dequantized_layer(reference, found.layout, layer)
+        assert not all(torch.equal(a, b) for a, b in zip(mine, theirs))
+        for values in mine:
+            assert torch.isfinite(values).all()
+    body = next(p for p in sorted(out.rglob("*")) if p.is_file() and (p.suffix == ".safetensors" or "quant" in p.name))
+    assert codes_within(body, found.layout, bits)
+
+
+def codes_within(path: Path, layout: Layout, bits: int) -> bool:
+    """No INT4 nibble 8 (-8) and no INT8 byte 0x80 (-128) anywhere in the file's weight bytes."""
+    data = np.fromfile(path, np.uint8)
+    if path.suffix == ".safetensors":
+        header = int.from_bytes(data[:8].tobytes(), "little")
+        meta = json.loads(data[8:8 + header].tobytes())
+        data = np.concatenate([data[8 + header + v["data_offsets"][0]:8 + header + v["data_offsets"][1]]
+                               for k, v in meta.items() if k.endswith(".weight")])
+    if bits == 8:
+        return not (data == 0x80).any()
+    return not ((data & 0xF) == 8).any() and not ((data >> 4) == 8).any()
+
+
+def moe_errors(src: Path, outputs: list[Path], texts: list[str]) -> list[list[float]]:
+    """Per output and MoE layer: ||y_q - y||^2 / ||y||^2 of the routed experts' output on the bf16 model's own
+    inputs to them (held-out texts), y_q computed with the output's dequantised experts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    caught: dict[int, list] = {}
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts.register_forward_pre_hook(
+                lambda module, args, i=i: caught.setdefault(i, []).append([a.detach() for a in args]))
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+
+    def moe(x, ids, w, gate, up, down):
+        y = torch.zeros_like(x)
+        for slot in range(ids.shape[1]):
+            for e in ids[:, slot].unique().tolist():
+                rows = ids[:, slot] == e
+                h = torch.nn.functional.silu(x[rows] @ gate[e].T) * (x[rows] @ up[e].T)
+                y[rows] += w[rows, slot, None] * (h @ down[e].T)
+        return y
+
+    errors = []
+    for out in outputs:
+        layout = recognise(out).layout
+        per_layer = []
+        for i, batches in caught.items():
+            experts = model.model.layers[i].mlp.experts
+            inter = experts.gate_up_proj.shape[1] // 2
+            original = (experts.gate_up_proj[:, :inter], experts.gate_up_proj[:, inter:], experts.down_proj)
+            quantised = dequantized_layer(out, layout, i)
+            num = den = 0.0
+            for x, ids, w in batches:
+                reference = moe(x, ids, w, *(t.detach() for t in original))
+                num += (moe(x, ids, w, *quantised) - reference).square().sum().item()
+                den += reference.square().sum().item()
+            per_layer.append(num / den)
+        errors.append(per_layer)
+    return errors
+
+
+def held_out_texts(src: Path) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    return [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in chat_rows(8, seed=99)]
+
+
+def test_calibrated_experts_beat_round_to_nearest_on_held_out_text(src, chat, work, int4):
+    int8 = work / "int8-merged"
+    assert run_ktq(*calibrate(src, int8, chat, "--quant-method", "int8", "--threadpool-count", 1)) == 0
+    outputs = [int4, rtn(src, work / "rtn-int4-2-merged", "int4", 2), int8, rtn(src, work / "rtn-int8-1", "int8", 1)]
+    calibrated4, rtn4, calibrated8, rtn8 = moe_errors(src, outputs, held_out_texts(src))
+    for mine, theirs, bound in ((calibrated4, rtn4, 0.8), (calibrated8, rtn8, 0.9)):
+        for layer_mine, layer_theirs in zip(mine, theirs):
+            assert layer_mine < bound * layer_theirs, (mine, theirs)
+
+
+def test_placement_file_holds_the_routed_counts_of_every_decoder_layer(int4):
+    placement = torch.load(int4 / "init_expert_location.pt")
+    assert set(placement) == {"logical_count"}
+    counts = placement["logical_count"]
+    assert counts.shape == (1, 3, 8) and counts.dtype == torch.int64
+    assert counts[0, 0].eq(0).all()  # the dense layer
+    manifest = json.loads((int4 / "ktq.json").read_text())
+    tokens = manifest["calibration"]["tokens"]
+    for layer in (1, 2):
+        assert counts[0, layer].tolist() == manifest["layers"][str(layer)]["routed"]
+        assert counts[0, layer].sum() == 2 * tokens  # top-2 routing: every token reaches two experts
+
+
+def test_killed_anywhere_the_rerun_ends_with_the_same_bytes(src, chat, work, int4, tmp_path_factory):
+    forks = ForkServer(tmp_path_factory.mktemp("calibrated-forks"), "gpu")
+    args = ["--quant-method", "int4", "--threadpool-count", 2]
+    try:
+        root = work / "kills"
+        reference = forks.run(calibrate(src, root / "reference", chat, *args), root)
+        assert reference.code == 0, reference.log
+        expected = tree_files(root / "reference")
+        assert expected == tree_files(int4)  # deterministic: the same bytes as the fixture's run
+        for point in (2, reference.events // 2, reference.events - 3):
+            out = root / f"killed-at-{point}"
+            killed = forks.run(calibrate(src, out, chat, *args), root, kill_at=point)
+            assert killed.killed, killed.log
+            rerun = forks.run(calibrate(src, out, chat, *args), root)
+            assert rerun.code == 0, rerun.log
+            assert tree_files(out) == expected, point
+    finally:
+        forks.close()
+
+
+def test_other_calibration_data_does_not_continue_an_output(src, chat, work, int4):
+    other = work / "other"
+    assert run_ktq(*calibrate(src, other, chat, "--quant-method", "int4", "--threadpool-count", 2)) == 0
+    code, _, stderr = run_ktq_capture(*calibrate(src, other, chat, "--quant-method", "int4", "--threadpool-count", 2,
+                                                 "--num_calibration_samples", 6))
+    assert code != 0 and "calibration" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert run_ktq(*calibrate(src, other, chat, "--quant-method", "int4", "--threadpool-count", 2,
+                              "--num_calibration_samples", 6, "--force")) == 0
+    assert json.loads((other / "ktq.json").read_text())["calibration"]["samples"] == 6
+
+
+def test_one_pass_writes_both_artifacts_and_the_gpu_one_is_unchanged(src, chat, work):
+    gpu = ["gpu", "--model_id", src, "--dataset", chat, *SAMPLES, "--quant_type", "W4A16", "--force_cpu", "--quiet"]
+    assert run_ktq(*gpu, "--output_dir", work / "gpu-alone") == 0
+    assert run_ktq(*gpu, "--output_dir", work / "gpu-both", "--cpu-output", work / "cpu-both", "--cpu-method", "int8",
+                   "--threadpool-count", 1) == 0
+    alone, both = tree_files(work / "gpu-alone"), tree_files(work / "gpu-both")
+    for name in alone:
+        if name.endswith(".safetensors") or name == "config.json":
+            assert both[name] == alone[name], name
+    report = json.loads(both["ktq_gpu_report.json"])
+    placement = torch.load(work / "gpu-both" / "init_expert_location.pt")["logical_count"]
+    cpu_placement = torch.load(work / "cpu-both" / "init_expert_location.pt")["logical_count"]
+    assert torch.equal(placement, cpu_placement)
+    for name, counts in report["routed_tokens"].items():
+        assert placement[0, int(name.split(".")[2])].tolist() == counts
+    code, stdout, stderr = run_ktq_capture("inspect", work / "cpu-both", "--verify")
+    assert code == 0 and "no problem" in stdout, stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--resume-layer", 1), "resumes by itself"),
+    (("--threadpool-count", 3), "--threadpool-count"),
+])
+def test_refusals_are_one_line(src, chat, work, args, message):
+    code, _, stderr = run_ktq_capture(*calibrate(src, work / "refused", chat, *args))
+    assert code != 0 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (work / "refused").exists()
+
+
+def test_cpu_output_needs_calibration_data(src, work):
+    code, _, stderr = run_ktq_capture("gpu", "--model_id", src, "--output_dir", work / "rtn-gpu", "--quant_method",
+                                      "RTN", "--cpu-output", work / "rtn-cpu", "--force_cpu")
+    assert code != 0 and "--quant_method GPTQ" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+# --- the grid solver itself -----------------------------------------------------------------------------------
+
+def test_with_independent_columns_gptq_is_round_to_nearest_on_the_clipped_steps():
+    """An identity Hessian carries no error between columns: GPTQ's codes are plain rounding, in any order."""
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn((3, 64, 256), generator=generator)
+    for bits in (4, 8):
+        gptq = quantize_to_grid(weights, torch.eye(256).expand(3, 256, 256).clone(), bits)
+        plain = quantize_to_grid(weights, None, bits)
+        assert torch.equal(gptq.scales, plain.scales)
+        assert torch.equal(gptq.codes, plain.codes)
+        assert gptq.codes.abs().max() == LEVELS[bits]
+        steps = (gptq.scales * STEP[bits]).repeat_interleave(256, dim=2)
+        assert torch.equal(gptq.codes.float(), torch.clamp(torch.round(weights / steps), -LEVELS[bits], LEVELS[bits]))
+        assert not gptq.rounded.any() and plain.rounded.all()
+
+
+def test_a_hessian_that_is_zero_gives_round_to_nearest():
+    weights = torch.randn((2, 32, 128))
+    result = quantize_to_grid(weights, torch.zeros((2, 128, 128)), 4)
+    assert torch.equal(result.codes, quantize_to_grid(weights, None, 4).codes)
+
+
+def test_grid_codes_lower_the_error_on_correlated_inputs():
+    generator = torch.Generator().manual_seed(2)
+    mix = torch.randn((128, 128), generator=generator) * torch.exp(torch.randn(128, generator=generator))
+    x = torch.randn((4096, 128), generator=generator) @ mix
+    held_out = torch.randn((4096, 128), generator=generator) @ mix
+    weights = torch.randn((1, 96, 128), generator=generator)
+    hessian = (x.T @ x / len(x))[None]
+    for bits in (4, 8):
+        gptq = quantize_to_grid(weights, hessian.clone(), bits).dequantize(bits)
+        plain = quantize_to_grid(weights, None, bits).dequantize(bits)
+        error = [(held_out @ (q[0] - weights[0]).T).square().sum() for q in (gptq, plain)]
+        assert error[0] < 0.7 * error[1], error
