@@ -17,5 +17,6 @@ wheels=(
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$out" "${wheels[@]}"
-python3 -m pip wheel -q --no-deps --no-build-isolation -w "$out" .
+# the venv has setuptools with bdist_wheel (the system pip may lack the wheel package)
+.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$out" .
 ls -la "$out"

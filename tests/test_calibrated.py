@@ -13,7 +13,7 @@ import torch
 
 from conftest import tree_files
 from faults import ForkServer
-from gpu_models import chat_rows, run_ktq, run_ktq_capture, sample_moe, write_jsonl
+from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
 from ktq.cpu.layout import Layout
 from ktq.cpu.scan import recognise
 from ktq.gpu.cpu_output import dequantized_layer

@@ -21,7 +21,10 @@ from ktq.gpu.ktgrid import GridCodes, quantize_to_grid
 GENERIC_TOKENS = 512
 GENERIC_WEIGHT = 0.05
 DAMPENING = 0.01  # of the mean Hessian diagonal, GPTQ's own default
-CPU_SOLVE_BYTES = 4 << 30  # Hessians and their factors of one chunk of experts (fp32)
+# The choices above plain GPTQ on the routed tokens, each switchable for benchmarks/cpu_quality.py's ablation
+ROUTING_WEIGHTED = True  # tokens weighted by their squared routing weight
+DOWN_AFTER_ROUNDED_GATE_UP = True  # the down Hessian from the rounded gate and up projections
+CPU_SOLVE_BYTES = 8 << 30  # Hessians and their factors of one chunk of experts (fp32): 12 DeepSeek-V3 experts
 
 
 class RoutedInputs:
@@ -89,13 +92,15 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
         routed = []
         for e in block:
             picked = order[starts[e]:starts[e] + counts[e]]
-            routed.append((x[picked // k].to(device), weights.reshape(-1)[picked].to(device)))
+            routed.append((x[picked // k].to(device),
+                           weights.reshape(-1)[picked].to(device) if ROUTING_WEIGHTED else None))
         gu_hessians = torch.stack([_hessian(rows, w) + GENERIC_WEIGHT * generic_hessian if len(rows) else
                                    generic_hessian.clone() for rows, w in routed])
         gu = quantize_to_grid(torch.cat([gate[first:block.stop], up[first:block.stop]], dim=1), gu_hessians, bits,
                               dampening=DAMPENING)
         del gu_hessians
-        rounded = gu.dequantize(bits)
+        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else \
+            torch.cat([gate[first:block.stop], up[first:block.stop]], dim=1).float()
         down_hessians = []
         for j, (rows, w) in enumerate(routed):
             g, u = rounded[j, :inter], rounded[j, inter:]
