@@ -14,6 +14,8 @@ hidden states on); experts are then solved in chunks sized to CPU_SOLVE_BYTES.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ktq.gpu.ktgrid import GridCodes, quantize_to_grid
@@ -24,7 +26,9 @@ DAMPENING = 0.01  # of the mean Hessian diagonal, GPTQ's own default
 # The choices above plain GPTQ on the routed tokens, each switchable for benchmarks/cpu_quality.py's ablation
 ROUTING_WEIGHTED = True  # tokens weighted by their squared routing weight
 DOWN_AFTER_ROUNDED_GATE_UP = True  # the down Hessian from the rounded gate and up projections
-CPU_SOLVE_BYTES = 8 << 30  # Hessians and their factors of one chunk of experts (fp32): 12 DeepSeek-V3 experts
+ROWS_PER_BATCH = 1 << 14  # routed tokens gathered and multiplied at a time: a hot expert's are not held at once
+# the least a chunk of experts may take (the plan gives it what the GPU has spare): 11 DeepSeek-V3 experts
+CPU_SOLVE_BYTES = 16 << 30
 
 
 class RoutedInputs:
@@ -47,22 +51,56 @@ class RoutedInputs:
 
 
 def stacked_bytes(experts: int, hidden: int, intermediate: int) -> int:
-    """What the solve of one chunk of experts holds besides the weights: three copies of each Hessian (the
-    accumulated one, its reordering and the factor) for gate/up and for down."""
-    return 3 * 4 * experts * (hidden * hidden + intermediate * intermediate)
+    """What the solve of a chunk of experts holds besides the layer's weights: three copies of each Hessian at once
+    (ktgrid's reordered one, its factor and the inverse) for gate/up and down, three fp32 copies of the weights
+    being rounded, and one batch of routed tokens on its way through."""
+    return experts * _expert_bytes(hidden, intermediate) + _batch_bytes(hidden, intermediate)
 
 
-def chunk_size(experts: int, hidden: int, intermediate: int) -> int:
-    return max(1, min(experts, CPU_SOLVE_BYTES // stacked_bytes(1, hidden, intermediate)))
+def _expert_bytes(hidden: int, intermediate: int) -> int:
+    return 4 * (3 * (hidden * hidden + intermediate * intermediate) + 3 * 3 * hidden * intermediate)
 
 
-def _hessian(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """sum_t w_t^2 x_t x_t^T / sum_t w_t^2 (fp32) of rows [T, C]; plain mean without weights."""
-    rows = rows.float()
-    if weights is None:
-        return rows.T @ rows / max(rows.shape[0], 1)
-    scaled = rows * weights[:, None]
-    return scaled.T @ scaled / weights.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+def _batch_bytes(hidden: int, intermediate: int) -> int:
+    return ROWS_PER_BATCH * 4 * (2 * hidden + 3 * intermediate)
+
+
+def chunk_size(experts: int, hidden: int, intermediate: int, budget: int = CPU_SOLVE_BYTES) -> int:
+    """Experts solved together in `budget` bytes: more at once, fewer passes of the column loop."""
+    fit = (budget - _batch_bytes(hidden, intermediate)) // _expert_bytes(hidden, intermediate)
+    return max(1, min(experts, fit))
+
+
+@contextmanager
+def tf32_products():
+    """Matrix products of the Hessians in TF32 on a GPU (8x FP32's rate): the tokens are bf16, which TF32 holds
+    exactly, and the sums stay FP32. Nothing changes on the CPU."""
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+class _Hessian:
+    """sum_t w_t^2 x_t x_t^T / sum_t w_t^2 (fp32) over batches of rows [T, C]; a plain mean without weights."""
+
+    def __init__(self, columns: int, device) -> None:
+        self.sum = torch.zeros((columns, columns), dtype=torch.float32, device=device)
+        self.weight = 0.0
+
+    def add(self, rows: torch.Tensor, weights: torch.Tensor | None) -> None:
+        rows = rows.float()
+        if weights is None:
+            self.weight += rows.shape[0]
+        else:
+            rows = rows * weights[:, None]
+            self.weight += float(weights.square().sum())
+        self.sum.addmm_(rows.T, rows)
+
+    def mean(self) -> torch.Tensor:
+        return self.sum.div_(max(self.weight, torch.finfo(torch.float32).tiny))
 
 
 def _intermediate(tokens: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act_fn) -> torch.Tensor:
@@ -72,43 +110,63 @@ def _intermediate(tokens: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ac
 
 
 def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inputs: RoutedInputs, act_fn,
-                    bits: int, numa: int) -> tuple[GridCodes, GridCodes, GridCodes, list[int]]:
+                    bits: int, numa: int, chunk: int) -> tuple[GridCodes, GridCodes, GridCodes, list[int]]:
     """Codes of every expert (gate, up [E, I, H], down [E, H, I] on the solve device, not modified) and the
-    routed-token count of each."""
+    routed-token count of each, `chunk` experts solved at a time. An expert's routed tokens are gathered twice (for
+    its gate/up Hessian, then for its down Hessian once gate and up are rounded), in batches: only Hessians are held
+    per chunk."""
     experts, inter, hidden = gate.shape
     device = gate.device
     x, ids, weights = inputs.gathered()
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=experts)[:experts]
-    starts = torch.cumsum(counts, 0) - counts
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
     k = ids.shape[1]
-    generic = x[:GENERIC_TOKENS].to(device, torch.float32)
-    generic_hessian = _hessian(generic, None)
+    generic = x[:GENERIC_TOKENS].to(device)
+
+    def routed(e: int):
+        """Expert e's routed tokens and routing weights, in batches of ROWS_PER_BATCH, on the solve device."""
+        for first in range(starts[e], starts[e] + int(counts[e]), ROWS_PER_BATCH):
+            picked = order[first:min(first + ROWS_PER_BATCH, starts[e] + int(counts[e]))]
+            yield x[picked // k].to(device), weights.reshape(-1)[picked].to(device) if ROUTING_WEIGHTED else None
+
+    def blended(routed_hessian: _Hessian, generic_part: torch.Tensor) -> torch.Tensor:
+        if routed_hessian.weight == 0:  # no token routed here: the generic tokens alone
+            return generic_part.clone()
+        return routed_hessian.mean().add_(generic_part, alpha=GENERIC_WEIGHT)
+
+    with tf32_products():
+        generic_hessian = _Hessian(hidden, device)
+        generic_hessian.add(generic, None)
+        generic_hessian = generic_hessian.mean()
     results: list[list[GridCodes]] = [[], [], []]
-    step = chunk_size(experts, hidden, inter)
-    for first in range(0, experts, step):
-        block = range(first, min(first + step, experts))
-        routed = []
-        for e in block:
-            picked = order[starts[e]:starts[e] + counts[e]]
-            routed.append((x[picked // k].to(device),
-                           weights.reshape(-1)[picked].to(device) if ROUTING_WEIGHTED else None))
-        gu_hessians = torch.stack([_hessian(rows, w) + GENERIC_WEIGHT * generic_hessian if len(rows) else
-                                   generic_hessian.clone() for rows, w in routed])
-        gu = quantize_to_grid(torch.cat([gate[first:block.stop], up[first:block.stop]], dim=1), gu_hessians, bits,
-                              dampening=DAMPENING)
+    for first in range(0, experts, chunk):
+        block = range(first, min(first + chunk, experts))
+        stacked = torch.cat([gate[first:block.stop], up[first:block.stop]], dim=1)
+        gu_hessians = torch.empty((len(block), hidden, hidden), dtype=torch.float32, device=device)
+        with tf32_products():
+            for j, e in enumerate(block):
+                hessian = _Hessian(hidden, device)
+                for rows, w in routed(e):
+                    hessian.add(rows, w)
+                gu_hessians[j] = blended(hessian, generic_hessian)
+        gu = quantize_to_grid(stacked, gu_hessians, bits, dampening=DAMPENING)
         del gu_hessians
-        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else \
-            torch.cat([gate[first:block.stop], up[first:block.stop]], dim=1).float()
-        down_hessians = []
-        for j, (rows, w) in enumerate(routed):
-            g, u = rounded[j, :inter], rounded[j, inter:]
-            generic_part = _hessian(_intermediate(generic, g, u, act_fn), None)
-            down_hessians.append(_hessian(_intermediate(rows, g, u, act_fn), w) + GENERIC_WEIGHT * generic_part
-                                 if len(rows) else generic_part)
+        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else stacked.float()
+        del stacked
+        down_hessians = torch.empty((len(block), inter, inter), dtype=torch.float32, device=device)
+        with tf32_products():
+            for j, e in enumerate(block):
+                g, u = rounded[j, :inter], rounded[j, inter:]
+                generic_part = _Hessian(inter, device)
+                generic_part.add(_intermediate(generic, g, u, act_fn), None)
+                hessian = _Hessian(inter, device)
+                for rows, w in routed(e):
+                    hessian.add(_intermediate(rows, g, u, act_fn), w)
+                down_hessians[j] = blended(hessian, generic_part.mean())
         del rounded
-        d = quantize_to_grid(down[first:block.stop], torch.stack(down_hessians), bits, groups=numa,
+        d = quantize_to_grid(down[first:block.stop], down_hessians, bits, groups=numa,
                              dampening=DAMPENING)
         results[0].append(GridCodes(gu.codes[:, :inter], gu.scales[:, :inter], 1, gu.rounded))
         results[1].append(GridCodes(gu.codes[:, inter:], gu.scales[:, inter:], 1, gu.rounded))

@@ -47,6 +47,7 @@ class CpuArtifact:
     output: CalibratedCpuOutput
     bits: int
     numa: int
+    chunk: int  # experts solved at a time (the plan's)
 
 
 class _Stop(Exception):
@@ -476,7 +477,8 @@ class Engine:
         cpu_weights = None
         if cpu_pending:
             inputs, experts.inputs = experts.inputs, None
-            gate, up, down, routed = calibrate_layer(*weights, inputs, experts.act_fn, self.cpu.bits, self.cpu.numa)
+            gate, up, down, routed = calibrate_layer(*weights, inputs, experts.act_fn, self.cpu.bits, self.cpu.numa,
+                                                     self.cpu.chunk)
             del inputs
             self.routed.setdefault(path, routed)
             if self.world.is_main:

@@ -87,25 +87,26 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     steps = clipped_steps(w, diag, bits, groups)
     perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # static activation order
     w = torch.gather(w, 2, perm[:, None, :].expand(b, r, c))
-    hessians = torch.gather(torch.gather(hessians, 1, perm[:, :, None].expand(b, c, c)), 2,
-                            perm[:, None, :].expand(b, c, c))
+    for j in range(b):  # rows and columns reordered in place, one matrix's copy at a time
+        hessians[j] = hessians[j].index_select(0, perm[j]).index_select(1, perm[j])
     hinv, fallback = _inverse_factor(hessians, dampening)
     del hessians
     group_of = perm // (c // groups)  # [B, C]: the step group of each column, in the solved order
-    codes = torch.empty((b, r, c), dtype=torch.int8, device=w.device)
+    codes = torch.empty((b, r, c), dtype=torch.float32, device=w.device)
     for i1 in range(0, c, BLOCK):
         i2 = min(i1 + BLOCK, c)
         w1 = w[:, :, i1:i2].clone()
         err1 = torch.empty_like(w1)
         step1 = torch.gather(steps, 2, group_of[:, None, i1:i2].expand(b, r, i2 - i1))
+        # one column at a time, in few kernels: on a GPU this loop's cost is the launches, not the arithmetic
         for i in range(i2 - i1):
-            q = _round(w1[:, :, i], step1[:, :, i], levels)
-            codes[:, :, i1 + i] = q.to(torch.int8)
-            err = (w1[:, :, i] - q * step1[:, :, i]) / hinv[:, i1 + i, i1 + i, None]
-            w1[:, :, i:] -= err[:, :, None] * hinv[:, None, i1 + i, i1 + i:i2]
+            q = torch.div(w1[:, :, i], step1[:, :, i], out=codes[:, :, i1 + i]).round_().clamp_(-levels, levels)
+            err = torch.addcmul(w1[:, :, i], q, step1[:, :, i], value=-1).div_(hinv[:, i1 + i, i1 + i, None])
+            w1[:, :, i:].addcmul_(err[:, :, None], hinv[:, None, i1 + i, i1 + i:i2], value=-1)
             err1[:, :, i] = err
-        w[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
-    codes = torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(b, r, c), codes)
+        w[:, :, i2:].baddbmm_(err1, hinv[:, i1:i2, i2:], alpha=-1)
+    codes = torch.empty((b, r, c), dtype=torch.int8, device=w.device).scatter_(
+        2, perm[:, None, :].expand(b, r, c), codes.to(torch.int8))
     return GridCodes(codes, steps / STEP[bits], groups, fallback | (alive == 0))
 
 
@@ -115,18 +116,27 @@ def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
 
 def _inverse_factor(hessians: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of each H^-1 after dampening (GPTQ's Hinv), fp32 [B, C, C], and which matrices got
-    the identity instead [B]: those still indefinite at ten times the dampening are rounded to nearest."""
+    the identity instead [B]: those still indefinite at ten times the dampening are rounded to nearest. The
+    Hessians are dampened in place; at most three [B, C, C] tensors live at once (H, the factor, the inverse)."""
     b, c, _ = hessians.shape
-    eye = torch.eye(c, device=hessians.device, dtype=hessians.dtype)
-    out = eye.expand(b, c, c).clone()
-    todo = torch.ones(b, dtype=torch.bool, device=hessians.device)
     mean = torch.diagonal(hessians, dim1=1, dim2=2).mean(dim=1)
+    out, todo, added = None, torch.ones(b, dtype=torch.bool, device=hessians.device), 0.0
     for attempt in (dampening, 10 * dampening):
-        chol, info = torch.linalg.cholesky_ex(hessians + (attempt * mean)[:, None, None] * eye)
-        factor, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        hessians.diagonal(dim1=1, dim2=2).add_(((attempt - added) * mean)[:, None])
+        added = attempt
+        chol, info = torch.linalg.cholesky_ex(hessians)
+        inverse = torch.cholesky_inverse(chol)
+        del chol
+        factor, info2 = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         good = todo & (info == 0) & (info2 == 0)
-        out[good] = factor[good]
+        if out is None:
+            out = factor
+        else:
+            out[good] = factor[good]
+        del factor
         todo &= ~good
         if not bool(todo.any()):
-            break
+            return out, todo
+    out[todo] = torch.eye(c, device=out.device, dtype=out.dtype)
     return out, todo

@@ -96,7 +96,8 @@ class Plan:
     rates_measured: bool = False
     gpu_artifact: bool = True  # a GPU checkpoint is written (not for ktq cpu --calibrate)
     cpu_experts: str | None = None  # kt method of the calibrated CPU experts written too, if any
-    cpu_solve_bytes: int = 0  # Hessians of one chunk of CPU experts (cpu_experts.chunk_size)
+    cpu_solve_bytes: int = 0  # Hessians of one chunk of CPU experts (cpu_experts.stacked_bytes)
+    cpu_chunk: int = 1  # CPU experts solved at a time
     cache_on_gpu: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -189,7 +190,7 @@ class Plan:
             "rates": self.rates, "rates_measured": self.rates_measured, "source": self.source_note,
             "quantized_linears": self.quantized, "ignored_linears": dict(self.ignored), "problems": self.problems,
             "gpu_checkpoint": self.gpu_artifact, "cpu_experts": self.cpu_experts,
-            "cpu_solve_bytes": self.cpu_solve_bytes,
+            "cpu_solve_bytes": self.cpu_solve_bytes, "cpu_chunk": self.cpu_chunk,
         }
 
 
@@ -401,12 +402,10 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
                 else "config.json only: the weights were not checked")
     plan.gpu_artifact = opts.output_dir is not None
     if opts.cpu_experts is not None and largest_moe is not None:
-        from ktq.gpu.cpu_experts import chunk_size, stacked_bytes
         from ktq.kernels.ktformat import METHODS
 
         plan.cpu_experts = METHODS[opts.cpu_experts.method].kt_method
-        h, i = largest_moe.hidden, largest_moe.intermediate
-        plan.cpu_solve_bytes = stacked_bytes(chunk_size(largest_moe.experts, h, i), h, i)
+        _size_cpu_chunk(plan, largest_moe)
     plan.rates_measured = not planned and (torch.cuda.is_available() or not device.is_gpu)
     plan.rates = measured_rates(device) if plan.rates_measured else NOMINAL_RATES
     if not moe or not quantized:
@@ -419,6 +418,8 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
                              f"input features, not multiples of the quantisation group size {GROUP_SIZE}")
     if device.is_gpu:
         plan.cache_on_gpu = gptq and plan.gpu_peak + plan.cache_bytes <= plan.gpu_budget
+        if plan.cpu_experts and plan.gpu_peak < plan.gpu_budget:
+            _size_cpu_chunk(plan, largest_moe, plan.cpu_solve_bytes + (plan.gpu_budget - plan.gpu_peak) // 2)
         if plan.gpu_peak > plan.gpu_budget:
             plan.problems.append(
                 f"calibrating one layer needs {gb(plan.gpu_peak)} on the GPU (layer {gb(plan.layer.weight_bytes)}, "
@@ -435,6 +436,15 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     if output > disk_free:
         plan.problems.append(f"the output needs {gb(output)} but {parent} has {gb(disk_free)} free")
     return plan
+
+
+def _size_cpu_chunk(plan: Plan, spec: LayerSpec, budget: int | None = None) -> None:
+    """Experts of a layer the CPU-expert solve takes at once: as many as fit in budget (at least CPU_SOLVE_BYTES,
+    more where the GPU has room), for fewer passes of its column loop."""
+    from ktq.gpu.cpu_experts import CPU_SOLVE_BYTES, chunk_size, stacked_bytes
+
+    plan.cpu_chunk = chunk_size(spec.experts, spec.hidden, spec.intermediate, max(budget or 0, CPU_SOLVE_BYTES))
+    plan.cpu_solve_bytes = stacked_bytes(plan.cpu_chunk, spec.hidden, spec.intermediate)
 
 
 def cpu_experts_bytes(spec: LayerSpec, cpu) -> int:
@@ -478,7 +488,8 @@ def plan_table(plan: Plan, opts: GpuOptions):
                       f"one shared gate/up {moe.hidden}^2 + {moe.experts} down {moe.intermediate}^2, fp32")
     if plan.cpu_experts and moe is not None:
         table.add_row("CPU-expert Hessians", gb(plan.cpu_solve_bytes), place,
-                      f"a gate/up {moe.hidden}^2 and a down {moe.intermediate}^2 per expert of one chunk, fp32")
+                      f"a gate/up {moe.hidden}^2 and a down {moe.intermediate}^2 for each of {plan.cpu_chunk} "
+                      "experts solved together, fp32")
     if plan.method == "GPTQ" and moe is not None:
         table.add_row("activations", gb(plan.activation_bytes), place,
                       f"one sample of {opts.max_sequence_length} tokens through one layer")

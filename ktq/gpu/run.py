@@ -178,7 +178,7 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
     if staging is not None:
         output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(layer_names) + 1,
                                                                  writable))
-    cpu = _open_cpu_experts(opts, source, dataset, fingerprint, len(layer_names)) if opts.cpu_experts else None
+    cpu = _open_cpu_experts(opts, source, dataset, fingerprint, len(layer_names), plan) if opts.cpu_experts else None
     logs = _run_logs(staging if world.is_main else None, report, debug)
     with cpu.output if cpu else contextlib.nullcontext(), logs, GpuProgress(quiet, console) as progress:
         engine = Engine(opts, source, skeleton, layer_names, rules, plan.device.torch_device, plan.cache_device,
@@ -230,7 +230,7 @@ def cpu_experts_lines(cpu) -> list[str]:
             "--kt-num-gpu-experts N (the N experts per layer that calibration routed most tokens to go to the GPU)"]
 
 
-def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_hidden_layers: int):
+def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_hidden_layers: int, plan: Plan):
     """The calibrated CPU experts' output (a ktq cpu folder), opened and locked; its identity records the
     calibration, so a run with other data or settings does not continue it."""
     from ktq.cpu.layout import Layout
@@ -261,7 +261,7 @@ def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_
     todo = [layer for layer in layout.layers if layer not in output.manifest.layers]
     check_disk(cpu.output, needed_bytes(layout, todo, Path(opts.model_id).expanduser() if cpu.merge else None), 0,
                opts.no_memory_check, logger.warning)
-    return CpuArtifact(output, method.bits, cpu.numa)
+    return CpuArtifact(output, method.bits, cpu.numa, plan.cpu_chunk)
 
 
 def _run_fingerprint(opts: GpuOptions, source, dataset, plan: Plan, world: World) -> dict:
