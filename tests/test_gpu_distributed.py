@@ -13,7 +13,7 @@ import pytest
 from conftest import ktq_subprocess
 from gpu_models import chat_rows, report, run_ktq, sample_moe, tensors, write_jsonl
 from ktq.gpu.distributed import in_torchrun, options_from_json, options_to_json
-from ktq.gpu.options import GpuOptions
+from ktq.gpu.options import CpuExpertsOptions, GpuOptions
 from ktq.safetensors_io import TensorReader
 
 RUN = ("--num_calibration_samples", 8, "--max_sequence_length", 64, "--quant_type", "W4A16")
@@ -191,7 +191,8 @@ def test_every_option_reaches_the_workers():
                       dataset_split="test", text_column="txt", ignore_patterns=("re:.*gate$", "lm_head"),
                       torch_dtype="float16", trust_remote_code=True, random_seed=3, max_gpu_memory=10**9,
                       max_cpu_memory=2 * 10**9, force_cpu=True, dry_run=True, as_json=True, overwrite=True,
-                      no_memory_check=True, quiet=True)
+                      no_memory_check=True, quiet=True,
+                      cpu_experts=CpuExpertsOptions(Path("/c"), "int8", 2, merge=False, force=True))
     defaults = GpuOptions(model_id="", output_dir=Path())
     assert all(getattr(opts, f) != getattr(defaults, f) for f in opts.__dataclass_fields__)
     assert options_from_json(options_to_json(opts)) == opts

@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ktq.errors import KtqError
-from ktq.gpu.options import GpuOptions
+from ktq.gpu.options import CpuExpertsOptions, GpuOptions
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 ERROR_DIR_VARIABLE = "KTQ_DIST_ERROR_DIR"  # where a worker started by `--nproc` leaves its one-line error
@@ -41,14 +41,22 @@ def in_torchrun() -> bool:
 
 
 def options_to_json(opts: GpuOptions) -> str:
-    return json.dumps({k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                       for k, v in asdict(opts).items()})
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+    return json.dumps(plain(asdict(opts)))
 
 
 def options_from_json(text: str) -> GpuOptions:
     fields = json.loads(text)
-    fields["output_dir"] = Path(fields["output_dir"])
+    if fields["output_dir"] is not None:
+        fields["output_dir"] = Path(fields["output_dir"])
     fields["ignore_patterns"] = tuple(fields["ignore_patterns"])
+    if fields["cpu_experts"] is not None:
+        cpu = fields["cpu_experts"]
+        fields["cpu_experts"] = CpuExpertsOptions(**{**cpu, "output": Path(cpu["output"])})
     return GpuOptions(**fields)
 
 
