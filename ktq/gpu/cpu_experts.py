@@ -14,6 +14,7 @@ hidden states on); experts are then solved in chunks sized to CPU_SOLVE_BYTES.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -109,9 +110,29 @@ def _intermediate(tokens: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ac
     return act_fn(tokens @ gate.T) * (tokens @ up.T)
 
 
+class StageClock:
+    """Seconds per sub-stage of the CPU-expert solve, for the log: where a layer's time goes (on a GPU it waits for
+    the device first, so each stage is charged its own kernels)."""
+
+    def __init__(self, device) -> None:
+        self.device, self.seconds = torch.device(device), {}
+        self._last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
 def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inputs: RoutedInputs, act_fn,
-                    bits: int, numa: int, chunk: int) -> tuple[GridCodes, GridCodes, GridCodes, list[int]]:
-    """Codes of every expert (gate, up [E, I, H], down [E, H, I] on the solve device, not modified) and the
+                    bits: int, numa: int, chunk: int,
+                    clock: StageClock | None = None) -> tuple[GridCodes, GridCodes, GridCodes, list[int]]:
+    """Codes of every expert (on the host; gate, up [E, I, H], down [E, H, I] on the solve device, not modified) and the
     routed-token count of each, `chunk` experts solved at a time. An expert's routed tokens are gathered twice (for
     its gate/up Hessian, then for its down Hessian once gate and up are rounded), in batches: only Hessians are held
     per chunk."""
@@ -124,6 +145,10 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
     starts = (torch.cumsum(counts, 0) - counts).tolist()
     k = ids.shape[1]
     generic = x[:GENERIC_TOKENS].to(device)
+
+    def lap(stage: str) -> None:
+        if clock is not None:
+            clock.lap(stage)
 
     def routed(e: int):
         """Expert e's routed tokens and routing weights, in batches of ROWS_PER_BATCH, on the solve device."""
@@ -151,7 +176,9 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
                 for rows, w in routed(e):
                     hessian.add(rows, w)
                 gu_hessians[j] = blended(hessian, generic_hessian)
+        lap("gate/up hessians")
         gu = quantize_to_grid(stacked, gu_hessians, bits, dampening=DAMPENING)
+        lap("gate/up solve")
         del gu_hessians
         rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else stacked.float()
         del stacked
@@ -166,11 +193,15 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
                     hessian.add(_intermediate(rows, g, u, act_fn), w)
                 down_hessians[j] = blended(hessian, generic_part.mean())
         del rounded
+        lap("down hessians")
         d = quantize_to_grid(down[first:block.stop], down_hessians, bits, groups=numa,
                              dampening=DAMPENING)
-        results[0].append(GridCodes(gu.codes[:, :inter], gu.scales[:, :inter], 1, gu.rounded))
-        results[1].append(GridCodes(gu.codes[:, inter:], gu.scales[:, inter:], 1, gu.rounded))
-        results[2].append(d)
+        lap("down solve")
+        # to the host as they are done: the layer's codes (11 GB for DeepSeek-V3) stay out of the GPU's way
+        results[0].append(GridCodes(gu.codes[:, :inter].cpu(), gu.scales[:, :inter].cpu(), 1, gu.rounded.cpu()))
+        results[1].append(GridCodes(gu.codes[:, inter:].cpu(), gu.scales[:, inter:].cpu(), 1, gu.rounded.cpu()))
+        results[2].append(GridCodes(d.codes.cpu(), d.scales.cpu(), d.groups, d.rounded.cpu()))
+        del gu, d
     joined = [GridCodes(torch.cat([g.codes for g in parts]), torch.cat([g.scales for g in parts]), parts[0].groups,
                         torch.cat([g.rounded for g in parts])) for parts in results]
     return joined[0], joined[1], joined[2], counts.tolist()

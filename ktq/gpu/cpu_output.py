@@ -96,8 +96,12 @@ class CalibratedCpuOutput:
                                                    tuple(routed))
         save_manifest(self.out, self.manifest)
 
-    def restore(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return dequantized_layer(self.out, self.layout, layer)
+    def restore_into(self, layer: int, weights) -> None:
+        """A committed layer's experts, as served, copied into weights (gate, up, down on the device), one expert
+        at a time: the host never holds a whole layer in fp32."""
+        for e, *projections in dequantized_experts(self.out, self.layout, layer):
+            for weight, value in zip(weights, projections):
+                weight[e].copy_(value)
 
     def finish(self, source: Path | None) -> None:
         counts = {layer: list(record.routed or ()) for layer, record in self.manifest.layers.items()}
@@ -105,23 +109,29 @@ class CalibratedCpuOutput:
         finish_output(self.out, self.manifest, source if self.layout.form == "merged" else None)
 
 
-def dequantized_layer(out: Path, layout: Layout, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A committed layer's experts as kt-kernel computes with them: fp32 gate, up [E, I, H] and down [E, H, I]
-    (NUMA parts joined: gate and up parts are row ranges, down parts column ranges)."""
+def dequantized_experts(out: Path, layout: Layout, layer: int):
+    """A committed layer's experts as kt-kernel computes with them, one expert at a time: (e, gate [I, H], up [I, H],
+    down [H, I]) in fp32 (NUMA parts joined: gate and up parts are row ranges, down parts column ranges)."""
     bits, part_rows = layout.method.bits, layout.intermediate // layout.numa
-    gate = np.empty((layout.experts, layout.intermediate, layout.hidden), np.float32)
-    up = np.empty_like(gate)
-    down = np.empty((layout.experts, layout.hidden, layout.intermediate), np.float32)
     with _PieceFiles(out, layout, layer) as files:
         for e in range(layout.experts):
+            gate = np.empty((layout.intermediate, layout.hidden), np.float32)
+            up = np.empty_like(gate)
+            down = np.empty((layout.hidden, layout.intermediate), np.float32)
             for piece in layout.pieces:
                 values = unpack_dequantize(*files.read(e, piece), piece.n, piece.k, bits)
                 part = slice(piece.part * part_rows, (piece.part + 1) * part_rows)
                 if piece.proj == "down":
-                    down[e, :, part] = values
+                    down[:, part] = values
                 else:
-                    (gate if piece.proj == "gate" else up)[e, part] = values
-    return torch.from_numpy(gate), torch.from_numpy(up), torch.from_numpy(down)
+                    (gate if piece.proj == "gate" else up)[part] = values
+            yield e, torch.from_numpy(gate), torch.from_numpy(up), torch.from_numpy(down)
+
+
+def dequantized_layer(out: Path, layout: Layout, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All of dequantized_experts at once: fp32 gate, up [E, I, H] and down [E, H, I]."""
+    experts = list(dequantized_experts(out, layout, layer))
+    return tuple(torch.stack([expert[p] for expert in experts]) for p in (1, 2, 3))
 
 
 class _PieceFiles:

@@ -24,7 +24,7 @@ import torch
 from loguru import logger
 
 from ktq.errors import KtqError
-from ktq.gpu.cpu_experts import RoutedInputs, calibrate_layer
+from ktq.gpu.cpu_experts import RoutedInputs, StageClock, calibrate_layer
 from ktq.gpu.cpu_output import CalibratedCpuOutput
 from ktq.gpu.gptq import Quantized, SharedSolver, pack, qparams, solve_each, unpack, weight_scheme
 from ktq.gpu.layout import ignore_reason
@@ -474,16 +474,19 @@ class Engine:
                 self.world.reduce(stats.tensors())
                 self.routed[path] = stats.routed.tolist()
             times["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
-        cpu_weights = None
+        cpu_codes = None
         if cpu_pending:
             inputs, experts.inputs = experts.inputs, None
+            stages = StageClock(self.device)
             gate, up, down, routed = calibrate_layer(*weights, inputs, experts.act_fn, self.cpu.bits, self.cpu.numa,
-                                                     self.cpu.chunk)
+                                                     self.cpu.chunk, stages)
+            logger.info(f"{path} CPU experts, {self.cpu.chunk} at a time: "
+                        + ", ".join(f"{k} {v:.2f} s" for k, v in stages.seconds.items()))
             del inputs
             self.routed.setdefault(path, routed)
             if self.world.is_main:
                 self.cpu.output.write_layer(index, gate, up, down, routed)
-            cpu_weights = [codes.dequantize(self.cpu.bits) for codes in (gate, up, down)]
+            cpu_codes = (gate, up, down)
             times["cpu experts"], clock = time.perf_counter() - clock, time.perf_counter()
         if gpu_pending:
             if is_moe:
@@ -504,11 +507,12 @@ class Engine:
                 if not gpu_pending:
                     self.restore(index, weights)
             else:
-                if cpu_weights is None:
-                    cpu_weights = self.cpu.output.restore(index)
-                for weight, value in zip(weights, cpu_weights):
-                    weight.copy_(value)
-        del cpu_weights
+                if cpu_codes is None:
+                    self.cpu.output.restore_into(index, weights)
+                else:
+                    for weight, codes in zip(weights, cpu_codes):
+                        codes.dequantize_into(weight, self.cpu.bits)
+        del cpu_codes
         if propagate:
             self.forward_all(layer, captured, index, keep=True)
             times["propagate"] = time.perf_counter() - clock

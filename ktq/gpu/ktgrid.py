@@ -42,6 +42,13 @@ class GridCodes:
         steps = (self.scales * STEP[bits]).repeat_interleave(c // self.groups, dim=2)
         return self.codes.float() * steps
 
+    def dequantize_into(self, target: torch.Tensor, bits: int, batch: int = 16) -> None:
+        """dequantize() copied into target [B, R, C] (any device and dtype), `batch` matrices at a time."""
+        for first in range(0, self.codes.shape[0], batch):
+            part = GridCodes(self.codes[first:first + batch].to(target.device),
+                             self.scales[first:first + batch].to(target.device), self.groups, self.rounded)
+            target[first:first + batch].copy_(part.dequantize(bits))
+
 
 def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     """Grid steps [B, R, G] (value of code 1) for weights [B, R, C] fp32 split into `groups` column groups: per row

@@ -138,7 +138,10 @@ class Plan:
     @property
     def cpu_peak(self) -> int:
         ahead = self.moe.expert_bytes if self.moe else 0
-        host = self.process_bytes + ahead + self.packed_bytes + (0 if self.cache_on_gpu else self.cache_bytes)
+        # calibrated CPU experts: the layer's int8 codes wait on the host until they are packed and written
+        codes = 3 * self.moe.experts * self.moe.hidden * self.moe.intermediate if self.cpu_experts and self.moe else 0
+        host = (self.process_bytes + ahead + self.packed_bytes + codes
+                + (0 if self.cache_on_gpu else self.cache_bytes))
         return host if self.device.is_gpu else host + self.working_bytes
 
     @property
