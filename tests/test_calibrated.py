@@ -297,3 +297,18 @@ def test_grid_codes_lower_the_error_on_correlated_inputs():
         plain = quantize_to_grid(weights, None, bits).dequantize(bits)
         error = [(held_out @ (q[0] - weights[0]).T).square().sum() for q in (gptq, plain)]
         assert error[0] < 0.7 * error[1], error
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--cpu-output", "{out}/cpu"), "must not be --output_dir"),
+    (("--cpu-output", "{src}/cpu"), "must not be --model_id"),
+    (("--cpu-output", "{work}/c", "--nproc", 2), "one process"),
+    (("--cpu-output", "{work}/c", "--threadpool-count", 3), "--threadpool-count"),
+])
+def test_gpu_cpu_output_refusals_are_one_line_and_write_nothing(src, chat, work, extra, message):
+    out = work / "refused-gpu"
+    extra = [str(a).format(out=out, src=src, work=work) for a in extra]
+    code, _, stderr = run_ktq_capture("gpu", "--model_id", src, "--output_dir", out, "--dataset", chat, *SAMPLES,
+                                      "--force_cpu", "--quiet", *extra)
+    assert code != 0 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists() and not (work / "c").exists() and not (src / "cpu").exists()

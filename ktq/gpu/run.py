@@ -107,6 +107,8 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
                     ignore_patterns=[r.pattern for r in rules], world_size=world.size)
     with report.stage("plan"):
         source = check_source(opts.model_id)
+        if source is not None and opts.cpu_experts is not None:
+            refuse_misaligned(opts.cpu_experts, source.experts.geometry)
         skeleton = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
         plan = make_plan(opts, config, skeleton, layout, rules, detect_device(), available_cpu_memory(), source)
     report.plan = plan.as_dict()
@@ -219,6 +221,15 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
             report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(0))
 
 
+def refuse_misaligned(cpu, geometry) -> None:
+    """Calibrated CPU experts need kt-kernel's alignment as ktq cpu does: refused before anything is loaded."""
+    from ktq.kernels.ktformat import METHODS, alignment_problem
+
+    problem = alignment_problem(METHODS[cpu.method], geometry.hidden, geometry.intermediate, cpu.numa)
+    if problem:
+        raise KtqError(problem)
+
+
 def cpu_experts_lines(cpu) -> list[str]:
     """Where the calibrated CPU experts went and how sglang-kt serves them, hot experts on the GPU."""
     from ktq.cpu.output import PLACEMENT_FILE
@@ -243,9 +254,6 @@ def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_
     cpu = opts.cpu_experts
     method = fmt.METHODS[cpu.method]
     g = source.experts.geometry
-    problem = fmt.alignment_problem(method, g.hidden, g.intermediate, cpu.numa)
-    if problem:
-        raise KtqError(problem)
     layout = Layout("merged" if cpu.merge else "kt", method, cpu.numa, g.hidden, g.intermediate, g.experts,
                     tuple(layer.index for layer in source.experts.layers))
     local = Path(opts.dataset).expanduser()
