@@ -59,10 +59,12 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
     amax = w.abs().amax(dim=3)
     best_err = torch.full_like(amax, float("inf"))
     best = amax / LEVELS[bits]
+    levels = LEVELS[bits]
+    work = torch.empty_like(w)  # one buffer for every ratio: fresh memory is slow to touch, and this is the size of w
     for ratio in CLIP_RATIOS:
-        step = (amax * ratio / LEVELS[bits]).clamp_min(torch.finfo(torch.float32).tiny)
-        err = ((torch.clamp(torch.round(w / step[..., None]), -LEVELS[bits], LEVELS[bits]) * step[..., None] - w)
-               .square_() * imp).sum(dim=3)
+        step = (amax * ratio / levels).clamp_min(torch.finfo(torch.float32).tiny)
+        torch.div(w, step[..., None], out=work).round_().clamp_(-levels, levels).mul_(step[..., None]).sub_(w)
+        err = work.square_().mul_(imp).sum(dim=3)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, step, best)
