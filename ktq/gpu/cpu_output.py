@@ -9,6 +9,7 @@ reads them.
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,11 @@ from ktq.cpu.experts import MoeModel
 from ktq.cpu.layout import Layout
 from ktq.cpu.manifest import Manifest, save_manifest
 from ktq.cpu.output import PLACEMENT_FILE, committed_path, finish_output, plan_output
+from ktq.cpu.scan import Found, PieceReader
 from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 from ktq.gpu.ktgrid import GridCodes
-from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import pack_codes, unpack_dequantize
-from ktq.safetensors_io import TensorReader, read_header
+from ktq.safetensors_io import read_header
 
 
 def placement(counts: dict[int, list[int]], num_hidden_layers: int, experts: int) -> dict[str, torch.Tensor]:
@@ -92,8 +93,7 @@ class CalibratedCpuOutput:
         except BaseException:
             self.sink.abort()
             raise
-        self.manifest.layers[layer] = type(record)(record.path, record.bytes, record.algorithm, record.digest,
-                                                   tuple(routed))
+        self.manifest.layers[layer] = replace(record, routed=tuple(routed))
         save_manifest(self.out, self.manifest)
 
     def restore_into(self, layer: int, weights) -> None:
@@ -111,15 +111,19 @@ class CalibratedCpuOutput:
 
 def dequantized_experts(out: Path, layout: Layout, layer: int):
     """A committed layer's experts as kt-kernel computes with them, one expert at a time: (e, gate [I, H], up [I, H],
-    down [H, I]) in fp32 (NUMA parts joined: gate and up parts are row ranges, down parts column ranges)."""
+    down [H, I]) in fp32 (NUMA parts joined: gate and up parts are row ranges, down parts column ranges). Read through
+    ktq.cpu.scan's PieceReader, from the layer's pending or published shard or its .kt folder."""
     bits, part_rows = layout.method.bits, layout.intermediate // layout.numa
-    with _PieceFiles(out, layout, layer) as files:
+    tensors = read_header(committed_path(out, layout, layer))[0] if layout.form == "merged" else {}
+    with PieceReader(Found(out, "ktq-output", layout, tensors=tensors)) as reader:
         for e in range(layout.experts):
             gate = np.empty((layout.intermediate, layout.hidden), np.float32)
             up = np.empty_like(gate)
             down = np.empty((layout.hidden, layout.intermediate), np.float32)
             for piece in layout.pieces:
-                values = unpack_dequantize(*files.read(e, piece), piece.n, piece.k, bits)
+                body, scales = np.empty(piece.body_bytes, np.uint8), np.empty(piece.n, np.float32)
+                reader.read(layer, e, piece, body, scales)
+                values = unpack_dequantize(body, scales, piece.n, piece.k, bits)
                 part = slice(piece.part * part_rows, (piece.part + 1) * part_rows)
                 if piece.proj == "down":
                     down[:, part] = values
@@ -132,33 +136,3 @@ def dequantized_layer(out: Path, layout: Layout, layer: int) -> tuple[torch.Tens
     """All of dequantized_experts at once: fp32 gate, up [E, I, H] and down [E, H, I]."""
     experts = list(dequantized_experts(out, layout, layer))
     return tuple(torch.stack([expert[p] for expert in experts]) for p in (1, 2, 3))
-
-
-class _PieceFiles:
-    """Reads the pieces of one committed layer back, from its pending or published shard or its .kt folder."""
-
-    def __init__(self, out: Path, layout: Layout, layer: int) -> None:
-        self.layout, self.layer = layout, layer
-        self.path = committed_path(out, layout, layer)
-        self._reader = TensorReader()
-        self._tensors = read_header(self.path)[0] if layout.form == "merged" else None
-
-    def read(self, expert: int, piece) -> tuple[np.ndarray, np.ndarray]:
-        body = np.empty(piece.body_bytes, np.uint8)
-        scales = np.empty(piece.n, np.float32)
-        if self._tensors is None:
-            names = fmt.kt_file_names(self.layout.method, piece.proj, expert, piece.n, piece.k)
-            folder = self.path / fmt.numa_dir_name(piece.part)
-            body[:] = np.fromfile(folder / names[0], np.uint8)
-            scales[:] = np.fromfile(folder / names[1], np.float32)
-            return body, scales
-        for kind, array in (("weight", body), ("scale", scales)):
-            name = fmt.merged_tensor_name(self.layer, piece.proj, expert, piece.part, kind)
-            self._reader.read_into(self._tensors[name], array)
-        return body, scales
-
-    def __enter__(self) -> "_PieceFiles":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._reader.close()

@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ktq.errors import KtqError
-from ktq.gpu.options import CpuExpertsOptions, GpuOptions
+from ktq.gpu.options import CpuExpertsOptions, GpuOptions, jsonable
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 ERROR_DIR_VARIABLE = "KTQ_DIST_ERROR_DIR"  # where a worker started by `--nproc` leaves its one-line error
@@ -41,12 +41,7 @@ def in_torchrun() -> bool:
 
 
 def options_to_json(opts: GpuOptions) -> str:
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-
-    return json.dumps(plain(asdict(opts)))
+    return json.dumps(jsonable(asdict(opts)))
 
 
 def options_from_json(text: str) -> GpuOptions:

@@ -7,7 +7,7 @@ the weight dtype, while the codes here must stay inside what both of kt-kernel's
 [-7, 7], INT8 [-127, 127]: its small-batch kernel reads weight byte -128 as if the activation had no sign) and the
 scales are fp32. So the block loop is written here, batched over matrices that each have their own Hessian (the
 experts of a layer), with llm-compressor's conventions: static activation order, blocks of 128 columns, dampening a
-fraction of the mean diagonal, dead columns zeroed.
+fraction of the mean diagonal (columns no calibration token reached are rounded as they are, not zeroed).
 
 Scales come first, per row and part, by a clipping search: the step that minimises the round-to-nearest error
 weighted by the Hessian's diagonal (the inputs' energy per column), among shrinking clipping ratios; then GPTQ
@@ -57,9 +57,9 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
     w = weights.view(b, r, groups, c // groups)
     imp = importance.view(b, 1, groups, c // groups)
     amax = w.abs().amax(dim=3)
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax / LEVELS[bits]
     levels = LEVELS[bits]
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / levels
     work = torch.empty_like(w)  # one buffer for every ratio: fresh memory is slow to touch, and this is the size of w
     for ratio in CLIP_RATIOS:
         step = (amax * ratio / levels).clamp_min(torch.finfo(torch.float32).tiny)

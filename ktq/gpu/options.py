@@ -18,6 +18,16 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
+def jsonable(value):
+    """asdict(GpuOptions) as JSON takes it: paths as text, tuples as lists, nested options likewise (the report and
+    the options handed to distributed workers)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return [jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
 def parse_size(text: str | None, option: str) -> int | None:
     """'40GiB', '40GB', '40g', '512MiB' or a byte count -> bytes."""
     if text is None:

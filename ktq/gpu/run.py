@@ -28,7 +28,7 @@ from ktq.errors import KtqError
 from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
 from ktq.gpu.layout import MoeLayout, ignore_rules, stores_fused_experts
-from ktq.gpu.options import GpuOptions
+from ktq.gpu.options import GpuOptions, jsonable
 from ktq.gpu.plan import (
     Plan,
     check_source,
@@ -103,7 +103,7 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     layout = MoeLayout.from_config(config, source=f"{opts.model_id}/config.json")
     rules = ignore_rules(layout, opts.ignore_patterns)
     report = Report(model_id=opts.model_id, output_dir=str(opts.output_dir), quant_method=opts.quant_method,
-                    quant_type=opts.quant_type, options=_jsonable(asdict(opts)), plan={},
+                    quant_type=opts.quant_type, options=jsonable(asdict(opts)), plan={},
                     ignore_patterns=[r.pattern for r in rules], world_size=world.size)
     with report.stage("plan"):
         source = check_source(opts.model_id)
@@ -130,8 +130,6 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
         raise KtqError(f"--max_gpu_memory plans for {plan.device.name}, and this machine has none: add --dry_run "
                        "to see that plan, or --force_cpu to calibrate on the CPU")
 
-    if opts.cpu_experts is not None and world.size > 1:
-        raise KtqError("calibrated CPU experts are made by one process: drop --nproc (or torchrun) for this run")
     # a staging folder left by an interrupted run of the same command is continued, any other one started over
     staging = _staging_path(opts.output_dir) if opts.output_dir is not None else None
     try:
@@ -410,12 +408,3 @@ class _run_logs:
             self._warning(f"{caught.category.__name__}: {caught.message}")
         for handler in self._ids:
             logger.remove(handler)
-
-
-def _jsonable(value):
-    """asdict(GpuOptions) for the report: paths as text, tuples as lists, nested options likewise."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
