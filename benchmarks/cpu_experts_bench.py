@@ -22,6 +22,7 @@ import sys
 from gpu_bench import PEAK_RSS, gb, log, peak_rss, prepare, run, sample_parser
 
 LAYER_LINE = re.compile(r"\| _layer \| INFO - (?P<layer>\S+): (?P<stages>.*)$")
+CPU_EXPERTS_LINE = re.compile(r"\| _layer \| INFO - (\S+ CPU experts, .*)$", re.MULTILINE)
 
 
 def moe_layer_stages(text: str) -> list[str]:
@@ -37,6 +38,8 @@ def main() -> None:
     parser = sample_parser(samples=128, timeout=900)
     parser.add_argument("--cpu-method", default="int4", choices=("int4", "int8"))
     parser.add_argument("--threadpool-count", type=int, default=1)
+    parser.add_argument("--runs", nargs="+", default=["gpu", "both", "cpu"], choices=("gpu", "both", "cpu"),
+                        help="which commands to run (gpu, the reference, always runs)")
     args = parser.parse_args()
     py = sys.executable
     device, model, data = prepare(args)
@@ -56,15 +59,18 @@ def main() -> None:
     }
     results = {"device": device, "model": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for name, cmd in runs.items():
+        if name != "gpu" and name not in args.runs:
+            continue
         proc, wall = run(cmd, args.out, args.timeout)
         stages = moe_layer_stages(proc.stderr)
         layers = [seconds(line) for line in stages]
         report_file = args.work / name / "ktq_gpu_report.json"
         report = json.loads(report_file.read_text()) if report_file.is_file() else {}
         results["runs"][name] = {"wall": wall, "moe_layer_seconds": layers, "stages": stages,
+                                 "cpu_expert_stages": CPU_EXPERTS_LINE.findall(proc.stderr),
                                  "peak_rss_bytes": peak_rss(proc), "peak_gpu_bytes": report.get("peak_gpu_bytes")}
     same = all((args.work / "gpu" / f.name).read_bytes() == f.read_bytes()
-               for f in sorted((args.work / "both").glob("*.safetensors")))
+               for f in sorted((args.work / "both").glob("*.safetensors"))) if "both" in results["runs"] else None
     results["gpu_checkpoints_identical"] = same
     reference = results["runs"]["gpu"]
     lines = [f"# Calibrated CPU experts against the GPU pass ({device})", "",
@@ -83,6 +89,8 @@ def main() -> None:
                      f"{gb(row['peak_gpu_bytes'])} | {gb(row['peak_rss_bytes'])} |")
     lines += ["", f"GPU checkpoints of gpu and both identical: {same}", "", "per-layer stages (last MoE layer):"]
     lines += [f"- {name}: {row['stages'][-1] if row['stages'] else 'n/a'}" for name, row in results["runs"].items()]
+    lines += ["", "CPU-expert sub-stages, each MoE layer:"]
+    lines += [f"- {name}: {line}" for name, row in results["runs"].items() for line in row["cpu_expert_stages"]]
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     log(args.out, "\n".join(lines))

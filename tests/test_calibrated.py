@@ -17,7 +17,7 @@ from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
 from ktq.cpu.layout import Layout
 from ktq.cpu.scan import recognise
 from ktq.gpu.cpu_output import dequantized_layer
-from ktq.gpu.ktgrid import LEVELS, STEP, quantize_to_grid
+from ktq.gpu.ktgrid import LEVELS, STEP, _inverse_factor, clipped_steps, quantize_to_grid
 from ktq.kernels import ktformat as fmt
 
 SAMPLES = ("--num_calibration_samples", 12, "--max_sequence_length", 64)
@@ -297,6 +297,52 @@ def test_grid_codes_lower_the_error_on_correlated_inputs():
         plain = quantize_to_grid(weights, None, bits).dequantize(bits)
         error = [(held_out @ (q[0] - weights[0]).T).square().sum() for q in (gptq, plain)]
         assert error[0] < 0.7 * error[1], error
+
+
+def _textbook_gptq(weights: torch.Tensor, hessians: torch.Tensor, bits: int, dampening: float = 0.01) -> torch.Tensor:
+    """GPTQ as its paper writes it, in float64: one column at a time, no lazy blocks, the inverse factor from
+    cholesky, cholesky_inverse, cholesky; ktgrid's clipped steps and activation order."""
+    out = []
+    for w, h in zip(weights, hessians):
+        steps = clipped_steps(w[None], torch.diagonal(h)[None], bits, 1)[0, :, 0].double()
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        h, w = h.double()[order][:, order], w.double()[:, order].clone()
+        h.diagonal().add_(dampening * h.diagonal().mean())
+        factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        codes = torch.empty_like(w)
+        for i in range(w.shape[1]):
+            codes[:, i] = torch.clamp(torch.round(w[:, i] / steps), -LEVELS[bits], LEVELS[bits])
+            error = (w[:, i] - codes[:, i] * steps) / factor[i, i]
+            w[:, i:] -= error[:, None] * factor[i, i:][None]
+        out.append(torch.empty_like(codes).index_copy_(1, order, codes))
+    return torch.stack(out)
+
+
+def test_block_loop_gives_the_codes_of_textbook_gptq():
+    """The lazy blocks, the column-major layout and the one-factorisation inverse change the order of the sums
+    only: on a well-conditioned problem every code equals float64 GPTQ's (300 columns: a partial last block)."""
+    generator = torch.Generator().manual_seed(3)
+    mix = torch.randn((300, 300), generator=generator) * torch.exp(torch.randn(300, generator=generator))
+    x = torch.randn((4096, 300), generator=generator) @ mix
+    hessians = torch.stack([x[i::2].T @ x[i::2] / len(x[i::2]) for i in range(2)])
+    weights = torch.randn((2, 48, 300), generator=generator)
+    for bits in (4, 8):
+        codes = quantize_to_grid(weights, hessians.clone(), bits).codes
+        assert torch.equal(codes.double(), _textbook_gptq(weights, hessians, bits))
+
+
+def test_inverse_factor_is_gptqs_and_gives_up_on_indefinite_matrices():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn((512, 64), generator=generator)
+    good = x.T @ x / 512
+    bad = -torch.eye(64)  # no dampening makes it positive definite
+    order = torch.stack([torch.randperm(64, generator=generator), torch.arange(64)])
+    factor, fallback = _inverse_factor(torch.stack([good, bad]), order, 0.01)
+    h = good[order[0]][:, order[0]]
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())), upper=True)
+    assert torch.allclose(factor[0].double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    assert torch.equal(factor[1], torch.eye(64)) and fallback.tolist() == [False, True]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -47,28 +47,70 @@ class RoutedInputs:
         self._weights.append(top_k_weights.to(self.device, torch.float32))
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, H], expert ids [N, K], routing weights [N, K]."""
-        return torch.cat(self._x), torch.cat(self._ids), torch.cat(self._weights)
+        """x [N, H], expert ids [N, K], routing weights [N, K], once: each sample's tensors are moved into the
+        joined ones and dropped, so the inputs are never held twice."""
+        return tuple(_moved(parts) for parts in (self._x, self._ids, self._weights))
+
+
+def _moved(parts: list[torch.Tensor]) -> torch.Tensor:
+    joined = parts[0].new_empty((sum(len(p) for p in parts), *parts[0].shape[1:]))
+    first = 0
+    while parts:
+        part = parts.pop(0)
+        joined[first:first + len(part)] = part
+        first += len(part)
+    return joined
+
+
+class LayerCodes:
+    """One MoE layer's codes, scales and fallback flags on the host, written chunk by chunk, the same buffers for
+    every layer. Pinned when they come from a GPU: a copy into pageable memory crawls (1.6 GB/s on an H200: 7 s of
+    a DeepSeek-V3 layer), a pinned one runs at the bus's speed; and allocated once, since pinning is slow too."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        held = self._buffers.get(name)
+        if held is None or held.shape != shape or held.dtype != dtype:
+            self._buffers.pop(name, None)
+            held = self._buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        return held
+
+    def grid(self, name: str, experts: int, rows: int, columns: int, groups: int) -> GridCodes:
+        return GridCodes(self.buffer(f"{name} codes", (experts, rows, columns), torch.int8),
+                         self.buffer(f"{name} scales", (experts, rows, groups), torch.float32), groups,
+                         self.buffer(f"{name} rounded", (experts,), torch.bool))
+
+
+def _store(target: GridCodes, first: int, part: GridCodes) -> None:
+    """part's codes into target's experts from `first` on, without waiting: the device's stream orders the copy
+    before any later use of the memory part leaves behind."""
+    stop = first + part.codes.shape[0]
+    for held, value in ((target.codes, part.codes), (target.scales, part.scales), (target.rounded, part.rounded)):
+        held[first:stop].copy_(value, non_blocking=True)
 
 
 def stacked_bytes(experts: int, hidden: int, intermediate: int) -> int:
-    """What the solve of a chunk of experts holds besides the layer's weights: three copies of each Hessian at once
-    (ktgrid's reordered one, its factor and the inverse) for gate/up and down, three fp32 copies of the weights
-    being rounded, and one batch of routed tokens on its way through."""
-    return experts * _expert_bytes(hidden, intermediate) + _batch_bytes(hidden, intermediate)
+    """What the solve of a chunk of experts holds besides the layer's weights: per expert its gate/up Hessian (then
+    its inverse factor) and ten bytes per weight of its gate and up projections (ktgrid's fp32 copy and a second
+    fp32 buffer, the codes; the down solve and its Hessian need less); per chunk, the factorisation's temporaries
+    (a few Hessians of one expert) and one batch of routed tokens on its way through."""
+    return experts * _expert_bytes(hidden, intermediate) + _fixed_bytes(hidden, intermediate)
 
 
 def _expert_bytes(hidden: int, intermediate: int) -> int:
-    return 4 * (3 * (hidden * hidden + intermediate * intermediate) + 3 * 3 * hidden * intermediate)
+    return 4 * hidden * hidden + 10 * 2 * hidden * intermediate
 
 
-def _batch_bytes(hidden: int, intermediate: int) -> int:
-    return ROWS_PER_BATCH * 4 * (2 * hidden + 3 * intermediate)
+def _fixed_bytes(hidden: int, intermediate: int) -> int:
+    return 5 * 4 * hidden * hidden + ROWS_PER_BATCH * (10 * hidden + 16 * intermediate)
 
 
 def chunk_size(experts: int, hidden: int, intermediate: int, budget: int = CPU_SOLVE_BYTES) -> int:
     """Experts solved together in `budget` bytes: more at once, fewer passes of the column loop."""
-    fit = (budget - _batch_bytes(hidden, intermediate)) // _expert_bytes(hidden, intermediate)
+    fit = (budget - _fixed_bytes(hidden, intermediate)) // _expert_bytes(hidden, intermediate)
     return max(1, min(experts, fit))
 
 
@@ -130,12 +172,12 @@ class StageClock:
 
 
 def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inputs: RoutedInputs, act_fn,
-                    bits: int, numa: int, chunk: int,
+                    bits: int, numa: int, chunk: int, host: LayerCodes,
                     clock: StageClock | None = None) -> tuple[GridCodes, GridCodes, GridCodes, list[int]]:
-    """Codes of every expert (on the host; gate, up [E, I, H], down [E, H, I] on the solve device, not modified) and the
-    routed-token count of each, `chunk` experts solved at a time. An expert's routed tokens are gathered twice (for
-    its gate/up Hessian, then for its down Hessian once gate and up are rounded), in batches: only Hessians are held
-    per chunk."""
+    """Codes of every expert (gate, up [E, I, H], down [E, H, I] on the solve device, not modified) in host's
+    buffers, valid until the next layer's call, and the routed-token count of each; `chunk` experts solved at a
+    time. An expert's routed tokens are gathered twice (for its gate/up Hessian, then for its down Hessian once
+    gate and up are rounded), in batches: only Hessians are held per chunk."""
     experts, inter, hidden = gate.shape
     device = gate.device
     x, ids, weights = inputs.gathered()
@@ -143,8 +185,11 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=experts)[:experts]
     starts = (torch.cumsum(counts, 0) - counts).tolist()
+    sizes = counts.tolist()
     k = ids.shape[1]
     generic = x[:GENERIC_TOKENS].to(device)
+    out = [host.grid("gate", experts, inter, hidden, 1), host.grid("up", experts, inter, hidden, 1),
+           host.grid("down", experts, hidden, inter, numa)]
 
     def lap(stage: str) -> None:
         if clock is not None:
@@ -152,8 +197,8 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
 
     def routed(e: int):
         """Expert e's routed tokens and routing weights, in batches of ROWS_PER_BATCH, on the solve device."""
-        for first in range(starts[e], starts[e] + int(counts[e]), ROWS_PER_BATCH):
-            picked = order[first:min(first + ROWS_PER_BATCH, starts[e] + int(counts[e]))]
+        for first in range(starts[e], starts[e] + sizes[e], ROWS_PER_BATCH):
+            picked = order[first:min(first + ROWS_PER_BATCH, starts[e] + sizes[e])]
             yield x[picked // k].to(device), weights.reshape(-1)[picked].to(device) if ROUTING_WEIGHTED else None
 
     def blended(routed_hessian: _Hessian, generic_part: torch.Tensor) -> torch.Tensor:
@@ -161,28 +206,18 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
             return generic_part.clone()
         return routed_hessian.mean().add_(generic_part, alpha=GENERIC_WEIGHT)
 
-    with tf32_products():
-        generic_hessian = _Hessian(hidden, device)
-        generic_hessian.add(generic, None)
-        generic_hessian = generic_hessian.mean()
-    results: list[list[GridCodes]] = [[], [], []]
-    for first in range(0, experts, chunk):
-        block = range(first, min(first + chunk, experts))
-        stacked = torch.cat([gate[first:block.stop], up[first:block.stop]], dim=1)
-        gu_hessians = torch.empty((len(block), hidden, hidden), dtype=torch.float32, device=device)
+    def gate_up_hessians(block: range) -> torch.Tensor:
+        hessians = torch.empty((len(block), hidden, hidden), dtype=torch.float32, device=device)
         with tf32_products():
             for j, e in enumerate(block):
                 hessian = _Hessian(hidden, device)
                 for rows, w in routed(e):
                     hessian.add(rows, w)
-                gu_hessians[j] = blended(hessian, generic_hessian)
-        lap("gate/up hessians")
-        gu = quantize_to_grid(stacked, gu_hessians, bits, dampening=DAMPENING)
-        lap("gate/up solve")
-        del gu_hessians
-        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else stacked.float()
-        del stacked
-        down_hessians = torch.empty((len(block), inter, inter), dtype=torch.float32, device=device)
+                hessians[j] = blended(hessian, generic_hessian)
+        return hessians
+
+    def down_hessians(block: range, rounded: torch.Tensor) -> torch.Tensor:
+        hessians = torch.empty((len(block), inter, inter), dtype=torch.float32, device=device)
         with tf32_products():
             for j, e in enumerate(block):
                 g, u = rounded[j, :inter], rounded[j, inter:]
@@ -191,17 +226,34 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
                 hessian = _Hessian(inter, device)
                 for rows, w in routed(e):
                     hessian.add(_intermediate(rows, g, u, act_fn), w)
-                down_hessians[j] = blended(hessian, generic_part.mean())
+                hessians[j] = blended(hessian, generic_part.mean())
+        return hessians
+
+    with tf32_products():
+        generic_hessian = _Hessian(hidden, device)
+        generic_hessian.add(generic, None)
+        generic_hessian = generic_hessian.mean()
+    for first in range(0, experts, chunk):
+        block = range(first, min(first + chunk, experts))
+        hessians = gate_up_hessians(block)
+        lap("gate/up hessians")
+        # ktgrid turns the Hessians into their inverse factors in place, and drops its input's stacked copy early
+        gu = quantize_to_grid(torch.cat([gate[block.start:block.stop], up[block.start:block.stop]], dim=1),
+                              hessians, bits, dampening=DAMPENING)
+        del hessians
+        lap("gate/up solve")
+        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else \
+            torch.cat([gate[block.start:block.stop], up[block.start:block.stop]], dim=1).float()
+        _store(out[0], first, GridCodes(gu.codes[:, :inter], gu.scales[:, :inter], 1, gu.rounded))
+        _store(out[1], first, GridCodes(gu.codes[:, inter:], gu.scales[:, inter:], 1, gu.rounded))
+        del gu
+        hessians = down_hessians(block, rounded)
         del rounded
         lap("down hessians")
-        d = quantize_to_grid(down[first:block.stop], down_hessians, bits, groups=numa,
-                             dampening=DAMPENING)
+        _store(out[2], first, quantize_to_grid(down[first:block.stop], hessians, bits, groups=numa,
+                                               dampening=DAMPENING))
+        del hessians
         lap("down solve")
-        # to the host as they are done: the layer's codes (11 GB for DeepSeek-V3) stay out of the GPU's way
-        results[0].append(GridCodes(gu.codes[:, :inter].cpu(), gu.scales[:, :inter].cpu(), 1, gu.rounded.cpu()))
-        results[1].append(GridCodes(gu.codes[:, inter:].cpu(), gu.scales[:, inter:].cpu(), 1, gu.rounded.cpu()))
-        results[2].append(GridCodes(d.codes.cpu(), d.scales.cpu(), d.groups, d.rounded.cpu()))
-        del gu, d
-    joined = [GridCodes(torch.cat([g.codes for g in parts]), torch.cat([g.scales for g in parts]), parts[0].groups,
-                        torch.cat([g.rounded for g in parts])) for parts in results]
-    return joined[0], joined[1], joined[2], counts.tolist()
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the last copies to the host have landed
+    return out[0], out[1], out[2], sizes

@@ -24,7 +24,7 @@ import torch
 from loguru import logger
 
 from ktq.errors import KtqError
-from ktq.gpu.cpu_experts import RoutedInputs, StageClock, calibrate_layer
+from ktq.gpu.cpu_experts import LayerCodes, RoutedInputs, StageClock, calibrate_layer
 from ktq.gpu.cpu_output import CalibratedCpuOutput
 from ktq.gpu.gptq import Quantized, SharedSolver, pack, qparams, solve_each, unpack, weight_scheme
 from ktq.gpu.layout import ignore_reason
@@ -103,6 +103,8 @@ class Engine:
         self.opts, self.source, self.skeleton, self.rules = opts, source, skeleton, rules
         self.layer_names, self.device, self.cache_device = layer_names, torch.device(device), cache_device
         self.world, self.progress, self.output, self.cpu = world, progress, output, cpu
+        # the calibrated CPU experts' codes of one layer on the host, the same (pinned) buffers for every layer
+        self.cpu_codes = LayerCodes(pin=self.device.type == "cuda") if cpu is not None else None
         self.dtype = getattr(torch, opts.torch_dtype)
         self.scheme = weight_scheme(opts.quant_type, opts.quant_method)
         text = skeleton.config.get_text_config()
@@ -479,7 +481,7 @@ class Engine:
             inputs, experts.inputs = experts.inputs, None
             stages = StageClock(self.device)
             gate, up, down, routed = calibrate_layer(*weights, inputs, experts.act_fn, self.cpu.bits, self.cpu.numa,
-                                                     self.cpu.chunk, stages)
+                                                     self.cpu.chunk, self.cpu_codes, stages)
             logger.info(f"{path} CPU experts, {self.cpu.chunk} at a time: "
                         + ", ".join(f"{k} {v:.2f} s" for k, v in stages.seconds.items()))
             del inputs

@@ -37,10 +37,10 @@ class GridCodes:
     rounded: torch.Tensor  # bool [B]: rounded to nearest (no Hessian, or one not positive definite)
 
     def dequantize(self, bits: int) -> torch.Tensor:
-        """fp32 [B, R, C]: what kt-kernel computes with."""
+        """fp32 [B, R, C]: what kt-kernel computes with (one fp32 copy of the codes, the steps broadcast)."""
         b, r, c = self.codes.shape
-        steps = (self.scales * STEP[bits]).repeat_interleave(c // self.groups, dim=2)
-        return self.codes.float() * steps
+        values = self.codes.float().view(b, r, self.groups, c // self.groups)
+        return values.mul_((self.scales * STEP[bits])[..., None]).view(b, r, c)
 
     def dequantize_into(self, target: torch.Tensor, bits: int, batch: int = 16) -> None:
         """dequantize() copied into target [B, R, C] (any device and dtype), `batch` matrices at a time."""
@@ -74,10 +74,12 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
 
 def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits: int, groups: int = 1,
                      dampening: float = 0.01) -> GridCodes:
-    """Codes for weights [B, R, C] (any float dtype; not modified) against hessians [B, C, C] fp32 (consumed), or by
-    round to nearest on the clipped steps when hessians is None. A Hessian that is zero or not positive definite
-    even after more dampening gives round-to-nearest for its matrix."""
+    """Codes for weights [B, R, C] (any float dtype; not modified) against hessians [B, C, C] fp32 (consumed: pass
+    them without keeping a reference, they become the inverse factors), or by round to nearest on the clipped steps
+    when hessians is None. A Hessian that is zero or not positive definite even after more dampening gives
+    round-to-nearest for its matrix."""
     w = weights.to(torch.float32, copy=True)
+    del weights  # the caller's copy may go as soon as it is dropped there
     b, r, c = w.shape
     levels = LEVELS[bits]
     if hessians is None:
@@ -95,27 +97,32 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     diag.copy_(torch.where(dead, mean[:, None], diag))
     steps = clipped_steps(w, diag, bits, groups)
     perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # static activation order
-    w = torch.gather(w, 2, perm[:, None, :].expand(b, r, c))
-    for j in range(b):  # rows and columns reordered in place, one matrix's copy at a time
-        hessians[j] = hessians[j].index_select(0, perm[j]).index_select(1, perm[j])
-    hinv, fallback = _inverse_factor(hessians, dampening)
-    del hessians
+    hinv, fallback = _inverse_factor(hessians, perm, dampening)
+    del hessians, diag
+    # Columns in the solved order, each one contiguous row of R weights ([B, C, R]): the loop below reads and
+    # writes whole columns, which on a GPU a [B, R, C] layout turns into strided accesses at a fraction of the speed
+    wt = torch.empty((b, c, r), dtype=torch.float32, device=w.device)
+    for j in range(b):
+        wt[j].copy_(w[j].index_select(1, perm[j]).T)
+    del w
     group_of = perm // (c // groups)  # [B, C]: the step group of each column, in the solved order
-    codes = torch.empty((b, r, c), dtype=torch.float32, device=w.device)
+    codes_t = torch.empty((b, c, r), dtype=torch.int8, device=wt.device)
+    q = torch.empty((b, BLOCK, r), dtype=torch.float32, device=wt.device)
+    err = torch.empty_like(q)
     for i1 in range(0, c, BLOCK):
         i2 = min(i1 + BLOCK, c)
-        w1 = w[:, :, i1:i2].clone()
-        err1 = torch.empty_like(w1)
-        step1 = torch.gather(steps, 2, group_of[:, None, i1:i2].expand(b, r, i2 - i1))
+        w1, h1 = wt[:, i1:i2], hinv[:, i1:i2, i1:i2]
+        s1 = torch.gather(steps.mT, 1, group_of[:, i1:i2, None].expand(b, i2 - i1, r))  # [B, block, R]
         # one column at a time, in few kernels: on a GPU this loop's cost is the launches, not the arithmetic
         for i in range(i2 - i1):
-            q = torch.div(w1[:, :, i], step1[:, :, i], out=codes[:, :, i1 + i]).round_().clamp_(-levels, levels)
-            err = torch.addcmul(w1[:, :, i], q, step1[:, :, i], value=-1).div_(hinv[:, i1 + i, i1 + i, None])
-            w1[:, :, i:].addcmul_(err[:, :, None], hinv[:, None, i1 + i, i1 + i:i2], value=-1)
-            err1[:, :, i] = err
-        w[:, :, i2:].baddbmm_(err1, hinv[:, i1:i2, i2:], alpha=-1)
-    codes = torch.empty((b, r, c), dtype=torch.int8, device=w.device).scatter_(
-        2, perm[:, None, :].expand(b, r, c), codes.to(torch.int8))
+            qi = torch.div(w1[:, i], s1[:, i], out=q[:, i]).round_().clamp_(-levels, levels)
+            ei = torch.addcmul(w1[:, i], qi, s1[:, i], value=-1, out=err[:, i]).div_(h1[:, i, i, None])
+            w1[:, i + 1:].addcmul_(h1[:, i, i + 1:, None], ei[:, None, :], value=-1)
+        codes_t[:, i1:i2].copy_(q[:, :i2 - i1])
+        wt[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].mT, err[:, :i2 - i1], alpha=-1)
+    del wt, hinv
+    codes = torch.empty((b, r, c), dtype=torch.int8, device=codes_t.device).scatter_(
+        2, perm[:, None, :].expand(b, r, c), codes_t.mT)
     return GridCodes(codes, steps / STEP[bits], groups, fallback | (alive == 0))
 
 
@@ -123,29 +130,33 @@ def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.clamp(torch.round(w / step), -levels, levels)
 
 
-def _inverse_factor(hessians: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of each H^-1 after dampening (GPTQ's Hinv), fp32 [B, C, C], and which matrices got
-    the identity instead [B]: those still indefinite at ten times the dampening are rounded to nearest. The
-    Hessians are dampened in place; at most three [B, C, C] tensors live at once (H, the factor, the inverse)."""
+def _inverse_factor(hessians: torch.Tensor, order: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's Hinv: for each matrix, the upper Cholesky factor U (U^T U = H^-1) of its Hessian reordered by
+    `order` [B, C] and dampened, written over `hessians` [B, C, C] fp32; and which matrices got the identity
+    instead [B]: those still not positive definite at ten times the dampening, rounded to nearest.
+
+    One Cholesky factorisation and one triangular inverse per matrix, not GPTQ's three factorisations
+    (cholesky, cholesky_inverse, cholesky): with J the reversal of the columns, J H J = L L^T gives
+    H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive diagonal, so it is U itself
+    (2.3x faster at 7168^2 on an H200). One matrix at a time: a few C^2 temporaries, not three [B, C, C] copies."""
     b, c, _ = hessians.shape
-    mean = torch.diagonal(hessians, dim1=1, dim2=2).mean(dim=1)
-    out, todo, added = None, torch.ones(b, dtype=torch.bool, device=hessians.device), 0.0
-    for attempt in (dampening, 10 * dampening):
-        hessians.diagonal(dim1=1, dim2=2).add_(((attempt - added) * mean)[:, None])
-        added = attempt
-        chol, info = torch.linalg.cholesky_ex(hessians)
-        inverse = torch.cholesky_inverse(chol)
-        del chol
-        factor, info2 = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
-        good = todo & (info == 0) & (info2 == 0)
-        if out is None:
-            out = factor
+    eye = torch.eye(c, dtype=hessians.dtype, device=hessians.device)
+    fallback = torch.zeros(b, dtype=torch.bool)
+    reverse = order.flip(1)
+    for j in range(b):
+        h = hessians[j].index_select(0, reverse[j]).index_select(1, reverse[j])
+        mean, added, factor = h.diagonal().mean(), 0.0, None
+        for attempt in (dampening, 10 * dampening):
+            h.diagonal().add_((attempt - added) * mean)
+            added = attempt
+            chol, info = torch.linalg.cholesky_ex(h)
+            inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+            if bool((info == 0) & torch.isfinite(inverse).all()):
+                factor = inverse
+                break
+        if factor is None:
+            fallback[j] = True
+            hessians[j].copy_(eye)
         else:
-            out[good] = factor[good]
-        del factor
-        todo &= ~good
-        if not bool(todo.any()):
-            return out, todo
-    out[todo] = torch.eye(c, device=out.device, dtype=out.dtype)
-    return out, todo
+            hessians[j].copy_(factor.flip(0, 1))
+    return hessians, fallback.to(hessians.device)

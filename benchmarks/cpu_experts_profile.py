@@ -1,0 +1,130 @@
+"""Where one layer's calibrated CPU experts spend their time, on synthetic data of a given geometry (default
+DeepSeek-V3: 256 experts, hidden 7168, moe_intermediate 2048, 256 x 2048 tokens routed top-8).
+
+Runs ktq's own `calibrate_layer` with its stage clock once per --chunk (experts solved at a time), with the GPU
+peak against the plan's working set for that chunk; with --profile, the kernels of one chunk under torch.profiler
+(the top CUDA kernels by time); then ktgrid's inverse factor against GPTQ's own (cholesky, cholesky_inverse,
+cholesky) on the same eight Hessians, time and largest difference.
+
+    python benchmarks/cpu_experts_profile.py --out results/cpu-experts-profile.txt [--experts 256 --chunk 44 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ktq.gpu import ktgrid  # noqa: E402
+from ktq.gpu.cpu_experts import LayerCodes, RoutedInputs, StageClock, calibrate_layer, stacked_bytes  # noqa: E402
+
+
+def synthetic(experts: int, hidden: int, inter: int, tokens: int, top_k: int, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    gains = torch.exp(torch.randn(hidden, generator=gen, device=device) * 0.7)
+    router = torch.randn(hidden, experts, generator=gen, device=device) / hidden ** 0.5
+    parts = []
+    for first in range(0, tokens, 8192):
+        n = min(8192, tokens - first)
+        x = (torch.randn(n, hidden, generator=gen, device=device) * gains).bfloat16()
+        probs = torch.softmax(x.float() @ router * 4, dim=1)
+        w, ids = probs.topk(top_k, dim=1)
+        parts.append((x, ids, w / w.sum(dim=1, keepdim=True)))
+    weights = [torch.randn(experts, inter, hidden, generator=gen, device=device).mul_(0.02).bfloat16()
+               for _ in range(2)]
+    weights.append(torch.randn(experts, hidden, inter, generator=gen, device=device).mul_(0.02).bfloat16())
+    return weights, parts
+
+
+def routed_inputs(parts, device) -> RoutedInputs:
+    """A fresh RoutedInputs (calibrate_layer consumes its own) over the same tensors."""
+    inputs = RoutedInputs(device)
+    for part in parts:
+        inputs.add(*part)
+    return inputs
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat: int = 1) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--inter", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=256 * 2048)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--chunk", type=int, nargs="+", default=[44], help="experts solved at a time, each a run")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--profile", action="store_true", help="also the top kernels of one chunk (slow to tabulate)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    say(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} torch {torch.__version__}; {vars(args)}")
+    weights, parts = synthetic(args.experts, args.hidden, args.inter, args.tokens, args.top_k, device)
+    act = torch.nn.functional.silu
+    host = LayerCodes(pin=device.type == "cuda")
+
+    for chunk in args.chunk:
+        clock = StageClock(device)
+        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+        start = time.perf_counter()
+        calibrate_layer(*weights, routed_inputs(parts, device), act, args.bits, 1, chunk, host, clock)
+        say(f"calibrate_layer, {args.experts} experts, {chunk} at a time: {time.perf_counter() - start:.2f} s; "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in clock.seconds.items()))
+        if device.type == "cuda":
+            say(f"  GPU peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB; the plan's chunk working set "
+                f"{stacked_bytes(chunk, args.hidden, args.inter) / 1e9:.1f} GB")
+
+    if args.profile:
+        chunk = args.chunk[0]
+        one = [w[:chunk] for w in weights]
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            calibrate_layer(*one, routed_inputs(parts, device), act, args.bits, 1, chunk, host)
+        say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+
+    # the inverse factor of 8 gate/up Hessians: ktgrid's against GPTQ's own three factorisations, the same matrices
+    b, c = 8, args.hidden
+    x = torch.cat([p[0] for p in parts])[:16384].float()
+    base = (x.T @ x / x.shape[0]).expand(b, c, c).clone()
+    base.diagonal(dim1=1, dim2=2).add_(0.01 * base.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True))
+    order = torch.arange(c, device=device).expand(b, c)
+
+    def gptq_factor():
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(base)), upper=True)
+
+    ours = ktgrid._inverse_factor(base.clone(), order, 0.0)[0]
+    theirs = gptq_factor()
+    say(f"inverse factor, {b} x {c}^2: ktgrid {timed(lambda: ktgrid._inverse_factor(base.clone(), order, 0.0)):.3f} s, "
+        f"GPTQ's cholesky + cholesky_inverse + cholesky {timed(gptq_factor):.3f} s, the copy alone "
+        f"{timed(base.clone):.3f} s; largest difference {(ours - theirs).abs().max() / theirs.abs().max():.1e} "
+        "of the largest entry")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
