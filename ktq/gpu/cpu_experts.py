@@ -206,6 +206,10 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
             return generic_part.clone()
         return routed_hessian.mean().add_(generic_part, alpha=GENERIC_WEIGHT)
 
+    def stacked(block: range) -> torch.Tensor:
+        """The block's gate and up projections as one [n, 2I, H] matrix each: they share a Hessian."""
+        return torch.cat([gate[block.start:block.stop], up[block.start:block.stop]], dim=1)
+
     def gate_up_hessians(block: range) -> torch.Tensor:
         hessians = torch.empty((len(block), hidden, hidden), dtype=torch.float32, device=device)
         with tf32_products():
@@ -238,19 +242,17 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
         hessians = gate_up_hessians(block)
         lap("gate/up hessians")
         # ktgrid turns the Hessians into their inverse factors in place, and drops its input's stacked copy early
-        gu = quantize_to_grid(torch.cat([gate[block.start:block.stop], up[block.start:block.stop]], dim=1),
-                              hessians, bits, dampening=DAMPENING)
+        gu = quantize_to_grid(stacked(block), hessians, bits, dampening=DAMPENING)
         del hessians
         lap("gate/up solve")
-        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else \
-            torch.cat([gate[block.start:block.stop], up[block.start:block.stop]], dim=1).float()
+        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else stacked(block).float()
         _store(out[0], first, GridCodes(gu.codes[:, :inter], gu.scales[:, :inter], 1, gu.rounded))
         _store(out[1], first, GridCodes(gu.codes[:, inter:], gu.scales[:, inter:], 1, gu.rounded))
         del gu
         hessians = down_hessians(block, rounded)
         del rounded
         lap("down hessians")
-        _store(out[2], first, quantize_to_grid(down[first:block.stop], hessians, bits, groups=numa,
+        _store(out[2], first, quantize_to_grid(down[block.start:block.stop], hessians, bits, groups=numa,
                                                dampening=DAMPENING))
         del hessians
         lap("down solve")

@@ -74,10 +74,9 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
 
 def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits: int, groups: int = 1,
                      dampening: float = 0.01) -> GridCodes:
-    """Codes for weights [B, R, C] (any float dtype; not modified) against hessians [B, C, C] fp32 (consumed: pass
-    them without keeping a reference, they become the inverse factors), or by round to nearest on the clipped steps
-    when hessians is None. A Hessian that is zero or not positive definite even after more dampening gives
-    round-to-nearest for its matrix."""
+    """Codes for weights [B, R, C] (any float dtype; not modified) against hessians [B, C, C] fp32 (consumed:
+    overwritten by their inverse factors), or by round to nearest on the clipped steps when hessians is None. A
+    Hessian that is zero or not positive definite even after more dampening gives round-to-nearest for its matrix."""
     w = weights.to(torch.float32, copy=True)
     del weights  # the caller's copy may go as soon as it is dropped there
     b, r, c = w.shape
@@ -138,7 +137,8 @@ def _inverse_factor(hessians: torch.Tensor, order: torch.Tensor, dampening: floa
     One Cholesky factorisation and one triangular inverse per matrix, not GPTQ's three factorisations
     (cholesky, cholesky_inverse, cholesky): with J the reversal of the columns, J H J = L L^T gives
     H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive diagonal, so it is U itself
-    (2.3x faster at 7168^2 on an H200). One matrix at a time: a few C^2 temporaries, not three [B, C, C] copies."""
+    (2.9x faster at 7168^2 on an H200, benchmarks/cpu_experts_profile.py). One matrix at a time: a few C^2
+    temporaries, not three [B, C, C] copies."""
     b, c, _ = hessians.shape
     eye = torch.eye(c, dtype=hessians.dtype, device=hessians.device)
     fallback = torch.zeros(b, dtype=torch.bool)
