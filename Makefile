@@ -41,6 +41,7 @@ demo: venv
 
 test: venv kt-kernel
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/python -m pytest -q
 
 clean:

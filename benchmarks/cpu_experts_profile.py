@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ktq.gpu import ktgrid  # noqa: E402
-from ktq.gpu.cpu_experts import LayerCodes, RoutedInputs, StageClock, calibrate_layer, stacked_bytes  # noqa: E402
+from ktq.calibrated import ktgrid  # noqa: E402
+from ktq.calibrated.routed import RoutedInputs  # noqa: E402
+from ktq.calibrated.solve import LayerCodes, StageClock, calibrate_layer, stacked_bytes  # noqa: E402
 
 
 def synthetic(experts: int, hidden: int, inter: int, tokens: int, top_k: int, device):

@@ -5,7 +5,7 @@ they write, with the time of each conversion next to the GPU pass (`ktq gpu` GPT
     .venv/bin/python benchmarks/cpu_quality.py [--out benchmarks/results/cpu-quality-DATE.md] [--work DIR]
         [--arch qwen3_moe|deepseek_v3] [--layers 4] [--experts 32] [--top-k 4] [--hidden 512]
         [--moe-intermediate 256] [--text venv|synthetic] [--calibration-samples 64] [--eval-samples 32]
-        [--seq 256] [--threadpool-count 2] [--calibrated auto|yes|no] [--repeat 1]
+        [--seq 256] [--threadpool-count 2] [--repeat 1]
         [--variants [NAME ...]] [--variant NAME KEY=VALUE ...] [--variant-methods int4 ...]
         [--variant-sizes 8x64 ...]
 
@@ -21,9 +21,8 @@ Everything is built here and measured in the same run; nothing is downloaded:
   calibration set and a held-out set that share no paragraph, as jsonl with a `text` column;
 - the conversions, each timed whole as a child process (start-up included): `ktq cpu` RTN and `ktq cpu --calibrate`
   for INT4 and INT8 with the same --threadpool-count, and `ktq gpu --quant_method GPTQ --quant_type W4A16
-  --force_cpu` on the same calibration set (`ktq cpu --calibrate` gets --force_cpu too where it has it, so that
-  both calibrate on the same device). Until `ktq cpu --help` shows --calibrate, the calibrated column is a
-  stand-in (the same RTN command again) and every report says so.
+  --force_cpu` on the same calibration set (`ktq cpu --calibrate` gets --force_cpu too, so that both calibrate
+  on the same device).
 
 Measured from the output files alone (merged shards, `blk.L.ffn_{gate,up,down}_exps.E.numa.P.{weight,scale}`,
 dequantised by ktq.kernels.amx.unpack_dequantize and put back into the transformers model), on the held-out text:
@@ -35,8 +34,8 @@ dequantised by ktq.kernels.amx.unpack_dequantize and put back into the transform
 - the experts' weight error and the codes kt-kernel would serve wrongly (INT4 -8, INT8 -128; kt-format.md sect. 2).
 
 Ablation (--variants): the calibrated command again with some of ktq's design constants overridden in the child
-process (VARIANTS: ROUTING_WEIGHTED, DOWN_AFTER_ROUNDED_GATE_UP, GENERIC_WEIGHT, DAMPENING of ktq.gpu.cpu_experts,
-CLIP_RATIOS of ktq.gpu.ktgrid), each into its own output and measured as the others, for --variant-methods and at
+process (VARIANTS: ROUTING_WEIGHTED, DOWN_AFTER_ROUNDED_GATE_UP, GENERIC_WEIGHT, DAMPENING of ktq.calibrated.solve,
+CLIP_RATIOS of ktq.calibrated.ktgrid), each into its own output and measured as the others, for --variant-methods and at
 each of --variant-sizes (samples x tokens; the first rows ktq picks from the same calibration file, so every size
 is measured on the same held-out text against the same RTN output).
 
@@ -74,7 +73,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ktq.gpu import cpu_experts, ktgrid
+from ktq.calibrated import ktgrid, solve
 from ktq.kernels.amx import unpack_dequantize
 from ktq.sample import write_sample
 
@@ -86,9 +85,9 @@ GOALS = {"int4": 0.5, "int8": 0.9}  # calibrated / RTN of each layer's output er
 TIME_GOAL = 1.5  # calibrated `ktq cpu` / the GPU pass
 EXPERT_KEY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.numa\.(\d+)\.(weight|scale)$")
 
-# Calibrated variants for --variants: ktq's design constants overridden in the child (ktq.gpu.cpu_experts', and
-# CLIP_RATIOS of ktq.gpu.ktgrid). `plain` is plain GPTQ with act-order and per-row scales on the routed tokens; the
-# `no-*` ones take one of the choices above it away at a time.
+# Calibrated variants for --variants: ktq's design constants overridden in the child (ktq.calibrated.solve's, and
+# CLIP_RATIOS of ktq.calibrated.ktgrid). `plain` is plain GPTQ with act-order and per-row scales on the routed
+# tokens; the `no-*` ones take one of the choices above it away at a time.
 PLAIN = {"ROUTING_WEIGHTED": False, "DOWN_AFTER_ROUNDED_GATE_UP": False, "GENERIC_WEIGHT": 0.0, "CLIP_RATIOS": (1.0,)}
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -106,7 +105,7 @@ VARIANTS: dict[str, dict] = {
     "blend-0.2-no-clip": {"GENERIC_WEIGHT": 0.2, "CLIP_RATIOS": (1.0,)},
 }
 STANDARD_VARIANTS = ("plain", "no-clip", "no-weighting", "no-sequential", "no-blend", "damp-0.1", "blend-0.2")
-CONSTANT_MODULES = {"c": cpu_experts, "g": ktgrid}  # the child's names for the modules that hold the constants
+CONSTANT_MODULES = {"c": solve, "g": ktgrid}  # the child's names for the modules that hold the constants
 
 
 def log(message: str) -> None:
@@ -281,13 +280,6 @@ def build_text(folder: Path, model: Path, args: argparse.Namespace) -> tuple[Pat
 
 # ---- the commands --------------------------------------------------------------------------------------------
 
-def cpu_options() -> set[str]:
-    """The options this ktq's `ktq cpu --help` lists (a wide terminal, so that rich does not cut their names)."""
-    env = {**os.environ, "COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"}
-    proc = subprocess.run([*KTQ, "cpu", "--help"], capture_output=True, text=True, env=env)
-    return set(re.findall(r"--[a-z][a-z0-9_-]*", proc.stdout))
-
-
 def cpu_command(src: Path, out: Path, method: str, args: argparse.Namespace, data: Path | None, samples: int,
                 seq: int) -> list[str]:
     cmd = [*KTQ, "cpu", "-i", str(src), "-o", str(out), "--quant-method", method,
@@ -295,8 +287,7 @@ def cpu_command(src: Path, out: Path, method: str, args: argparse.Namespace, dat
     if data is not None:
         cmd += ["--calibrate", str(data), "--num_calibration_samples", str(samples), "--max_sequence_length",
                 str(seq), "--text_column", "text"]
-        if args.cpu_force_cpu:  # on the CPU as the GPU pass is, also on a machine with a GPU
-            cmd.append("--force_cpu")
+        cmd.append("--force_cpu")  # on the CPU as the GPU pass is, also on a machine with a GPU
     return cmd
 
 
@@ -572,8 +563,7 @@ def ratio_cell(value: float, goal: float | None) -> str:
 
 def report(results: dict) -> str:
     a, m = results["args"], results["model"]
-    stand_in = not results["calibrate_used"]
-    cal = "calibrated (stand-in: RTN)" if stand_in else "calibrated"
+    cal = "calibrated"
     methods = a["methods"]
     lines = [f"# ktq cpu: calibrated vs RTN experts ({results['date']})", "",
              f"Command: `{results['command']}` ({results['total_seconds']:.0f} s in all)", "",
@@ -595,11 +585,6 @@ def report(results: dict) -> str:
                  for i, v in m["expert_inputs"].items()), "",
              f"Text: {results['text']['source']}; calibration {a['calibration_samples']} x {a['seq']} tokens, "
              f"held-out {a['eval_samples']} x {a['seq']} tokens, no paragraph in both", ""]
-    if stand_in:
-        why = "was turned off (--calibrated no)" if results["calibrate_available"] else \
-            "is not available in this ktq (`ktq cpu --help`)"
-        lines += [f"**`ktq cpu --calibrate` {why}: the calibrated column is the same RTN command run again, a "
-                  "stand-in that checks the benchmark, not a result.**", ""]
     head = "| measure (held-out text) |"
     rule = "|---|"
     for method in methods:
@@ -645,8 +630,7 @@ def report(results: dict) -> str:
               "the CPUs meanwhile (max) |", "|---|---:|---:|---:|---:|---:|"]
     for method in methods:
         for kind in ("rtn", "calibrated"):
-            label = f"ktq cpu {method.upper()} " + ("RTN" if kind == "rtn" else
-                                                    "RTN (stand-in for --calibrate)" if stand_in else "--calibrate")
+            label = f"ktq cpu {method.upper()} " + ("RTN" if kind == "rtn" else "--calibrate")
             run_ = t[f"{method}-{kind}"]
             lines.append(f"| {label} | {run_['seconds']:.1f} | "
                          f"{ratio_cell(run_['seconds'] / gpu, TIME_GOAL if kind == 'calibrated' else None)} | "
@@ -672,8 +656,8 @@ def variant_report(results: dict) -> list[str]:
     q, constants = results["quality"], results["constants"]
     lines = ["## Ablation: calibrated variants", "",
              "Each variant is `ktq cpu --calibrate` with some of ktq's constants set in the child process first "
-             "(`python -c \"import sys, ktq.gpu.cpu_experts as c, ktq.gpu.ktgrid as g; c.NAME = VALUE; ...; from "
-             "ktq.cli import main; main(sys.argv[1:])\" cpu ...`), written to its own output and measured as the "
+             "(`python -c \"import sys, ktq.calibrated.solve as c, ktq.calibrated.ktgrid as g; c.NAME = VALUE; ...; "
+             "from ktq.cli import main; main(sys.argv[1:])\" cpu ...`), written to its own output and measured as the "
              "others: the same held-out text, the same RTN output. Smaller calibration sizes are the first rows ktq "
              "picks from the same calibration file, truncated. ktq's own constants in this run: "
              + overrides_text(constants["values"]) + ".", "",
@@ -748,9 +732,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256, help="tokens per sample (calibration and held-out)")
     p.add_argument("--threadpool-count", type=int, default=2)
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
-    p.add_argument("--calibrated", choices=("auto", "yes", "no"), default="auto",
-                   help="auto: --calibrate when `ktq cpu --help` shows it, else an RTN stand-in; yes: require it; "
-                        "no: always the stand-in")
     p.add_argument("--repeat", type=int, default=1, help="timed runs of each command (the median is reported)")
     p.add_argument("--min-idle", type=float, default=0.9,
                    help="before each timed command, wait for the CPUs to be this idle over 2 s ...")
@@ -803,15 +784,6 @@ def main() -> None:
     started = time.perf_counter()
     ktq_constants = constants()
     torch.manual_seed(args.seed)
-    options = cpu_options()
-    available = "--calibrate" in options
-    args.cpu_force_cpu = "--force_cpu" in options
-    if args.calibrated == "yes" and not available:
-        raise SystemExit("--calibrated yes: this ktq's `ktq cpu --help` has no --calibrate")
-    calibrate = available and args.calibrated != "no"
-    log(f"ktq cpu --calibrate {'is used' if calibrate else 'is replaced by an RTN stand-in'}")
-    if args.variant_table and not calibrate:
-        raise SystemExit("--variants need ktq cpu --calibrate")
 
     work = args.work
     for name in ("model", "warmup", "data", "out", "logs"):
@@ -825,8 +797,7 @@ def main() -> None:
     log(f"text: {text_info['source']}")
 
     def cpu_cmd(src: Path, out: Path, method: str, kind: str, data: Path, samples: int, seq: int) -> list[str]:
-        return cpu_command(src, out, method, args, data if kind == "calibrated" and calibrate else None, samples,
-                           seq)
+        return cpu_command(src, out, method, args, data if kind == "calibrated" else None, samples, seq)
 
     kinds = ("rtn", "calibrated")
     if not args.no_warmup:  # untimed: Numba's compiled kernels and the imports' files warm for every command
@@ -903,7 +874,7 @@ def main() -> None:
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join([sys.executable, *sys.argv]),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "calibrate_available": available, "calibrate_used": calibrate, "machine": machine(),
+               "machine": machine(),
                "model": model_info, "text": text_info, "heldout_tokens": tokens, "times": times, "quality": quality,
                "variants": variant_quality, "constants": ktq_constants, "total_seconds": time.perf_counter() - started}
     if constants() != ktq_constants:

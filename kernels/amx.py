@@ -26,6 +26,7 @@ _KB = INT4.k_block
 assert INT8.k_block == _KB
 _NB4, _KS4 = INT4.n_block, INT4.k_step
 _NB8, _KS8 = INT8.n_block, INT8.k_step
+_STEP4, _STEP8 = np.float32(INT4.code_step), np.float32(INT8.code_step)
 _TILE_WORDS = TILE_BYTES // 4
 _HALF_WORDS = _TILE_WORDS // 2
 _INV127 = np.float32(1.0 / 127.0)  # kt-kernel multiplies by the fp32 reciprocal; amax / 127 differs in ~1.5% of rows
@@ -287,7 +288,7 @@ def unpack_dequantize(body, scales, n, k, bits):
     out = np.empty((n, k), np.float32)
     nb_rows = _NB4 if bits == 4 else _NB8
     k_step = _KS4 if bits == 4 else _KS8
-    step = np.float32(16.0) if bits == 4 else np.float32(1.0)
+    step = _STEP4 if bits == 4 else _STEP8
     for s in prange(n // TILE_ROWS):
         r0 = s * TILE_ROWS
         nb = (r0 // nb_rows) * nb_rows

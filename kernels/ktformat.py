@@ -25,6 +25,8 @@ class Method:
     k_block: int  # KB: columns of one K block (the last one may be partial)
     k_step: int  # KS: columns covered by one tile
     align: int  # I_tp and H must be multiples of this
+    code_step: float  # value = code x code_step x scale (INT4 codes are multiples of 16 of the int8 grid)
+    max_code: int  # codes in [-max_code, max_code] are served right: kt-kernel's small-batch kernel misreads -max-1
 
     def body_bytes(self, n: int, k: int) -> int:
         return n * k * self.bits // 8
@@ -33,9 +35,12 @@ class Method:
         return self.bits == 4
 
 
-INT4 = Method("int4", "AMXINT4", "INT4", 4, n_block=128, k_block=3584, k_step=128, align=128)
-INT8 = Method("int8", "AMXINT8", "INT8", 8, n_block=64, k_block=3584, k_step=64, align=64)
+INT4 = Method("int4", "AMXINT4", "INT4", 4, n_block=128, k_block=3584, k_step=128, align=128, code_step=16.0,
+              max_code=7)
+INT8 = Method("int8", "AMXINT8", "INT8", 8, n_block=64, k_block=3584, k_step=64, align=64, code_step=1.0,
+              max_code=127)
 METHODS = {m.name: m for m in (INT4, INT8)}
+BY_BITS = {m.bits: m for m in METHODS.values()}
 
 
 def projection_shape(proj: str, hidden: int, intermediate_per_part: int) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 Pure Python over config.json's dict and file names (no torch, no numpy): where a multimodal config keeps the
 language model's part, which key gives the routed-expert count, which families neither pipeline converts and why
-(`refusal`), which decoder layers hold routed experts, and the names of the safetensors index and shards.
+(`refusal`), which decoder layers hold routed experts, what an expert's projections are called, and the names of
+the safetensors index and shards.
 
 Which layers hold experts is decided by per-key rules (MOE_LAYER_RULES): a decoder layer holds routed experts when
 every rule whose key the config sets allows it. Each rule is the condition of the modeling code that gives the key
@@ -28,6 +29,23 @@ TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config", "thinker_con
 # (n_routed_experts); Qwen-MoE (num_experts); Mixtral, MiniMax and transformers 5's Qwen3-VL-MoE
 # (num_local_experts); DBRX and Step (moe_num_experts). The first one set to a positive count wins.
 EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
+
+# How a checkpoint may store its expert weights (--input-type), and what each kind is
+INPUT_TYPES = {
+    "bf16": "BF16",
+    "fp16": "F16",
+    "fp8": "F8_E4M3 with weight_scale_inv (block-scaled FP8)",
+    "int4": "compressed-tensors pack-quantized INT4 (weight_packed + weight_scale)",
+}
+
+# The names of one expert's gate, up and down projections (in that order: ktq.kernels.ktformat.PROJECTIONS), by
+# naming: `experts.E.gate_proj` (most families, and llm-compressor's per-expert names for fused sources), and
+# `experts.E.w1` / `w3` / `w2` (Mixtral, MiniMax, LFM2-MoE, and the names SGLang's GraniteMoe loader splits
+# Granite-MoE's fused input_linear into).
+EXPERT_PROJECTION_NAMES = {
+    "proj": ("gate_proj", "up_proj", "down_proj"),
+    "w": ("w1", "w3", "w2"),
+}
 
 
 def shard_name(index: int, count: int) -> str:

@@ -113,7 +113,7 @@ def _mlp(prefix: str, intermediate: int, hidden: int, role: str = "linear",
     ]
 
 
-def _experts(prefix: str, s: SampleShape, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+def _experts(prefix: str, s: SampleShape, names: tuple[str, str, str] = hfformat.EXPERT_PROJECTION_NAMES["proj"]
              ) -> list[TensorSpec]:
     return [t for e in range(s.experts) for t in _mlp(f"{prefix}.{e}", s.moe_intermediate, s.hidden, "expert", names)]
 
@@ -266,7 +266,7 @@ def _block_sparse(s: SampleShape, qk_norm: str, router_bias: bool) -> list[Tenso
         tensors.append((f"{prefix}.block_sparse_moe.gate.weight", (s.experts, s.hidden), "normal"))
         if router_bias:
             tensors.append((f"{prefix}.block_sparse_moe.e_score_correction_bias", (s.experts,), "f32"))
-        tensors += _experts(f"{prefix}.block_sparse_moe.experts", s, ("w1", "w3", "w2"))
+        tensors += _experts(f"{prefix}.block_sparse_moe.experts", s, hfformat.EXPERT_PROJECTION_NAMES["w"])
     return _frame(s, tensors)
 
 

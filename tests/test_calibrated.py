@@ -14,11 +14,14 @@ import torch
 from conftest import tree_files
 from faults import ForkServer
 from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
+from ktq.calibrated.ktgrid import _inverse_factor, clipped_steps, quantize_to_grid
+from ktq.calibrated.output import dequantized_layer
 from ktq.cpu.layout import Layout
 from ktq.cpu.scan import recognise
-from ktq.gpu.cpu_output import dequantized_layer
-from ktq.gpu.ktgrid import LEVELS, STEP, _inverse_factor, clipped_steps, quantize_to_grid
 from ktq.kernels import ktformat as fmt
+
+LEVELS = {m.bits: m.max_code for m in fmt.METHODS.values()}  # the codes kt-kernel serves right: [-LEVELS, LEVELS]
+STEP = {m.bits: m.code_step for m in fmt.METHODS.values()}  # value = code x STEP x scale
 
 SAMPLES = ("--num_calibration_samples", 12, "--max_sequence_length", 64)
 

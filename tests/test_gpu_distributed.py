@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ktq_subprocess
 from gpu_models import chat_rows, report, run_ktq, sample_moe, tensors, write_jsonl
-from ktq.gpu.distributed import in_torchrun, options_from_json, options_to_json
+from ktq.gpu.launch import in_torchrun, options_from_json, options_to_json
 from ktq.gpu.options import CpuExpertsOptions, GpuOptions
 from ktq.safetensors_io import TensorReader
 

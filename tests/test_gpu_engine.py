@@ -140,7 +140,7 @@ def test_an_fp8_deepseek_converts_and_loads(work, chat):
     source = SourceCheckpoint.open(src)
     for name in ("model.layers.1.self_attn.q_b_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight",
                  "model.layers.3.mlp.experts.2.up_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
-        decoded = source.read(source.logical_names()[name], "cpu", None)
+        decoded = source.read(source.logical[name], "cpu", None)
         assert np.array_equal(written[name], decoded.view(torch.int16).numpy().view(np.uint16)), name
     source.close()
     assert sum(name.endswith("weight_packed") for name in written) == 2 * 8 * 3

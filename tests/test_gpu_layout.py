@@ -92,7 +92,7 @@ def test_matching_agrees_with_compressed_tensors():
 
 
 def _reasons_of(config) -> dict[str, str | None]:
-    from ktq.gpu.plan import linear_reasons, meta_model
+    from ktq.gpu.model import linear_reasons, meta_model
     from ktq.hfformat import text_config
 
     layout = MoeLayout.from_config(config.to_dict())

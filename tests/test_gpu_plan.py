@@ -12,8 +12,9 @@ from gpu_models import chat_rows, deepseek_v3_config, run_ktq_capture, sample_mo
 from ktq.errors import KtqError
 from ktq.gpu.devices import Device
 from ktq.gpu.layout import MoeLayout, ignore_rules
+from ktq.gpu.model import meta_model
 from ktq.gpu.options import GpuOptions, parse_size
-from ktq.gpu.plan import GPU_OVERHEAD, check_source, make_plan, meta_model, plan_table
+from ktq.gpu.plan import GPU_OVERHEAD, check_source, make_plan, plan_table
 
 GB = 10**9
 HIDDEN = INTER = 128  # the sample's hidden and expert intermediate sizes

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from ktq.atomic import json_text
 from ktq.cpu import plan as plan_module
 from ktq.cpu.layout import Layout
-from ktq.cpu.manifest import json_text
 from ktq.cpu.measure import READ_PROBE_BYTES
 from ktq.cpu.output import extra_files_bytes, index_data
 from ktq.kernels import ktformat as fmt

@@ -6,28 +6,18 @@ import atexit
 import gc
 import json
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from ktq.commands.gpu import opt
+from ktq.commands.common import KtMethod, choices, opt
 from ktq.errors import KtqError
+from ktq.hfformat import INPUT_TYPES
 from ktq.system import cpu_cores, numa_nodes
 
-
-class InputType(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp8 = "fp8"
-    int4 = "int4"
-
-
-class QuantMethod(str, Enum):
-    int4 = "int4"
-    int8 = "int8"
+InputType = choices("InputType", INPUT_TYPES)
 
 
 def _run_calibrated(opts, threads: int | None, debug: bool) -> None:
@@ -37,11 +27,11 @@ def _run_calibrated(opts, threads: int | None, debug: bool) -> None:
     prepare_environment(opts.force_cpu, debug)
     import torch  # after prepare_environment, which hides the GPUs from it with --force_cpu
 
-    from ktq.gpu.run import run_gpu
+    from ktq.gpu.run import run
 
     if threads is not None:
         torch.set_num_threads(threads)
-    run_gpu(opts, debug=debug)
+    run(opts, debug=debug)
 
 
 def cpu(
@@ -51,7 +41,7 @@ def cpu(
                                 "there is continued)."),
     input_type: InputType = typer.Option(None, "--input-type", help="How the expert weights are stored (int4: "
                                          "compressed-tensors pack-quantized); detected when omitted."),
-    quant_method: QuantMethod = typer.Option(QuantMethod.int4, "--quant-method", help="AMXINT4 or AMXINT8."),
+    quant_method: KtMethod = typer.Option(KtMethod.int4, "--quant-method", help="AMXINT4 or AMXINT8."),
     cpuinfer_threads: int = typer.Option(None, "--cpuinfer-threads", min=1, help="Threads for quantisation "
                                          "[default: all cores]."),
     threadpool_count: int = typer.Option(None, "--threadpool-count", min=1, help="NUMA parts; serve with the "

@@ -4,45 +4,26 @@ kebab-case spelling works too."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from ktq.commands.common import KtMethod, choices, opt
 from ktq.errors import KtqError
-from ktq.gpu.options import DEFAULT_DATASET, CpuExpertsOptions, GpuOptions, parse_size
+from ktq.gpu.options import (
+    DEFAULT_DATASET,
+    QUANT_METHODS,
+    QUANT_TYPES,
+    TORCH_DTYPES,
+    CpuExpertsOptions,
+    GpuOptions,
+    parse_size,
+)
 
-
-class QuantMethod(str, Enum):
-    GPTQ = "GPTQ"
-    RTN = "RTN"
-
-
-class QuantType(str, Enum):
-    W4A16 = "W4A16"
-    W8A16 = "W8A16"
-
-
-class CpuMethod(str, Enum):
-    int4 = "int4"
-    int8 = "int8"
-
-
-class TorchDtype(str, Enum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-def opt(default, *names: str, help: str):
-    """Each option under its snake_case name and its kebab-case twin."""
-    spellings = []
-    for name in names:
-        spellings.append(name)
-        if "_" in name:
-            spellings.append(name.replace("_", "-"))
-    return typer.Option(default, *spellings, help=help)
+QuantMethod = choices("QuantMethod", QUANT_METHODS)
+QuantType = choices("QuantType", QUANT_TYPES)
+TorchDtype = choices("TorchDtype", TORCH_DTYPES)
 
 
 def gpu(
@@ -86,7 +67,7 @@ def gpu(
     cpu_output: Optional[Path] = opt(None, "--cpu_output", help="Also write the CPU experts, calibrated on the "
                                       "same data in the same pass, as kt-kernel AMXINT4/AMXINT8 (a ktq cpu "
                                       "output, with init_expert_location.pt)."),
-    cpu_method: CpuMethod = opt(CpuMethod.int4, "--cpu_method", help="With --cpu-output: int4 (AMXINT4) or int8."),
+    cpu_method: KtMethod = opt(KtMethod.int4, "--cpu_method", help="With --cpu-output: int4 (AMXINT4) or int8."),
     threadpool_count: int = opt(1, "--threadpool_count", help="With --cpu-output: NUMA parts; serve with the same "
                                  "--kt-threadpool-count."),
 ) -> None:
@@ -103,19 +84,19 @@ def gpu(
         cpu_experts=CpuExpertsOptions(cpu_output, cpu_method.value, threadpool_count, force=overwrite)
         if cpu_output is not None else None,
     ).validate()
-    from ktq.gpu import distributed
+    from ktq.gpu import launch
     from ktq.gpu.devices import prepare_environment
 
-    if cpu_output is not None and (nproc is not None or distributed.in_torchrun()):
+    if cpu_output is not None and (nproc is not None or launch.in_torchrun()):
         raise KtqError("--cpu-output: calibrated CPU experts are made by one process; drop --nproc (or torchrun)")
 
     debug = bool(ctx.find_root().params.get("debug"))
     prepare_environment(force_cpu, debug)  # before the import below: it is the first to load torch
-    if distributed.in_torchrun():
-        distributed.run_as_rank(opts, debug)
+    if launch.in_torchrun():
+        launch.run_as_rank(opts, debug)
     elif nproc is not None:
-        distributed.launch(opts, nproc, debug)
+        launch.launch(opts, nproc, debug)
     else:
-        from ktq.gpu.run import run_gpu
+        from ktq.gpu.run import run
 
-        run_gpu(opts, debug=debug)
+        run(opts, debug=debug)

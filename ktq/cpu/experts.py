@@ -29,13 +29,6 @@ from ktq.kernels.decode import fp8_blocks_to_bf16, fp16_to_bf16, packed_int_to_b
 from ktq.kernels.ktformat import PROJECTIONS
 from ktq.safetensors_io import TensorInfo, TensorReader
 
-# --input-type -> how its expert weights look in the checkpoint (for messages)
-INPUT_TYPES = {
-    "bf16": "BF16",
-    "fp16": "F16",
-    "fp8": "F8_E4M3 with weight_scale_inv (block-scaled FP8)",
-    "int4": "compressed-tensors pack-quantized INT4 (weight_packed + weight_scale)",
-}
 _PLAIN_TYPES = {"BF16": "bf16", "F16": "fp16"}
 _SCALE_DTYPES = {"F32": np.float32, "BF16": np.uint16}  # scale tensors: float32, or bf16 kept as bits
 
@@ -44,10 +37,8 @@ _PREFIX = r"^(?P<prefix>(?:model\.)?(?:language_model\.)?(?:model\.)?)layers\.(?
 _BLOCK = r"(?P<block>mlp|block_sparse_moe|feed_forward)\."
 # One projection of one expert: {prefix}layers.{L}.{block}.experts.{e}.{name}.{param}
 _PER_EXPERT_KEY = re.compile(_PREFIX + _BLOCK + r"experts\.(?P<expert>\d+)\.(?P<name>\w+)\.(?P<param>\w+)$")
-_PROJECTION_NAMES = {  # naming -> checkpoint projection name -> gate / up / down
-    "proj": {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-    "w": {"w1": "gate", "w3": "up", "w2": "down"},  # Mixtral, MiniMax, LFM2-MoE
-}
+_PROJECTION_NAMES = {naming: dict(zip(names, PROJECTIONS))  # naming -> checkpoint projection name -> gate / up / down
+                     for naming, names in hfformat.EXPERT_PROJECTION_NAMES.items()}
 _NAMING = {name: naming for naming, names in _PROJECTION_NAMES.items() for name in names}
 # All experts of a layer in two 3-D tensors, gate|up and down: naming -> kind -> name after the block
 _FUSED_NAMES = {
@@ -253,7 +244,7 @@ def _storage_kind(params: dict[str, TensorInfo]) -> str:
         return "fp8"
     if weight.dtype not in _PLAIN_TYPES:
         raise KtqError(f"{weight.name} is {weight.dtype}: ktq reads expert weights stored as "
-                       f"{', '.join(INPUT_TYPES.values())}")
+                       f"{', '.join(hfformat.INPUT_TYPES.values())}")
     return _PLAIN_TYPES[weight.dtype]
 
 
@@ -265,7 +256,8 @@ def _check_input_type(kinds: dict[str, str], requested: str | None) -> str:
     actual, example = next(iter(kinds.items()))
     if requested and requested != actual:
         raise KtqError(f"--input-type {requested} does not match the checkpoint: expert weights such as {example} "
-                       f"are {INPUT_TYPES[actual]} ({actual}); drop --input-type or pass --input-type {actual}")
+                       f"are {hfformat.INPUT_TYPES[actual]} ({actual}); drop --input-type or pass --input-type "
+                       f"{actual}")
     return actual
 
 
@@ -395,7 +387,7 @@ def _scan(ckpt: Checkpoint) -> tuple[str, str, str, dict, dict, int]:
             if naming is not None:
                 if param not in _STORAGE_PARAMS:
                     raise KtqError(f"expert tensor {name}: ktq does not read '{param}' tensors; it reads expert "
-                                   f"weights stored as {', '.join(INPUT_TYPES.values())}")
+                                   f"weights stored as {', '.join(hfformat.INPUT_TYPES.values())}")
                 layouts.setdefault((prefix, block, naming), name)
                 proj = _PROJECTION_NAMES[naming][checkpoint_name]
                 per_expert.setdefault((int(layer), int(expert), proj), {})[param] = info

@@ -12,18 +12,17 @@ The file is read into a Manifest (layers keyed by int) and written back from it;
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktq import __version__, digest
+from ktq.atomic import write_json_atomic
 from ktq.cpu.layout import FORMS, Layout, geometry_problem
-from ktq.errors import KtqError, write_error
+from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 
 MANIFEST_NAME = "ktq.json"
 FORMAT = "ktq-cpu/1"
-PARTIAL_SUFFIX = ".partial"  # every file or folder ktq writes is first written under its name + this suffix
 # A merged output's committed shards keep their name + this until the output is complete: kt-kernel loads every
 # top-level *.safetensors, so an unfinished output must hold none that it could serve by mistake.
 PENDING_SUFFIX = ".pending"
@@ -133,34 +132,6 @@ def identity_mismatch(existing: Manifest, wanted: Manifest) -> str | None:
     diffs = [f"{key} {show(old.get(key))} -> {show(new.get(key))}" for key in IDENTITY_FIELDS
              if old.get(key) != new.get(key)]
     return ", ".join(diffs) or None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside path durable (a crash after it can no longer bring the old name back)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def json_text(data: object) -> str:
-    """How ktq writes every JSON file (so its size can be known before writing)."""
-    return json.dumps(data, indent=2) + "\n"
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json_text(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from exc
 
 
 def load_manifest(out: Path) -> Manifest | None:

@@ -25,19 +25,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from ktq import __version__, hfformat
+from ktq.atomic import PARTIAL_SUFFIX, fsync_dir, json_text, write_json_atomic
 from ktq.cpu.layout import Layout
-from ktq.cpu.manifest import (
-    MANIFEST_NAME,
-    PARTIAL_SUFFIX,
-    LayerRecord,
-    Manifest,
-    fsync_dir,
-    identity_mismatch,
-    json_text,
-    load_manifest,
-    save_manifest,
-    write_json_atomic,
-)
+from ktq.cpu.manifest import MANIFEST_NAME, LayerRecord, Manifest, identity_mismatch, load_manifest, save_manifest
 from ktq.cpu.sinks import merged_pending_path
 from ktq.errors import KtqError, write_error
 from ktq.progress import gb
@@ -46,7 +36,7 @@ from ktq.safetensors_io import open_regular
 # Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
 AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*")
-# A calibrated output's routed-token counts, as sglang-kt's --init-expert-location reads them (ktq.gpu.cpu_output)
+# A calibrated output's routed-token counts, as sglang-kt's --init-expert-location reads them (ktq.placement)
 PLACEMENT_FILE = "init_expert_location.pt"
 METADATA_RESERVE = 1 << 20  # room for ktq.json (a few hundred bytes per layer)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ktq.atomic import PARTIAL_SUFFIX
 from ktq.cpu.checkpoint import Checkpoint, open_checkpoint
 from ktq.cpu.layout import Layout, Piece, geometry_problem
-from ktq.cpu.manifest import PARTIAL_SUFFIX, PENDING_SUFFIX, Manifest, load_manifest
+from ktq.cpu.manifest import PENDING_SUFFIX, Manifest, load_manifest
 from ktq.cpu.output import committed_path
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ktq import digest
+from ktq.atomic import PARTIAL_SUFFIX, fsync_dir
 from ktq.cpu.layout import Layout, Piece
-from ktq.cpu.manifest import PARTIAL_SUFFIX, PENDING_SUFFIX, LayerRecord, fsync_dir
+from ktq.cpu.manifest import PENDING_SUFFIX, LayerRecord
 from ktq.errors import KtqError, write_error
 from ktq.kernels import ktformat as fmt
 from ktq.safetensors_io import DirectFile, ShardWriter, aligned_buffer, round_up, staging_buffers

@@ -1,19 +1,24 @@
-"""ktq gpu: GPTQ / RTN W4A16 and W8A16 of a MoE checkpoint's routed experts, streamed one decoder layer at a time.
+"""The streaming engine and `ktq gpu`: GPTQ / RTN W4A16 and W8A16 of a MoE checkpoint's routed experts, streamed
+one decoder layer at a time; the same engine writes ktq.calibrated's CPU experts.
 
 Modules, in the order a run uses them:
 
     options          the command's options, validated, without heavy imports
+    launch           --nproc and torchrun: the worker processes started, each one running `run`
     devices          hiding GPUs for --force_cpu, what the accelerator offers
     layout           which Linear layers are routed experts and which are kept (pure Python, from config.json)
+    model            the model on the meta device: decoder layers, routed experts, Linears, where each weight goes
     source           the source checkpoint one decoder layer at a time: tensors by layer, FP8 decoded
     plan             per-layer memory on GPU and host, disk and time, before any weight is read
     data             calibration samples: local files, saved datasets or hub ids; chat rendered by the tokenizer
-    engine           the layer loop: transformers' decoder layer, calibration pass, GPTQ, shard, propagation pass
-    streamed_experts the routed experts inside that layer: Hessians while calibrating, the routed forward after
+    run              the stages in order, the artifacts opened, the staging folder renamed into place when complete
+    world            the processes of a run: rank, and what they sum and broadcast over torch.distributed
+    engine           the layer loop: read, calibration pass, each artifact's solve and write, propagation pass
+    capture          the calibration samples at the first decoder layer
+    streamed_experts the routed experts inside that layer: collectors fed while calibrating, the routed forward after
+    checkpoint       the GPU checkpoint artifact: GPTQ of a layer shared out between ranks, its shard, its config
     gptq             llm-compressor's solver against one shared gate/up Hessian, compressed-tensors' packing
     output           the staging folder: one committed shard per layer, the manifest that lets a run resume
     progress         the progress bar or lines
     report           the JSON report and its printed summary
-    run              the stages in order, the staging folder renamed into place when complete
-    distributed      --nproc: samples and GPTQ problems shared out between ranks over torch.distributed
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ktq.errors import KtqError
-from ktq.gpu.options import looks_like_path
+from ktq.paths import looks_like_path
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv",
                 ".txt": "text"}

@@ -27,10 +27,19 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update, quantize_weight
-from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, apply_activation_ordering, factorize_hessian
+from llmcompressor.modifiers.gptq.helpers import (
+    GPTQ_PRECISION,
+    accumulate_hessian,
+    apply_activation_ordering,
+    factorize_hessian,
+)
 from llmcompressor.observers import Observer
 
 GPTQ_BLOCK = 128  # GPTQModifier.block_size
+GATE_UP_CHUNK_ROWS = 1 << 16  # stacked gate/up rows solved at a time (fp32: 64k x H x 4 bytes)
+DOWN_BATCH = 32  # down projections solved together through quantize_weight
+# accumulate_hessian dispatches on the module type: a Linear's input is [tokens, features]
+_LINEAR_INPUT = torch.nn.Linear(1, 1, device="meta")
 
 
 def weight_scheme(quant_type: str, method: str) -> QuantizationScheme:
@@ -51,6 +60,32 @@ def qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor,
     observer(weight)
     found = observer.get_qparams()
     return found["scale"], found["zero_point"]
+
+
+class LayerHessians:
+    """What GPTQ takes from one layer's calibration pass, accumulated as llm-compressor's `accumulate_hessian` does
+    while every expert runs on every token (its `moe_calibrate_all_experts`): the gate and up projections of all
+    experts see the same input, so one shared Hessian serves all of them; each down projection gets its own, from
+    that expert's intermediate activations. Summed over samples (normalised by the sample count when solved)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, act_fn) -> None:
+        experts, intermediate, hidden = gate.shape
+        self.gate, self.up, self.act_fn = gate, up, act_fn
+        self.gate_up = torch.zeros((hidden, hidden), dtype=torch.float32, device=gate.device)
+        self.down = torch.zeros((experts, intermediate, intermediate), dtype=torch.float32, device=gate.device)
+        self.samples = torch.zeros((), dtype=torch.float32, device=gate.device)
+
+    def add(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        # each call adds one sample (a [tokens, features] input) to a throwaway counter: one count serves all
+        accumulate_hessian(x, _LINEAR_INPUT, self.gate_up, torch.zeros((), device=x.device))
+        for e in range(self.gate.shape[0]):
+            h = self.act_fn(torch.nn.functional.linear(x, self.gate[e])) * torch.nn.functional.linear(x, self.up[e])
+            accumulate_hessian(h, _LINEAR_INPUT, self.down[e], torch.zeros((), device=x.device))
+        self.samples += 1
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything summed over ranks in a distributed run."""
+        return [self.gate_up, self.down, self.samples]
 
 
 @dataclass
@@ -138,3 +173,18 @@ def solve_each(weights: torch.Tensor, hessians: torch.Tensor, scale: torch.Tenso
     """GPTQ of a batch of matrices with a Hessian each, straight through llm-compressor's quantize_weight."""
     return quantize_weight(weights=weights.to(GPTQ_PRECISION), hessians=hessians, scale=scale, zero_point=zero_point,
                            global_scale=None, quant_args=args, blocksize=GPTQ_BLOCK, percdamp=percdamp)
+
+
+def gate_up_chunk(experts: int, intermediate: int) -> int:
+    """Experts whose stacked gate and up rows are solved at a time."""
+    return min(experts, max(1, GATE_UP_CHUNK_ROWS // (2 * intermediate)))
+
+
+def working_set_bytes(experts: int, hidden: int, intermediate: int, dtype_bytes: int) -> int:
+    """The solve's memory beyond the Hessians: a chunk of stacked gate/up rows (the stack and its column
+    permutation in the model dtype, one fp32 working copy) with the factorised shared Hessian, or a batch of down
+    projections with their Hessian copies, whichever is larger."""
+    h, i = hidden, intermediate
+    gate_up = gate_up_chunk(experts, i) * 2 * i * h * (2 * dtype_bytes + 4) + 4 * h * h
+    down = min(experts, DOWN_BATCH) * (3 * 4 * h * i + 2 * 4 * i * i)
+    return max(gate_up, down)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktq.errors import KtqError
+from ktq.paths import looks_like_path
 
 QUANT_METHODS = ("GPTQ", "RTN")
 QUANT_TYPES = ("W4A16", "W8A16")
@@ -150,8 +151,3 @@ class GpuOptions:
         if self.output_dir is not None:
             refuse_inside(cpu.output, self.output_dir, "--cpu-output", "--output_dir")
             refuse_inside(self.output_dir, cpu.output, "--output_dir", "--cpu-output")
-
-
-def looks_like_path(text: str) -> bool:
-    """A local path rather than a hub id ('org/name'): absolute, relative with ./ ../ ~, or deeper than org/name."""
-    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or text in (".", "..")

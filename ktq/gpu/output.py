@@ -18,13 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ktq.cpu.manifest import PARTIAL_SUFFIX, fsync_dir, write_json_atomic
+from ktq.atomic import PARTIAL_SUFFIX, fsync_dir, write_json_atomic
 from ktq.errors import KtqError, write_error
 from ktq.gpu.source import SAFETENSORS_DTYPES, read_tensor
+from ktq.hfformat import INDEX_NAME
 from ktq.safetensors_io import ShardWriter, TensorReader, read_header
 
 MANIFEST = "ktq_gpu.json"
 FORMAT = "ktq-gpu-stream/1"
+# files of a source checkpoint that the quantised one replaces rather than copies
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_REPLACED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "recipe.yaml"}
 
 
 def tensor_entry(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[str, str, tuple[int, ...], int]:
@@ -126,3 +130,32 @@ class StreamOutput:
         missing = [u for u in [*map(str, range(self.units - 1)), "rest"] if u not in self.manifest["units"]]
         if missing:
             raise KtqError(f"{self.folder}: shards of units {', '.join(missing[:5])} were never written")
+
+
+def staging_path(output_dir: Path) -> Path:
+    """Where a run writes until its output is complete: a hidden folder beside --output_dir."""
+    output_dir = output_dir.expanduser()
+    return output_dir.parent / f".{output_dir.name}.ktq-partial"
+
+
+def commit(staging: Path, output_dir: Path) -> None:
+    """Put the finished folder in place; an older output (with --overwrite) is removed only after that."""
+    output_dir = output_dir.expanduser()
+    old = None
+    if output_dir.exists():
+        old = output_dir.parent / f".{output_dir.name}.ktq-old"
+        if old.exists():
+            shutil.rmtree(old)
+        output_dir.rename(old)
+    staging.rename(output_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def copy_side_files(source: Path, staging: Path) -> None:
+    """Tokenizer, chat template, processor and remote-code files, byte for byte: what the checkpoint needs
+    besides the weights and config that save_pretrained wrote."""
+    for path in sorted(source.iterdir()):
+        if (path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _REPLACED
+                and not (staging / path.name).exists()):
+            shutil.copy2(path, staging / path.name)

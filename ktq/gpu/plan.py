@@ -22,7 +22,6 @@ of a second.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections import Counter
@@ -31,41 +30,19 @@ from pathlib import Path
 
 from ktq.errors import KtqError
 from ktq.gpu.devices import Device
-from ktq.gpu.layout import MoeLayout, Rule, ignore_reason
+from ktq.gpu.layout import MoeLayout, Rule
+from ktq.gpu.model import DTYPE_BYTES, LayerSpec, layer_specs, linear_reasons
 from ktq.gpu.options import GpuOptions
 from ktq.hfformat import text_config
 from ktq.progress import gb
 
 GROUP_SIZE = 128  # W4A16 and W8A16 quantise weights in groups of 128 input columns
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 WEIGHT_BITS = {"W4A16": 4, "W8A16": 8}
 DEFAULT_GPU_SHARE = 0.9  # of the GPU memory free at start: the CUDA context and allocator slack need the rest
 DEFAULT_CPU_SHARE = 0.85  # of the available RAM
 GPU_OVERHEAD = 256 * 2**20  # cuBLAS / cuSOLVER workspaces and allocator slack beyond the terms above
-GATE_UP_CHUNK_ROWS = 1 << 16  # stacked gate/up rows the engine solves at a time (fp32: 64k x H x 4 bytes)
-DOWN_BATCH = 32  # down projections the engine solves together through quantize_weight
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # nominal rates of an H100-class GPU for planning without one (dense bf16 and fp32 matrix products, as reached)
 NOMINAL_RATES = {"bf16": 500e12, "fp32": 45e12, "read": 2e9}
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One decoder layer: its weights outside the routed experts, and the routed experts' geometry."""
-
-    name: str
-    dense_bytes: int  # parameters outside the routed experts, in --torch_dtype
-    experts: int = 0  # 0 for a dense layer
-    hidden: int = 0
-    intermediate: int = 0
-
-    @property
-    def expert_bytes(self) -> int:
-        return 2 * 3 * self.experts * self.hidden * self.intermediate  # bf16, as decoded
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.dense_bytes + self.expert_bytes
 
 
 @dataclass
@@ -96,7 +73,7 @@ class Plan:
     rates_measured: bool = False
     gpu_artifact: bool = True  # a GPU checkpoint is written (not for ktq cpu --calibrate)
     cpu_experts: str | None = None  # kt method of the calibrated CPU experts written too, if any
-    cpu_solve_bytes: int = 0  # Hessians of one chunk of CPU experts (cpu_experts.stacked_bytes)
+    cpu_solve_bytes: int = 0  # Hessians of one chunk of CPU experts (ktq.calibrated.solve.stacked_bytes)
     cpu_chunk: int = 1  # CPU experts solved at a time
     cache_on_gpu: bool = False
     problems: list[str] = field(default_factory=list)
@@ -197,83 +174,6 @@ class Plan:
         }
 
 
-def auto_model_class(config):
-    """AutoModelForImageTextToText for a multimodal config (Qwen3-VL-MoE, Qwen3.5-MoE's wrapper), else
-    AutoModelForCausalLM; remote-code models resolve through their own auto_map in AutoModelForCausalLM.
-
-    The multimodal class comes first: AutoModelForCausalLM also maps some multimodal configs (Qwen3.5-MoE's) to the
-    text-only model, which has no vision tower, so the tower's Linears would be missing from what is kept."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    if type(config) in AutoModelForImageTextToText._model_mapping:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
-
-
-def meta_model(config, dtype: str, trust_remote_code: bool):
-    """The model with every parameter on the meta device (buffers such as rotary frequencies stay real)."""
-    import torch
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return auto_model_class(config).from_config(config, dtype=getattr(torch, dtype),
-                                                    trust_remote_code=trust_remote_code)
-
-
-def decoder_layers(model) -> list[tuple[str, object]]:
-    """The decoder layers (transformers' _no_split_modules classes), narrowed to the language model's `layers.N`
-    where a vision tower's blocks are in the same list: text-only calibration never runs those."""
-    classes = set(getattr(model, "_no_split_modules", None) or ())
-    found = [(name, module) for name, module in model.named_modules() if type(module).__name__ in classes]
-    text = [(name, module) for name, module in found if re.search(r"(^|\.)layers\.\d+$", name)]
-    return text or found
-
-
-def experts_module(layer) -> str | None:
-    """The path of a decoder layer's routed-experts module (`mlp.experts`, `block_sparse_moe.experts`), if any."""
-    return next((sub for sub, _ in layer.named_modules() if sub.split(".")[-1] == "experts"), None)
-
-
-def layer_specs(model, text: dict, dtype: str) -> list[LayerSpec]:
-    from ktq.cpu.experts import geometry_of
-
-    width = DTYPE_BYTES[dtype]
-    specs = []
-    for name, layer in decoder_layers(model):
-        experts = experts_module(layer)
-        dense = sum(p.numel() for pname, p in layer.named_parameters()
-                    if experts is None or not pname.startswith(experts + ".")) * width
-        if experts is None:
-            specs.append(LayerSpec(name, dense))
-            continue
-        g = geometry_of(text)
-        specs.append(LayerSpec(name, dense, g.experts, g.hidden, g.intermediate))
-    return specs
-
-
-def linear_reasons(model, text: dict, rules: list[Rule]) -> dict[str, str | None]:
-    """Every Linear of the model and every routed-expert projection, named as llm-compressor's linearisation names
-    it (`...experts.E.gate_proj`), with the reason it is kept; None for the expert projections quantised."""
-    import torch
-
-    from ktq.cpu.experts import geometry_of
-
-    reasons: dict[str, str | None] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            classes = [c.__name__ for c in type(module).__mro__]
-            reasons[name] = ignore_reason(rules, name, classes) or "not a routed expert"
-    for name, layer in decoder_layers(model):
-        experts = experts_module(layer)
-        if experts is None:
-            continue
-        for e in range(geometry_of(text).experts):
-            for proj in PROJECTIONS:
-                projection = f"{name}.{experts}.{e}.{proj}"
-                reasons[projection] = ignore_reason(rules, projection, ["Linear"])
-    return reasons
-
-
 def activation_bytes(text: dict, seq_len: int, dtype_bytes: int, spec: LayerSpec) -> int:
     """GPU memory of one calibration sample passing one decoder layer, an upper estimate: hidden states in, out and
     residual (3 L H), attention's q, k, v and output (L (2 q + 2 kv)), one expert's gate, up and their product
@@ -294,20 +194,6 @@ def cache_bytes(text: dict, samples: int, seq_len: int, dtype_bytes: int) -> int
     hidden = int(text["hidden_size"])
     head_dim = int(text.get("head_dim") or hidden // int(text.get("num_attention_heads") or 1))
     return samples * seq_len * (dtype_bytes * hidden + 2 * 4 * head_dim)
-
-
-def solve_bytes(spec: LayerSpec, dtype_bytes: int) -> int:
-    """GPTQ's working set beyond the Hessians: a chunk of stacked gate/up rows (the stack and its column
-    permutation in the model dtype, one fp32 working copy) with the factorised shared Hessian, or a batch of down
-    projections with their Hessian copies, whichever is larger."""
-    if not spec.experts:
-        return 0
-    h, i = spec.hidden, spec.intermediate
-    rows = min(spec.experts, max(1, GATE_UP_CHUNK_ROWS // (2 * i))) * 2 * i
-    gate_up = rows * h * (2 * dtype_bytes + 4) + 4 * h * h
-    batch = min(spec.experts, DOWN_BATCH)
-    down = batch * (3 * 4 * h * i + 2 * 4 * i * i)
-    return max(gate_up, down)
 
 
 def packed_bytes(spec: LayerSpec, quant_type: str, dtype_bytes: int) -> int:
@@ -362,6 +248,10 @@ def check_source(model_id: str):
 
 def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: list[Rule], device: Device,
               cpu_available: int, source=None) -> Plan:
+    import torch
+
+    from ktq.gpu.gptq import working_set_bytes  # llm-compressor's solver: imported when a plan is made
+
     text = text_config(config)
     width = DTYPE_BYTES[opts.torch_dtype]
     specs = layer_specs(model, text, opts.torch_dtype)
@@ -372,8 +262,6 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     moe = [spec for spec in specs if spec.experts]
     largest_moe = max(moe, key=lambda spec: spec.expert_bytes) if moe else None
     samples, seq = (opts.num_calibration_samples, opts.max_sequence_length) if gptq else (0, 0)
-    import torch
-
     reasons = list(linear_reasons(model, text, rules).values())
     quantized = reasons.count(None)
     kept = Counter(reason for reason in reasons if reason is not None)
@@ -392,9 +280,10 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
                 samples=samples, seq_len=seq,
                 hessian_bytes=4 * (largest_moe.hidden ** 2 + largest_moe.experts * largest_moe.intermediate ** 2)
                 if (gptq and largest_moe and opts.output_dir is not None) else 0,
-                solve_bytes=solve_bytes(largest_moe, width) if largest_moe and opts.output_dir is not None else 0,
+                solve_bytes=working_set_bytes(largest_moe.experts, largest_moe.hidden, largest_moe.intermediate, width)
+                if largest_moe and opts.output_dir is not None else 0,
                 activation_bytes=activation_bytes(text, seq, width, largest_moe or specs[0]) if gptq else 0,
-                # calibrating CPU experts keeps each token's input to the experts as well (cpu_experts.RoutedInputs)
+                # calibrating CPU experts keeps each token's input to the experts as well (ktq.calibrated.routed)
                 cache_bytes=cache_bytes(text, samples, seq, width) * (2 if opts.cpu_experts else 1) if gptq else 0,
                 packed_bytes=packed,
                 output_bytes=output, process_bytes=_process_bytes(),
@@ -444,7 +333,7 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
 def _size_cpu_chunk(plan: Plan, spec: LayerSpec, budget: int | None = None) -> None:
     """Experts of a layer the CPU-expert solve takes at once: as many as fit in budget (at least CPU_SOLVE_BYTES,
     more where the GPU has room), for fewer passes of its column loop."""
-    from ktq.gpu.cpu_experts import CPU_SOLVE_BYTES, chunk_size, stacked_bytes
+    from ktq.calibrated.solve import CPU_SOLVE_BYTES, chunk_size, stacked_bytes
 
     plan.cpu_chunk = chunk_size(spec.experts, spec.hidden, spec.intermediate, max(budget or 0, CPU_SOLVE_BYTES))
     plan.cpu_solve_bytes = stacked_bytes(plan.cpu_chunk, spec.hidden, spec.intermediate)

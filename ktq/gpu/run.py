@@ -1,22 +1,23 @@
-"""The stages of `ktq gpu`: plan, load, dataset, quantize, save; each timed in the report.
+"""The stages of a streaming run (`ktq gpu`, `ktq cpu --calibrate`): plan, load, dataset, quantize, save; each
+timed in the report. The artifacts the options ask for (the GPU checkpoint, the calibrated CPU experts) are opened
+here and handed to the engine, which writes them layer by layer.
 
 The checkpoint is written into a hidden staging folder beside --output_dir, one committed shard per decoder layer
 (output.py): a run killed midway and started again with the same command continues there. The folder is renamed
 into place only when the model, index, config, tokenizer files and report are all there, so a folder at
 --output_dir is always complete.
 
-The process layout is kept in `World` (this process's rank among how many); a single process is rank 0 of 1. Only
-rank 0 prints, shows progress and writes; every rank calibrates on its share of the samples (distributed.py).
+Only rank 0 of a distributed run (world.py) prints, shows progress and writes; every rank calibrates on its share of
+the samples.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,77 +25,25 @@ from loguru import logger
 from rich.console import Console
 
 from ktq import hfformat
+from ktq.calibrated.artifact import CalibratedExperts, refuse_misaligned, serve_lines
 from ktq.errors import KtqError
 from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
 from ktq.gpu.layout import MoeLayout, ignore_rules, stores_fused_experts
+from ktq.gpu.model import ModelMap, meta_model
 from ktq.gpu.options import GpuOptions, jsonable
-from ktq.gpu.plan import (
-    Plan,
-    check_source,
-    decoder_layers,
-    make_plan,
-    meta_model,
-    plan_json,
-    plan_table,
-)
+from ktq.gpu.output import commit, staging_path
+from ktq.gpu.plan import Plan, check_source, make_plan, plan_json, plan_table
 from ktq.gpu.report import LOG_FILE, Report
+from ktq.gpu.world import World
 
-# files of a source checkpoint that the quantised one replaces rather than copies
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_REPLACED = {"config.json", hfformat.INDEX_NAME, "pytorch_model.bin.index.json",
-             "recipe.yaml"}
 # warnings that ktq's own choices cause, left out of the report: --force_cpu or a CPU-only machine is what the plan
 # table already says
 _EXPECTED_WARNINGS = ("No accelerator available",)
 
 
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        """A member of a torch.distributed process group (even of one process, with --nproc 1)."""
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def reduce(self, tensors: list) -> None:
-        """Sum calibration statistics over the ranks (each saw its share of the samples), in place."""
-        if self.distributed:
-            import torch.distributed as dist
-
-            for tensor in tensors:
-                dist.all_reduce(tensor)
-
-    def share(self, owner: int, tensors: list) -> None:
-        """Broadcast what rank `owner` computed to every rank, in place."""
-        if self.distributed:
-            import torch.distributed as dist
-
-            for tensor in tensors:
-                dist.broadcast(tensor, src=owner)
-
-    def open_output(self, make):
-        """Rank 0 prepares the staging folder (resumed or cleared) before the other ranks read what it holds."""
-        if not self.distributed:
-            return make(True)
-        import torch.distributed as dist
-
-        output = make(True) if self.is_main else None
-        dist.barrier()
-        return output if output is not None else make(False)
-
-
-def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = False,
-            world: World = World()) -> Report:
+def run(opts: GpuOptions, console: Console | None = None, debug: bool = False, world: World = World()) -> Report:
+    """A streaming run: the GPU checkpoint (--output_dir), the calibrated CPU experts (opts.cpu_experts), or both."""
     console = console or Console(stderr=True)
     quiet = opts.quiet or not world.is_main
     refuse_unconvertible(Path(opts.model_id).expanduser() / "config.json")
@@ -108,7 +57,7 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     with report.stage("plan"):
         source = check_source(opts.model_id)
         if source is not None and opts.cpu_experts is not None:
-            refuse_misaligned(opts.cpu_experts, source.experts.geometry)
+            refuse_misaligned(opts.cpu_experts.method, opts.cpu_experts.numa, source.experts.geometry)
         skeleton = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
         plan = make_plan(opts, config, skeleton, layout, rules, detect_device(), available_cpu_memory(), source)
     report.plan = plan.as_dict()
@@ -131,7 +80,7 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
                        "to see that plan, or --force_cpu to calibrate on the CPU")
 
     # a staging folder left by an interrupted run of the same command is continued, any other one started over
-    staging = _staging_path(opts.output_dir) if opts.output_dir is not None else None
+    staging = staging_path(opts.output_dir) if opts.output_dir is not None else None
     try:
         _quantize_and_save(opts, source, skeleton, plan, rules, report, staging, console, quiet, debug, world)
     finally:
@@ -139,20 +88,22 @@ def run_gpu(opts: GpuOptions, console: Console | None = None, debug: bool = Fals
     if world.is_main:
         if staging is not None:
             report.write(staging)
-            _commit(staging, opts.output_dir)
+            commit(staging, opts.output_dir)
         if not quiet:
             for line in report.summary_lines():
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
             if opts.output_dir is not None:
                 console.print(f"wrote {opts.output_dir}", highlight=False)
             if opts.cpu_experts is not None:
-                for line in cpu_experts_lines(opts.cpu_experts):
+                cpu = opts.cpu_experts
+                for line in serve_lines(cpu.output, cpu.method, cpu.numa):
                     console.print(line, highlight=False, markup=False, soft_wrap=True)
     return report
 
 
 def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, report: Report, staging: Path,
                        console: Console, quiet: bool, debug: bool, world: World) -> None:
+    from ktq.gpu.checkpoint import GpuCheckpoint
     from ktq.gpu.engine import Engine
     from ktq.gpu.output import StreamOutput
     from ktq.gpu.progress import GpuProgress
@@ -160,7 +111,7 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
     if plan.device.is_gpu:
         torch.cuda.reset_peak_memory_stats(0)
     with report.stage("load"):
-        layer_names = [name for name, _ in decoder_layers(skeleton)]
+        model = ModelMap(skeleton, source.logical)
         tokenizer = load_tokenizer(opts)
     dataset = None
     if opts.calibrated:
@@ -170,104 +121,73 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
         report.calibration_samples = len(dataset)
         report.calibration_tokens = sum(len(ids) for ids in dataset["input_ids"])
     fingerprint = _run_fingerprint(opts, source, dataset, plan, world)
-    if world.distributed:
-        from ktq.gpu.distributed import rank_share
-
-        dataset = rank_share(dataset, world) if dataset is not None else None
-    output = None
+    if world.distributed and dataset is not None:
+        dataset = world.share_of(dataset)
+    artifacts = []
+    gpu = None
     if staging is not None:
-        output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(layer_names) + 1,
+        output = world.open_output(lambda writable: StreamOutput(staging, fingerprint, len(model.layers) + 1,
                                                                  writable))
-    cpu = _open_cpu_experts(opts, source, dataset, fingerprint, len(layer_names), plan) if opts.cpu_experts else None
+        gpu = GpuCheckpoint(opts, source, model, rules, world, output, plan.device.torch_device)
+        artifacts.append(gpu)
+    cpu = _open_cpu_experts(opts, source, dataset, fingerprint, len(model.layers), plan) if opts.cpu_experts else None
+    if cpu is not None:
+        artifacts.append(cpu)
     logs = _run_logs(staging if world.is_main else None, report, debug)
     with cpu.output if cpu else contextlib.nullcontext(), logs, GpuProgress(quiet, console) as progress:
-        engine = Engine(opts, source, skeleton, layer_names, rules, plan.device.torch_device, plan.cache_device,
-                        world, progress, output, cpu)
+        text = skeleton.config.get_text_config()
+        engine = Engine(source, model, artifacts, getattr(text, "hidden_act", None) or "silu",
+                        getattr(torch, opts.torch_dtype), plan.device.torch_device, plan.cache_device, world,
+                        progress)
         if dataset is not None:
-            progress.start(len(layer_names), len(dataset), "calibrating")
+            progress.start(len(model.layers), len(dataset), "calibrating")
         else:
-            progress.start(len(layer_names), 1, "rounding")
+            progress.start(len(model.layers), 1, "rounding")
         with report.stage("quantize"), torch.no_grad():
             engine.run(dataset)
         if world.distributed:
-            from ktq.gpu.distributed import gather_stages
-
-            gather_stages(report)
-        report.gptq_loss = dict(sorted(engine.losses.items()))
+            report.rank_stages = world.gather(dict(report.stages))
         report.routed_tokens = engine.routed
         report.layer_seconds = engine.layer_seconds
         report.unrouted_experts = {name: [e for e, n in enumerate(counts) if n == 0]
                                    for name, counts in engine.routed.items() if 0 in counts}
-        if output is not None:
-            report.count_modules(engine.module_reasons())
+        if gpu is not None:
+            report.gptq_loss = dict(sorted(gpu.losses.items()))
+            report.count_modules(gpu.module_reasons())
+            if gpu.fallbacks:
+                report.warnings.append(f"the Hessian of {len(gpu.fallbacks)} expert projections was not positive "
+                                       f"definite; they were rounded to nearest (e.g. {gpu.fallbacks[0]})")
         if stores_fused_experts(opts.model_id):
             report.warnings.append(
                 "the source checkpoint stores each layer's experts fused in 3-D tensors; the output stores one "
                 "tensor per expert projection, as llm-compressor 0.14 saves quantised experts (compressed-tensors "
                 "0.19 cannot pack fused experts); transformers 5.17 reads that layout back only for architectures "
                 "with a per-expert loading rule (qwen2/3_moe, deepseek, ...), not e.g. qwen3_vl_moe")
-        if engine.fallbacks:
-            report.warnings.append(f"the Hessian of {len(engine.fallbacks)} expert projections was not positive "
-                                   f"definite; they were rounded to nearest (e.g. {engine.fallbacks[0]})")
         if world.is_main:
             with report.stage("save"):
-                if output is not None:
-                    _finish(opts, output, engine, staging)
+                if gpu is not None:
+                    gpu.finish(engine.routed_by_layer())
                 if cpu is not None:
-                    cpu.output.finish(Path(opts.model_id).expanduser())
+                    cpu.finish(Path(opts.model_id).expanduser())
         if plan.device.is_gpu:
             report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(0))
 
 
-def refuse_misaligned(cpu, geometry) -> None:
-    """Calibrated CPU experts need kt-kernel's alignment as ktq cpu does: refused before anything is loaded."""
-    from ktq.kernels.ktformat import METHODS, alignment_problem
-
-    problem = alignment_problem(METHODS[cpu.method], geometry.hidden, geometry.intermediate, cpu.numa)
-    if problem:
-        raise KtqError(problem)
-
-
-def cpu_experts_lines(cpu) -> list[str]:
-    """Where the calibrated CPU experts went and how sglang-kt serves them, hot experts on the GPU."""
-    from ktq.cpu.output import PLACEMENT_FILE
-    from ktq.kernels.ktformat import METHODS
-
-    return [f"wrote {cpu.output} (calibrated {METHODS[cpu.method].kt_method}, {cpu.numa} NUMA parts)",
-            f"serve with: --kt-method {METHODS[cpu.method].kt_method} --kt-weight-path {cpu.output} "
-            f"--kt-threadpool-count {cpu.numa} --init-expert-location {cpu.output / PLACEMENT_FILE} "
-            "--kt-num-gpu-experts N (the N experts per layer that calibration routed most tokens to go to the GPU)"]
-
-
 def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_hidden_layers: int, plan: Plan):
-    """The calibrated CPU experts' output (a ktq cpu folder), opened and locked; its identity records the
-    calibration, so a run with other data or settings does not continue it."""
-    from ktq.cpu.layout import Layout
-    from ktq.cpu.output import check_disk, needed_bytes
-    from ktq.gpu.cpu_experts import DAMPENING, GENERIC_TOKENS, GENERIC_WEIGHT
-    from ktq.gpu.cpu_output import CalibratedCpuOutput
-    from ktq.gpu.engine import CpuArtifact
-    from ktq.kernels import ktformat as fmt
-
+    """The calibrated CPU experts' artifact (a ktq cpu folder, opened, locked when entered); its identity records
+    the calibration, so a run with other data or settings does not continue it."""
     cpu = opts.cpu_experts
-    method = fmt.METHODS[cpu.method]
-    g = source.experts.geometry
-    layout = Layout("merged" if cpu.merge else "kt", method, cpu.numa, g.hidden, g.intermediate, g.experts,
-                    tuple(layer.index for layer in source.experts.layers))
     local = Path(opts.dataset).expanduser()
     dataset_name = str(local.resolve()) if local.exists() else opts.dataset  # the same file from any folder
     calibration = {"method": "gptq", "dataset": dataset_name, "split": opts.split, "text_column": opts.text_column,
                    "samples": len(dataset), "tokens": sum(len(ids) for ids in dataset["input_ids"]),
                    "max_sequence_length": opts.max_sequence_length, "random_seed": opts.random_seed,
                    "tokens_fingerprint": fingerprint["calibration_tokens"], "device": fingerprint["device"],
-                   "torch_dtype": opts.torch_dtype, "dampening": DAMPENING, "generic_tokens": GENERIC_TOKENS,
-                   "generic_weight": GENERIC_WEIGHT}
-    output = CalibratedCpuOutput(cpu.output.expanduser(), layout, source.ckpt, source.experts, calibration,
-                                 num_hidden_layers, cpu.force)
-    todo = [layer for layer in layout.layers if layer not in output.manifest.layers]
-    check_disk(cpu.output, needed_bytes(layout, todo, Path(opts.model_id).expanduser() if cpu.merge else None), 0,
-               opts.no_memory_check, logger.warning)
-    return CpuArtifact(output, method.bits, cpu.numa, plan.cpu_chunk)
+                   "torch_dtype": opts.torch_dtype}
+    return CalibratedExperts.open(cpu.output.expanduser(), cpu.method, cpu.numa, cpu.merge, cpu.force, source,
+                                  calibration, num_hidden_layers, Path(opts.model_id).expanduser(),
+                                  opts.no_memory_check, plan.cpu_chunk, plan.cache_device,
+                                  plan.device.torch_device)
 
 
 def _run_fingerprint(opts: GpuOptions, source, dataset, plan: Plan, world: World) -> dict:
@@ -279,29 +199,6 @@ def _run_fingerprint(opts: GpuOptions, source, dataset, plan: Plan, world: World
             "dampening_frac": opts.dampening_frac, "torch_dtype": opts.torch_dtype,
             "ignore_patterns": list(opts.ignore_patterns), "calibration_tokens": tokens.hexdigest()[:32],
             "device": "cuda" if plan.device.is_gpu else "cpu", "world_size": world.size}
-
-
-def _finish(opts: GpuOptions, output, engine, staging: Path) -> None:
-    """Index, config with quantization_config, and the source's side files, once every shard is in."""
-    output.check_complete()
-    index = {"metadata": {"total_size": output.total_size()}, "weight_map": output.weight_map()}
-    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    source = Path(opts.model_id).expanduser()
-    config = json.loads((source / "config.json").read_text())
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
-    for holder in (config, text):
-        if holder is not None and isinstance(holder.get("quantization_config"), dict):
-            del holder["quantization_config"]  # the source's FP8 scheme: its weights are decoded now
-            holder["torch_dtype"] = opts.torch_dtype
-    config["quantization_config"] = engine.quantization_config()
-    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    counts = engine.routed_by_layer()
-    if counts:
-        from ktq.cpu.output import PLACEMENT_FILE
-        from ktq.gpu.cpu_output import write_placement
-
-        write_placement(staging / PLACEMENT_FILE, counts, len(engine.layers), engine.source.experts.geometry.experts)
-    _copy_side_files(source, staging)
 
 
 def refuse_unconvertible(config_file: Path) -> None:
@@ -339,34 +236,6 @@ def _first_line(exc: Exception) -> str:
     """What a library's exception says, on one line."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _copy_side_files(source: Path, staging: Path) -> None:
-    """Tokenizer, chat template, processor and remote-code files, byte for byte: what the checkpoint needs
-    besides the weights and config that save_pretrained wrote."""
-    for path in sorted(source.iterdir()):
-        if (path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _REPLACED
-                and not (staging / path.name).exists()):
-            shutil.copy2(path, staging / path.name)
-
-
-def _staging_path(output_dir: Path) -> Path:
-    output_dir = output_dir.expanduser()
-    return output_dir.parent / f".{output_dir.name}.ktq-partial"
-
-
-def _commit(staging: Path, output_dir: Path) -> None:
-    """Put the finished folder in place; an older output (with --overwrite) is removed only after that."""
-    output_dir = output_dir.expanduser()
-    old = None
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.ktq-old"
-        if old.exists():
-            shutil.rmtree(old)
-        output_dir.rename(old)
-    staging.rename(output_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 class _run_logs:

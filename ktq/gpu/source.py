@@ -13,6 +13,7 @@ Everything else is decoded on the device it is used on: BF16 / FP16 / FP32 as st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,8 @@ class SourceCheckpoint:
         """Decoder layer index -> its position in `experts.layers`."""
         return {layer.index: i for i, layer in enumerate(self.experts.layers)}
 
-    def logical_names(self) -> dict[str, list[TensorInfo]]:
+    @cached_property
+    def logical(self) -> dict[str, list[TensorInfo]]:
         """Every stored weight under its loadable name (`X.weight` for FP8 `X.weight` + `X.weight_scale_inv`)."""
         found: dict[str, list[TensorInfo]] = {}
         for name, info in self.ckpt.tensors.items():

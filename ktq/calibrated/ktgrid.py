@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ktq.kernels.ktformat import BY_BITS
+
 BLOCK = 128  # columns per lazy-update block, as GPTQModifier.block_size
-LEVELS = {4: 7, 8: 127}  # largest code magnitude: both kt-kernel kernels decode [-LEVELS, LEVELS] correctly
-STEP = {4: 16.0, 8: 1.0}  # value = code x STEP x stored scale
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 down to 0.7 of each row's largest magnitude
 
 
@@ -40,7 +40,7 @@ class GridCodes:
         """fp32 [B, R, C]: what kt-kernel computes with (one fp32 copy of the codes, the steps broadcast)."""
         b, r, c = self.codes.shape
         values = self.codes.float().view(b, r, self.groups, c // self.groups)
-        return values.mul_((self.scales * STEP[bits])[..., None]).view(b, r, c)
+        return values.mul_((self.scales * BY_BITS[bits].code_step)[..., None]).view(b, r, c)
 
     def dequantize_into(self, target: torch.Tensor, bits: int, batch: int = 16) -> None:
         """dequantize() copied into target [B, R, C] (any device and dtype), `batch` matrices at a time."""
@@ -57,7 +57,7 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
     w = weights.view(b, r, groups, c // groups)
     imp = importance.view(b, 1, groups, c // groups)
     amax = w.abs().amax(dim=3)
-    levels = LEVELS[bits]
+    levels = BY_BITS[bits].max_code
     best_err = torch.full_like(amax, float("inf"))
     best = amax / levels
     work = torch.empty_like(w)  # one buffer for every ratio: fresh memory is slow to touch, and this is the size of w
@@ -68,7 +68,7 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, step, best)
-    # the stored scale is step / STEP: exact in fp32 (a power of two), so kt-kernel's step equals this one
+    # the stored scale is step / code_step: exact in fp32 (a power of two), so kt-kernel's step equals this one
     return best
 
 
@@ -80,11 +80,11 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     w = weights.to(torch.float32, copy=True)
     del weights  # the caller's copy may go as soon as it is dropped there
     b, r, c = w.shape
-    levels = LEVELS[bits]
+    levels = BY_BITS[bits].max_code
     if hessians is None:
         steps = clipped_steps(w, torch.ones((b, c), device=w.device), bits, groups)
         codes = _round(w, steps.repeat_interleave(c // groups, dim=2), levels)
-        return GridCodes(codes.to(torch.int8), steps / STEP[bits], groups,
+        return GridCodes(codes.to(torch.int8), steps / BY_BITS[bits].code_step, groups,
                          torch.ones(b, dtype=torch.bool, device=w.device))
     # Columns no calibration token reached carry no information: unlike llm-compressor, which zeroes their weights,
     # they are rounded as they are (held-out text may reach them), with the mean energy of the others, decoupled
@@ -122,7 +122,7 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     del wt, hinv
     codes = torch.empty((b, r, c), dtype=torch.int8, device=codes_t.device).scatter_(
         2, perm[:, None, :].expand(b, r, c), codes_t.mT)
-    return GridCodes(codes, steps / STEP[bits], groups, fallback | (alive == 0))
+    return GridCodes(codes, steps / BY_BITS[bits].code_step, groups, fallback | (alive == 0))
 
 
 def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:

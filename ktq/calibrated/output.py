@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ktq.calibrated.ktgrid import GridCodes
 from ktq.cpu.checkpoint import Checkpoint
 from ktq.cpu.experts import MoeModel
 from ktq.cpu.layout import Layout
@@ -22,24 +23,9 @@ from ktq.cpu.manifest import Manifest, save_manifest
 from ktq.cpu.output import PLACEMENT_FILE, committed_path, finish_output, plan_output
 from ktq.cpu.scan import Found, PieceReader
 from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
-from ktq.gpu.ktgrid import GridCodes
 from ktq.kernels.amx import pack_codes, unpack_dequantize
+from ktq.placement import write_placement
 from ktq.safetensors_io import read_header
-
-
-def placement(counts: dict[int, list[int]], num_hidden_layers: int, experts: int) -> dict[str, torch.Tensor]:
-    """sglang-kt's --init-expert-location contents: logical_count [1, num_hidden_layers, experts], the routed
-    calibration tokens of every expert, every decoder layer on the layer axis (dense ones zero)."""
-    table = torch.zeros((1, num_hidden_layers, experts), dtype=torch.int64)
-    for layer, routed in counts.items():
-        table[0, layer] = torch.tensor(routed, dtype=torch.int64)
-    return {"logical_count": table}
-
-
-def write_placement(path: Path, counts: dict[int, list[int]], num_hidden_layers: int, experts: int) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(placement(counts, num_hidden_layers, experts), tmp)
-    tmp.replace(path)
 
 
 class CalibratedCpuOutput:

@@ -8,8 +8,8 @@ projections already rounded, so the down rounding also makes up for theirs. A fe
 (GENERIC_TOKENS, every expert's the same) are blended in at GENERIC_WEIGHT: they keep an expert that the router
 rarely picks from being fitted to a handful of tokens, and give one that it never picks a Hessian at all.
 
-The calibration pass collects each sample's MoE inputs and routing (`RoutedInputs`, on the device the plan puts the
-hidden states on); experts are then solved in chunks sized to CPU_SOLVE_BYTES.
+The calibration pass collects each sample's MoE inputs and routing (routed.RoutedInputs, on the device the plan puts
+the hidden states on); experts are then solved in chunks sized to CPU_SOLVE_BYTES.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ktq.gpu.ktgrid import GridCodes, quantize_to_grid
+from ktq.calibrated.ktgrid import GridCodes, quantize_to_grid
+from ktq.calibrated.routed import RoutedInputs
 
 GENERIC_TOKENS = 512
 GENERIC_WEIGHT = 0.2  # the least error at small calibration sizes, within 1% of the best at 64 x 256 (ablation)
@@ -30,36 +31,6 @@ DOWN_AFTER_ROUNDED_GATE_UP = True  # the down Hessian from the rounded gate and 
 ROWS_PER_BATCH = 1 << 14  # routed tokens gathered and multiplied at a time: a hot expert's are not held at once
 # the least a chunk of experts may take (the plan gives it what the GPU has spare): 11 DeepSeek-V3 experts
 CPU_SOLVE_BYTES = 16 << 30
-
-
-class RoutedInputs:
-    """Every calibration token's input to one layer's experts, and the router's choice for it."""
-
-    def __init__(self, device) -> None:
-        self.device = device
-        self._x: list[torch.Tensor] = []
-        self._ids: list[torch.Tensor] = []
-        self._weights: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        self._x.append(x.to(self.device))
-        self._ids.append(top_k_index.to(self.device, torch.int64))
-        self._weights.append(top_k_weights.to(self.device, torch.float32))
-
-    def gathered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, H], expert ids [N, K], routing weights [N, K], once: each sample's tensors are moved into the
-        joined ones and dropped, so the inputs are never held twice."""
-        return tuple(_moved(parts) for parts in (self._x, self._ids, self._weights))
-
-
-def _moved(parts: list[torch.Tensor]) -> torch.Tensor:
-    joined = parts[0].new_empty((sum(len(p) for p in parts), *parts[0].shape[1:]))
-    first = 0
-    while parts:
-        part = parts.pop(0)
-        joined[first:first + len(part)] = part
-        first += len(part)
-    return joined
 
 
 class LayerCodes:

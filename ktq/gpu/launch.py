@@ -1,4 +1,4 @@
-"""`ktq gpu` over several processes through torch.distributed.
+"""`ktq gpu` over several processes: their launch (what the processes share is world.py's).
 
 Each rank calibrates on its share of the calibration samples; the statistics of every layer (Hessians, routed
 tokens) are summed over the ranks; the GPTQ problems of a layer (chunks of experts) are shared out between them and
@@ -30,14 +30,14 @@ from pathlib import Path
 
 from ktq.errors import KtqError
 from ktq.gpu.options import CpuExpertsOptions, GpuOptions, jsonable
+from ktq.gpu.world import TORCHRUN_VARIABLES, join, leave
 
-_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 ERROR_DIR_VARIABLE = "KTQ_DIST_ERROR_DIR"  # where a worker started by `--nproc` leaves its one-line error
 
 
 def in_torchrun() -> bool:
     """True inside a process started by torchrun (or any launcher that sets the torch.distributed variables)."""
-    return all(variable in os.environ for variable in _TORCHRUN_VARIABLES)
+    return all(variable in os.environ for variable in TORCHRUN_VARIABLES)
 
 
 def options_to_json(opts: GpuOptions) -> str:
@@ -73,7 +73,7 @@ def launch(opts: GpuOptions, nproc: int, debug: bool) -> None:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ktq-{uuid.uuid4().hex[:8]}",
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                               monitor_interval=0.2, start_method="spawn")
-        worker_args = ["-m", "ktq.gpu.distributed", str(options_file)] + (["--debug"] if debug else [])
+        worker_args = ["-m", "ktq.gpu.launch", str(options_file)] + (["--debug"] if debug else [])
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the workers inherit this process's environment
         try:
@@ -98,22 +98,6 @@ def first_failure(error_dir: Path, failures: dict, nproc: int) -> str:
     return f"rank {rank} ended with exit code {failure.exitcode} without an error message (killed? out of memory?)"
 
 
-def join(force_cpu: bool):
-    """Join the process group of the torchrun job this process belongs to; returns its `World`."""
-    import torch
-    import torch.distributed as dist
-
-    from ktq.gpu.run import World
-
-    rank, size, local_rank = (int(os.environ[v]) for v in _TORCHRUN_VARIABLES)
-    if torch.cuda.is_available() and not force_cpu:
-        torch.cuda.set_device(0)  # the only GPU this rank sees (see show_own_gpu)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
-    else:
-        dist.init_process_group("gloo")
-    return World(rank=rank, size=size, local_rank=local_rank)
-
-
 def show_own_gpu() -> None:
     """Leave this rank only the LOCAL_RANK-th visible GPU; before CUDA is first queried."""
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -136,39 +120,12 @@ def show_own_gpu() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank]
 
 
-def rank_share(dataset, world):
-    """This rank's contiguous share of the calibration set: every rank builds the same set (deterministic choice
-    of samples), so the shares are disjoint and cover it."""
-    start = len(dataset) * world.rank // world.size
-    end = len(dataset) * (world.rank + 1) // world.size
-    if start == end:
-        raise KtqError(f"{len(dataset)} calibration samples cannot be shared between {world.size} processes; "
-                       f"use at least {world.size} samples or fewer processes")
-    return dataset.select(range(start, end))
-
-
-def gather_stages(report) -> None:
-    """Each rank's stage times, on every rank (the report shows them side by side)."""
-    import torch.distributed as dist
-
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(report.stages))
-    report.rank_stages = gathered
-
-
-def leave() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def run_as_rank(opts: GpuOptions, debug: bool):
     """`ktq gpu` as one rank of a torchrun job (started by `launch` or by the user); after prepare_environment."""
     show_own_gpu()
-    from ktq.gpu.run import run_gpu
+    from ktq.gpu.run import run
 
-    report = run_gpu(opts, debug=debug, world=join(opts.force_cpu))
+    report = run(opts, debug=debug, world=join(opts.force_cpu))
     leave()
     return report
 

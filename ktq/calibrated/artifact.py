@@ -1,0 +1,111 @@
+"""The calibrated CPU experts as an artifact of the streaming engine (ktq cpu --calibrate, ktq gpu --cpu-output):
+what they take from the calibration pass (routed.RoutedInputs), a layer solved on kt-kernel's grid (solve) and
+written into a ktq cpu output (output), a committed layer read back for the propagation pass of a resumed run, and
+the serve line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from ktq.calibrated.output import CalibratedCpuOutput
+from ktq.calibrated.routed import RoutedInputs
+from ktq.calibrated.solve import (
+    DAMPENING,
+    GENERIC_TOKENS,
+    GENERIC_WEIGHT,
+    LayerCodes,
+    StageClock,
+    calibrate_layer,
+)
+from ktq.cpu.layout import Layout
+from ktq.cpu.output import PLACEMENT_FILE, check_disk, needed_bytes
+from ktq.errors import KtqError
+from ktq.kernels.ktformat import METHODS, alignment_problem
+
+
+def refuse_misaligned(method: str, numa: int, geometry) -> None:
+    """Calibrated CPU experts need kt-kernel's alignment as ktq cpu does: refused before anything is loaded."""
+    problem = alignment_problem(METHODS[method], geometry.hidden, geometry.intermediate, numa)
+    if problem:
+        raise KtqError(problem)
+
+
+def serve_lines(out: Path, method: str, numa: int) -> list[str]:
+    """Where the calibrated CPU experts went and how sglang-kt serves them, hot experts on the GPU."""
+    kt_method = METHODS[method].kt_method
+    return [f"wrote {out} (calibrated {kt_method}, {numa} NUMA parts)",
+            f"serve with: --kt-method {kt_method} --kt-weight-path {out} --kt-threadpool-count {numa} "
+            f"--init-expert-location {out / PLACEMENT_FILE} --kt-num-gpu-experts N (the N experts per layer that "
+            "calibration routed most tokens to go to the GPU)"]
+
+
+class CalibratedExperts:
+    """The engine's artifact for calibrated CPU experts (see ktq.gpu.engine.Artifact)."""
+
+    stages = ("cpu experts", "cpu write")
+
+    def __init__(self, output: CalibratedCpuOutput, chunk: int, cache_device, device) -> None:
+        """chunk: experts solved at a time (the plan's); cache_device: where the routed inputs wait."""
+        self.output, self.chunk, self.cache_device = output, chunk, cache_device
+        self.bits, self.numa = output.layout.method.bits, output.layout.numa
+        self.device = torch.device(device)
+        # the codes of one layer on the host, the same (pinned) buffers for every layer
+        self.codes = LayerCodes(pin=self.device.type == "cuda")
+        self._act_fn = None
+        self._solved: tuple | None = None  # (gate, up, down codes, routed) of the layer solved, not yet written
+
+    @classmethod
+    def open(cls, out: Path, method: str, numa: int, merge: bool, force: bool, source, calibration: dict,
+             num_hidden_layers: int, source_path: Path, no_disk_check: bool, chunk: int, cache_device,
+             device) -> "CalibratedExperts":
+        """The output (a ktq cpu folder) planned, its disk need checked; its identity records the calibration
+        (what the run's `calibration` says of the data, and the solver's settings), so a run with other data or
+        settings does not continue it. Lock it with `with artifact.output`."""
+        fmt = METHODS[method]
+        g = source.experts.geometry
+        layout = Layout("merged" if merge else "kt", fmt, numa, g.hidden, g.intermediate, g.experts,
+                        tuple(layer.index for layer in source.experts.layers))
+        calibration = {**calibration, "dampening": DAMPENING, "generic_tokens": GENERIC_TOKENS,
+                       "generic_weight": GENERIC_WEIGHT}
+        output = CalibratedCpuOutput(out, layout, source.ckpt, source.experts, calibration, num_hidden_layers,
+                                     force)
+        todo = [layer for layer in layout.layers if layer not in output.manifest.layers]
+        check_disk(out, needed_bytes(layout, todo, source_path if merge else None), 0, no_disk_check,
+                   logger.warning)
+        return cls(output, chunk, cache_device, device)
+
+    # ---- the engine's calls -----------------------------------------------------------------------------------
+
+    def pending(self, index: int) -> bool:
+        return index in self.output.layout.layers and not self.output.done(index)
+
+    def routed(self, index: int) -> list[int] | None:
+        return self.output.routed(index)
+
+    def collector(self, index: int, weights, act_fn) -> RoutedInputs:
+        self._act_fn = act_fn
+        return RoutedInputs(self.cache_device)
+
+    def solve(self, index: int, weights, inputs: RoutedInputs, routed: list[int], propagate: bool) -> None:
+        stages = StageClock(self.device)
+        gate, up, down, _ = calibrate_layer(*weights, inputs, self._act_fn, self.bits, self.numa, self.chunk,
+                                            self.codes, stages)
+        logger.info(f"layer {index} CPU experts, {self.chunk} at a time: "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in stages.seconds.items()))
+        if propagate:  # the layer as served
+            for weight, codes in zip(weights, (gate, up, down)):
+                codes.dequantize_into(weight, self.bits)
+        self._solved = (gate, up, down, routed)
+
+    def write(self, index: int) -> None:
+        solved, self._solved = self._solved, None
+        self.output.write_layer(index, *solved)
+
+    def restore(self, index: int, weights) -> None:
+        self.output.restore_into(index, weights)
+
+    def finish(self, source: Path) -> None:
+        self.output.finish(source)
