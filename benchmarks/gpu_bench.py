@@ -35,10 +35,10 @@ def log(out: Path, text: str) -> None:
         f.write(text + "\n")
 
 
-def run(cmd: list[str], out: Path, timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+def run(cmd: list[str], out: Path, timeout: int, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     log(out, "$ " + " ".join(cmd))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - start
     tail = (proc.stdout[-3000:] + proc.stderr[-6000:]).rstrip()
     log(out, f"[exit {proc.returncode}, {wall:.1f} s]\n{tail}")

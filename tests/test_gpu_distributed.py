@@ -191,7 +191,7 @@ def test_every_option_reaches_the_workers():
                       dataset_split="test", text_column="txt", ignore_patterns=("re:.*gate$", "lm_head"),
                       torch_dtype="float16", trust_remote_code=True, random_seed=3, max_gpu_memory=10**9,
                       max_cpu_memory=2 * 10**9, force_cpu=True, dry_run=True, as_json=True, overwrite=True,
-                      no_memory_check=True, quiet=True,
+                      no_memory_check=True, quiet=True, expert_chunk=3, sample_group=32,
                       cpu_experts=CpuExpertsOptions(Path("/c"), "int8", 2, merge=False, force=True))
     defaults = GpuOptions(model_id="", output_dir=Path())
     assert all(getattr(opts, f) != getattr(defaults, f) for f in opts.__dataclass_fields__)

@@ -207,3 +207,24 @@ def test_host_memory_does_not_grow_with_the_number_of_layers(work, chat):
         peaks.append(peak_rss(gpu_args(src, work / f"deep{layers}-out", chat, "--num_calibration_samples", 1,
                                        "--max_sequence_length", 16)))
     assert abs(peaks[1] - peaks[0]) < layer_bytes, peaks
+
+
+def test_any_chunk_of_experts_and_group_of_samples_writes_the_same_bytes(src, chat, work):
+    """The plan's sizes decide only what the device holds at once: one expert at a time and two groups of 16
+    samples give both artifacts byte for byte as the whole layer and every sample at once (every product has
+    the same rows either way)."""
+    outputs = []
+    for name, sizes in (("whole", ()), ("chunked", ("--expert_chunk", 1, "--sample_group", 16))):
+        out = work / f"sizes-{name}"
+        assert run_ktq(*gpu_args(src, out, chat, "--num_calibration_samples", 32, "--cpu-output", f"{out}-cpu",
+                                 *sizes)) == 0
+        plan = report(out)["plan"]
+        assert (plan["expert_chunk"], plan["sample_group"], plan["cpu_chunk"]) == \
+            ((8, 32, 8) if not sizes else (1, 16, 1))
+        # the plan's time for the layers, from rates measured on this machine, within 2x of the run's (its
+        # start-up is a nominal constant, and this in-process run has paid for most of it already)
+        stages, estimate = report(out)["stages"], plan["seconds_total"] - plan["seconds"]["start-up"]
+        assert 0.5 <= estimate / (stages["quantize"] + stages["save"]) <= 2, (plan["seconds"], stages)
+        outputs.append((checkpoint_files(out), tree_files(Path(f"{out}-cpu"))))
+    assert outputs[0][0] == outputs[1][0]
+    assert outputs[0][1] == outputs[1][1]

@@ -10,6 +10,7 @@ import pytest
 
 from gpu_models import chat_rows, deepseek_v3_config, run_ktq_capture, sample_moe, write_jsonl
 from ktq.errors import KtqError
+from ktq.gpu.budget import CUDA_HOST, pinned
 from ktq.gpu.devices import Device
 from ktq.gpu.layout import MoeLayout, ignore_rules
 from ktq.gpu.model import meta_model
@@ -70,6 +71,7 @@ def test_hidden_states_grow_with_samples_and_length(sample, parts, tmp_path):
     large = plan_for(sample, parts, tmp_path, CPU, num_calibration_samples=16, max_sequence_length=128)
     assert large.cache_bytes == 4 * small.cache_bytes
     assert large.activation_bytes == 2 * small.activation_bytes
+    large.rates = small.rates  # measured on this (shared) machine: the same rates for both
     assert large.seconds()["hessians"] > small.seconds()["hessians"]
 
 
@@ -82,13 +84,20 @@ def test_output_size_counts_packed_weights_and_scales(sample, parts, tmp_path):
     assert w8.packed_bytes == EXPERTS * 3 * (HIDDEN * INTER + 2 * INTER * (HIDDEN // 128))
 
 
-def test_a_large_gpu_keeps_the_hidden_states(sample, parts, tmp_path):
+def test_a_large_gpu_keeps_the_layer_every_sample_and_the_hidden_states(sample, parts, tmp_path):
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "big", 80 * GB, 80 * GB))
+    t = plan.terms
     assert plan.fits and plan.cache_on_gpu and plan.cache_device == "cuda:0"
-    assert plan.gpu_peak == (plan.layer.weight_bytes + plan.hessian_bytes
-                             + max(plan.activation_bytes, plan.solve_bytes) + plan.cache_bytes + GPU_OVERHEAD)
-    # the host holds this process, the next layer's experts and one packed layer; never the hidden states here
-    assert plan.cpu_peak == plan.process_bytes + plan.moe.expert_bytes + plan.packed_bytes
+    assert (plan.expert_chunk, plan.sample_group) == (EXPERTS, 512)
+    assert t.expert == 3 * HIDDEN * INTER * 2 and t.per_sample == 2048 * (2 * HIDDEN * 2 + 12 * 2)
+    assert plan.gpu_peak == (t.dense + EXPERTS * t.expert + plan.hessian_bytes + 512 * t.per_sample
+                             + max(t.activations + t.products, plan.solve_bytes) + t.kwargs + plan.cache_bytes
+                             + GPU_OVERHEAD)
+    # the host holds this process with the CUDA context, this layer's and the next layer's experts as read (bf16
+    # here, pinned: PyTorch rounds each pinned buffer up to a power of two) and one packed layer; never the hidden
+    # states here
+    assert plan.cpu_peak == (plan.terms.process + CUDA_HOST + 2 * pinned(plan.moe.expert_bytes)
+                             + plan.packed_bytes)
 
 
 def test_a_small_gpu_leaves_the_hidden_states_on_the_host(sample, parts, tmp_path):
@@ -99,17 +108,33 @@ def test_a_small_gpu_leaves_the_hidden_states_on_the_host(sample, parts, tmp_pat
                     num_calibration_samples=512, max_sequence_length=1024)
     assert not plan.cache_on_gpu and plan.cache_device == "cpu"
     assert plan.gpu_peak <= budget and plan.fits
-    assert plan.cpu_peak == full.cpu_peak + plan.cache_bytes
+    held = plan.terms.samples * pinned(plan.terms.sample_hidden)  # a pinned buffer per sample
+    assert plan.cpu_peak == full.cpu_peak + held + plan.terms.process - full.terms.process
+
+
+def test_a_gpu_too_small_for_the_layer_streams_its_experts_and_groups_the_samples(sample, parts, tmp_path):
+    full = plan_for(sample, parts, tmp_path, Device("cuda", "big", 80 * GB, 80 * GB), num_calibration_samples=512,
+                    max_sequence_length=1024)
+    t = full.terms
+    # one byte short of the whole layer's experts beside the smallest group of 16 samples
+    budget = (t.dense + t.hessians + max(t.activations + t.products, t.gptq) + t.kwargs + GPU_OVERHEAD
+              + EXPERTS * t.expert + 16 * t.per_sample - 1)
+    plan = plan_for(sample, parts, tmp_path, Device("cuda", "small", budget, budget), max_gpu_memory=budget,
+                    num_calibration_samples=512, max_sequence_length=1024)
+    assert plan.fits and plan.gpu_peak <= budget and not plan.cache_on_gpu
+    assert 1 <= plan.expert_chunk < EXPERTS and 16 <= plan.sample_group < 512 and plan.sample_group % 16 == 0
 
 
 def test_refuses_when_one_layer_cannot_be_calibrated(sample, parts, tmp_path):
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "tiny", GB, GB), max_gpu_memory=10**5)
     assert not plan.fits
-    assert "--max_gpu_memory" in plan.problems[0] and "--max_sequence_length" in plan.problems[0]
+    least = plan.problems[0].split("needs at least ")[1].split(" ")[0]
+    assert f"--max_gpu_memory {least}" in plan.problems[0] and "--force_cpu" in plan.problems[0]
 
 
 def test_refuses_when_the_host_cannot_hold_the_hidden_states(sample, parts, tmp_path):
-    plan = plan_for(sample, parts, tmp_path, CPU, cpu=10**6)
+    roomy = plan_for(sample, parts, tmp_path, CPU)
+    plan = plan_for(sample, parts, tmp_path, CPU, cpu=int((roomy.cpu_peak - roomy.cache_bytes / 2) / 0.85))
     assert not plan.fits
     assert plan.problems[0].startswith("the CPU must hold") and "--num_calibration_samples" in plan.problems[0]
 
@@ -132,34 +157,64 @@ def test_plan_table_shows_every_term(sample, parts, tmp_path):
     from rich.console import Console
 
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "big", 80 * GB, 80 * GB))
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=240)
     console.print(plan_table(plan, GpuOptions(model_id=str(sample), output_dir=tmp_path / "o")))
     text = console.export_text()
-    for row in ("layer", "next layer's experts", "Hessians", "activations", "hidden states", "GPTQ working set",
-                "packed layer", "output", "GPU peak", "CPU peak", "time", "nominal H100-class rates"):
+    for row in ("layer outside its experts", "experts on the device", "experts on the host", "Hessians",
+                "sample group", "activations", "expert products", "hidden states", "GPTQ working set",
+                "packed layer", "this process", "output", "GPU peak", "CPU peak", "time", "H100 datasheet rates",
+                "time on H200", "time on RTX 3090"):
         assert row in text
     assert "one shared gate/up 128^2 + 8 down 128^2" in text
 
 
-def test_deepseek_v3_fits_an_80_gib_gpu_and_64_gib_of_host_memory(tmp_path):
-    """Planned on this machine, which has no GPU, from DeepSeek-V3's config.json alone (an FP8 release)."""
+def deepseek_v3_plan(tmp_path, gpu: str, host: str) -> tuple[int, dict]:
     folder = tmp_path / "DeepSeek-V3"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(deepseek_v3_config()))
     chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(4))
     code, out, _ = run_ktq_capture("gpu", "--model_id", folder, "--output_dir", tmp_path / "out", "--dataset", chat,
-                                   "--quant_type", "W4A16", "--dry_run", "--json", "--max_gpu_memory", "80GiB",
-                                   "--max_cpu_memory", "64GiB")
-    plan = json.loads(out)
+                                   "--quant_type", "W4A16", "--dry_run", "--json", "--max_gpu_memory", gpu,
+                                   "--max_cpu_memory", host)
+    return code, json.loads(out)
+
+
+def test_deepseek_v3_fits_an_80_gib_gpu_and_64_gib_of_host_memory(tmp_path):
+    """Planned on this machine, which has no GPU, from DeepSeek-V3's config.json alone (an FP8 release)."""
+    code, plan = deepseek_v3_plan(tmp_path, "80GiB", "64GiB")
     assert plan["planned_gpu"] and plan["device_name"] == "a GPU of 85.90 GB" and not plan["rates_measured"]
     assert (plan["num_layers"], plan["moe_layers"], plan["experts"]) == (61, 58, 256)
     # 109.5 GB of per-projection Hessians as llm-compressor keeps them; 4.5 GB shared
     assert plan["hessian_bytes"] == 4 * (7168**2 + 256 * 2048**2)
     assert plan["gpu_peak_bytes"] <= 80 * 2**30 and plan["cpu_peak_bytes"] <= 64 * 2**30
     assert plan["cache_device"] == "cuda:0"  # 512 x 2048 hidden states of 7168 fit beside the layer
+    assert (plan["expert_chunk"], plan["sample_group"]) == (256, 512)  # the whole layer, every sample
     assert [p for p in plan["problems"] if "disk" not in p and "output needs" not in p] == []
     assert plan["source"].startswith("config.json only") and 0 < plan["seconds_total"] < 2 * 3600
     assert code == (0 if plan["fits"] else 2)
+
+
+@pytest.mark.parametrize("gpu, host, resident", [("48GiB", "64GiB", True), ("24GiB", "96GiB", False)])
+def test_deepseek_v3_fits_the_gpus_users_own(tmp_path, gpu, host, resident):
+    """24 GiB: the experts stream through in chunks and the samples in groups, the hidden states on the host; the
+    host holds two layers of experts as stored (FP8), not decoded."""
+    code, plan = deepseek_v3_plan(tmp_path, gpu, host)
+    assert plan["gpu_peak_bytes"] <= parse_size(gpu, "") and plan["cpu_peak_bytes"] <= parse_size(host, "")
+    assert [p for p in plan["problems"] if "output needs" not in p] == []
+    assert (plan["expert_chunk"] == 256) == resident and plan["sample_group"] % 16 == 0
+    assert plan["cache_device"] == "cpu" and plan["host_experts_bytes"] < 2 * 256 * 3 * 7168 * 2048 * 1.01
+    classes = plan["gpu_classes"]
+    assert list(classes) == ["H200", "H100", "A100", "RTX 4090", "RTX 3090"]
+    assert all(found["fits"] for found in classes.values())
+    assert classes["H200"]["seconds"] < classes["A100"]["seconds"] < classes["RTX 3090"]["seconds"]
+
+
+def test_a_run_that_fits_no_gpu_says_what_would(tmp_path):
+    code, plan = deepseek_v3_plan(tmp_path, "4GiB", "96GiB")
+    assert code == 2 and not plan["fits"]
+    problem = next(p for p in plan["problems"] if "on the GPU" in p)
+    assert "one expert at a time" in problem and "Hessians 4.50 GB" in problem and "--force_cpu" in problem
+    assert "a GPU with" in problem and "--max_gpu_memory" in problem
 
 
 def test_sources_the_engine_cannot_read_are_refused_before_loading(tmp_path):

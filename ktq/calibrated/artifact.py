@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from ktq.calibrated.output import CalibratedCpuOutput
+from ktq.calibrated.output import CalibratedCpuOutput, dequantized_experts
 from ktq.calibrated.routed import RoutedInputs
 from ktq.calibrated.solve import (
     DAMPENING,
@@ -55,7 +55,7 @@ class CalibratedExperts:
         # the codes of one layer on the host, the same (pinned) buffers for every layer
         self.codes = LayerCodes(pin=self.device.type == "cuda")
         self._act_fn = None
-        self._solved: tuple | None = None  # (gate, up, down codes, routed) of the layer solved, not yet written
+        self._solved: tuple | None = None  # (layer, gate, up, down codes, routed) of the layer solved last
 
     @classmethod
     def open(cls, out: Path, method: str, numa: int, merge: bool, force: bool, source, calibration: dict,
@@ -79,33 +79,39 @@ class CalibratedExperts:
 
     # ---- the engine's calls -----------------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Nothing to prepare: its solve compiles no kernels."""
+
     def pending(self, index: int) -> bool:
         return index in self.output.layout.layers and not self.output.done(index)
 
     def routed(self, index: int) -> list[int] | None:
         return self.output.routed(index)
 
-    def collector(self, index: int, weights, act_fn) -> RoutedInputs:
+    def collector(self, index: int, act_fn) -> RoutedInputs:
         self._act_fn = act_fn
         return RoutedInputs(self.cache_device)
 
-    def solve(self, index: int, weights, inputs: RoutedInputs, routed: list[int], propagate: bool) -> None:
+    def solve(self, index: int, experts, inputs: RoutedInputs, routed: list[int]) -> None:
         stages = StageClock(self.device)
-        gate, up, down, _ = calibrate_layer(*weights, inputs, self._act_fn, self.bits, self.numa, self.chunk,
+        gate, up, down, _ = calibrate_layer(experts, inputs, self._act_fn, self.bits, self.numa, self.chunk,
                                             self.codes, stages)
         logger.info(f"layer {index} CPU experts, {self.chunk} at a time: "
                     + ", ".join(f"{k} {v:.2f} s" for k, v in stages.seconds.items()))
-        if propagate:  # the layer as served
-            for weight, codes in zip(weights, (gate, up, down)):
-                codes.dequantize_into(weight, self.bits)
-        self._solved = (gate, up, down, routed)
+        self._solved = (index, gate, up, down, routed)
 
     def write(self, index: int) -> None:
-        solved, self._solved = self._solved, None
-        self.output.write_layer(index, *solved)
+        self.output.write_layer(index, *self._solved[1:])
 
-    def restore(self, index: int, weights) -> None:
-        self.output.restore_into(index, weights)
+    def written(self, index: int, chunk) -> None:
+        """The experts of `chunk` as served: the codes just solved, or a committed layer read back."""
+        if self._solved is not None and self._solved[0] == index:
+            for weight, codes in zip(chunk.projections(), self._solved[1:4]):
+                codes.dequantize_into(weight, self.bits, chunk.block)
+        else:
+            for e, *values in dequantized_experts(self.output.out, self.output.layout, index, chunk.block):
+                for weight, value in zip(chunk.projections(), values):
+                    weight[e - chunk.block.start].copy_(value)
 
     def finish(self, source: Path) -> None:
         self.output.finish(source)

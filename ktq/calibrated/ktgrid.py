@@ -42,12 +42,14 @@ class GridCodes:
         values = self.codes.float().view(b, r, self.groups, c // self.groups)
         return values.mul_((self.scales * BY_BITS[bits].code_step)[..., None]).view(b, r, c)
 
-    def dequantize_into(self, target: torch.Tensor, bits: int, batch: int = 16) -> None:
-        """dequantize() copied into target [B, R, C] (any device and dtype), `batch` matrices at a time."""
-        for first in range(0, self.codes.shape[0], batch):
-            part = GridCodes(self.codes[first:first + batch].to(target.device),
-                             self.scales[first:first + batch].to(target.device), self.groups, self.rounded)
-            target[first:first + batch].copy_(part.dequantize(bits))
+    def dequantize_into(self, target: torch.Tensor, bits: int, matrices: range, batch: int = 16) -> None:
+        """dequantize() of `matrices` copied into target [len(matrices), R, C] (any device and dtype), `batch`
+        matrices at a time."""
+        for first in range(matrices.start, matrices.stop, batch):
+            last = min(first + batch, matrices.stop)
+            part = GridCodes(self.codes[first:last].to(target.device), self.scales[first:last].to(target.device),
+                             self.groups, self.rounded)
+            target[first - matrices.start:last - matrices.start].copy_(part.dequantize(bits))
 
 
 def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, groups: int) -> torch.Tensor:

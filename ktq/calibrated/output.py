@@ -82,27 +82,21 @@ class CalibratedCpuOutput:
         self.manifest.layers[layer] = replace(record, routed=tuple(routed))
         save_manifest(self.out, self.manifest)
 
-    def restore_into(self, layer: int, weights) -> None:
-        """A committed layer's experts, as served, copied into weights (gate, up, down on the device), one expert
-        at a time: the host never holds a whole layer in fp32."""
-        for e, *projections in dequantized_experts(self.out, self.layout, layer):
-            for weight, value in zip(weights, projections):
-                weight[e].copy_(value)
-
     def finish(self, source: Path | None) -> None:
         counts = {layer: list(record.routed or ()) for layer, record in self.manifest.layers.items()}
         write_placement(self.out / PLACEMENT_FILE, counts, self.num_hidden_layers, self.layout.experts)
         finish_output(self.out, self.manifest, source if self.layout.form == "merged" else None)
 
 
-def dequantized_experts(out: Path, layout: Layout, layer: int):
-    """A committed layer's experts as kt-kernel computes with them, one expert at a time: (e, gate [I, H], up [I, H],
-    down [H, I]) in fp32 (NUMA parts joined: gate and up parts are row ranges, down parts column ranges). Read through
-    ktq.cpu.scan's PieceReader, from the layer's pending or published shard or its .kt folder."""
+def dequantized_experts(out: Path, layout: Layout, layer: int, experts: range | None = None):
+    """A committed layer's experts (all, or `experts`) as kt-kernel computes with them, one expert at a time: (e,
+    gate [I, H], up [I, H], down [H, I]) in fp32 (NUMA parts joined: gate and up parts are row ranges, down parts
+    column ranges); the host never holds a whole layer in fp32. Read through ktq.cpu.scan's PieceReader, from the
+    layer's pending or published shard or its .kt folder."""
     bits, part_rows = layout.method.bits, layout.intermediate // layout.numa
     tensors = read_header(committed_path(out, layout, layer))[0] if layout.form == "merged" else {}
     with PieceReader(Found(out, "ktq-output", layout, tensors=tensors)) as reader:
-        for e in range(layout.experts):
+        for e in experts or range(layout.experts):
             gate = np.empty((layout.intermediate, layout.hidden), np.float32)
             up = np.empty_like(gate)
             down = np.empty((layout.hidden, layout.intermediate), np.float32)

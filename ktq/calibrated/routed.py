@@ -7,7 +7,10 @@ import torch
 
 
 class RoutedInputs:
-    """Every calibration token's input to one layer's experts, and the router's choice for it."""
+    """Every calibration token's input to one layer's experts, and the router's choice for it (a collector of the
+    engine's calibration pass)."""
+
+    wants_intermediates = False  # the experts' own activations come later, from the rounded gate and up
 
     def __init__(self, device) -> None:
         self.device = device

@@ -9,18 +9,18 @@ projections already rounded, so the down rounding also makes up for theirs. A fe
 rarely picks from being fitted to a handful of tokens, and give one that it never picks a Hessian at all.
 
 The calibration pass collects each sample's MoE inputs and routing (routed.RoutedInputs, on the device the plan puts
-the hidden states on); experts are then solved in chunks sized to CPU_SOLVE_BYTES.
+the hidden states on); experts are then solved in chunks the plan sizes to the memory the device has spare.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
 from ktq.calibrated.ktgrid import GridCodes, quantize_to_grid
 from ktq.calibrated.routed import RoutedInputs
+from ktq.precision import tf32_products
 
 GENERIC_TOKENS = 512
 GENERIC_WEIGHT = 0.2  # the least error at small calibration sizes, within 1% of the best at 64 x 256 (ablation)
@@ -29,8 +29,6 @@ DAMPENING = 0.01  # of the mean Hessian diagonal, GPTQ's own default
 ROUTING_WEIGHTED = True  # tokens weighted by their squared routing weight
 DOWN_AFTER_ROUNDED_GATE_UP = True  # the down Hessian from the rounded gate and up projections
 ROWS_PER_BATCH = 1 << 14  # routed tokens gathered and multiplied at a time: a hot expert's are not held at once
-# the least a chunk of experts may take (the plan gives it what the GPU has spare): 11 DeepSeek-V3 experts
-CPU_SOLVE_BYTES = 16 << 30
 
 
 class LayerCodes:
@@ -68,33 +66,15 @@ def stacked_bytes(experts: int, hidden: int, intermediate: int) -> int:
     its inverse factor) and ten bytes per weight of its gate and up projections (ktgrid's fp32 copy and a second
     fp32 buffer, the codes; the down solve and its Hessian need less); per chunk, the factorisation's temporaries
     (a few Hessians of one expert) and one batch of routed tokens on its way through."""
-    return experts * _expert_bytes(hidden, intermediate) + _fixed_bytes(hidden, intermediate)
+    return experts * expert_solve_bytes(hidden, intermediate) + chunk_solve_bytes(hidden, intermediate)
 
 
-def _expert_bytes(hidden: int, intermediate: int) -> int:
+def expert_solve_bytes(hidden: int, intermediate: int) -> int:
     return 4 * hidden * hidden + 10 * 2 * hidden * intermediate
 
 
-def _fixed_bytes(hidden: int, intermediate: int) -> int:
+def chunk_solve_bytes(hidden: int, intermediate: int) -> int:
     return 5 * 4 * hidden * hidden + ROWS_PER_BATCH * (10 * hidden + 16 * intermediate)
-
-
-def chunk_size(experts: int, hidden: int, intermediate: int, budget: int = CPU_SOLVE_BYTES) -> int:
-    """Experts solved together in `budget` bytes: more at once, fewer passes of the column loop."""
-    fit = (budget - _fixed_bytes(hidden, intermediate)) // _expert_bytes(hidden, intermediate)
-    return max(1, min(experts, fit))
-
-
-@contextmanager
-def tf32_products():
-    """Matrix products of the Hessians in TF32 on a GPU (8x FP32's rate): the tokens are bf16, which TF32 holds
-    exactly, and the sums stay FP32. Nothing changes on the CPU."""
-    saved = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = saved
 
 
 class _Hessian:
@@ -142,16 +122,16 @@ class StageClock:
         self._last = now
 
 
-def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inputs: RoutedInputs, act_fn,
-                    bits: int, numa: int, chunk: int, host: LayerCodes,
+def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa: int, chunk: int, host: LayerCodes,
                     clock: StageClock | None = None) -> tuple[GridCodes, GridCodes, GridCodes, list[int]]:
-    """Codes of every expert (gate, up [E, I, H], down [E, H, I] on the solve device, not modified) in host's
-    buffers, valid until the next layer's call, and the routed-token count of each; `chunk` experts solved at a
-    time. An expert's routed tokens are gathered twice (for its gate/up Hessian, then for its down Hessian once
-    gate and up are rounded), in batches: only Hessians are held per chunk."""
-    experts, inter, hidden = gate.shape
-    device = gate.device
+    """Codes of every expert of layer_experts (ktq.gpu.layer_experts.DeviceExperts: its weights handed to the solve
+    device chunk by chunk, not modified) in host's buffers, valid until the next layer's call, and the
+    routed-token count of each; `chunk` experts solved at a time. An expert's routed tokens are gathered twice (for
+    its gate/up Hessian, then for its down Hessian once gate and up are rounded), in batches: only Hessians are held
+    per chunk."""
+    experts = layer_experts.experts
     x, ids, weights = inputs.gathered()
+    device = layer_experts.device
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=experts)[:experts]
@@ -159,8 +139,7 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
     sizes = counts.tolist()
     k = ids.shape[1]
     generic = x[:GENERIC_TOKENS].to(device)
-    out = [host.grid("gate", experts, inter, hidden, 1), host.grid("up", experts, inter, hidden, 1),
-           host.grid("down", experts, hidden, inter, numa)]
+    out = None
 
     def lap(stage: str) -> None:
         if clock is not None:
@@ -177,11 +156,7 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
             return generic_part.clone()
         return routed_hessian.mean().add_(generic_part, alpha=GENERIC_WEIGHT)
 
-    def stacked(block: range) -> torch.Tensor:
-        """The block's gate and up projections as one [n, 2I, H] matrix each: they share a Hessian."""
-        return torch.cat([gate[block.start:block.stop], up[block.start:block.stop]], dim=1)
-
-    def gate_up_hessians(block: range) -> torch.Tensor:
+    def gate_up_hessians(block: range, hidden: int) -> torch.Tensor:
         hessians = torch.empty((len(block), hidden, hidden), dtype=torch.float32, device=device)
         with tf32_products():
             for j, e in enumerate(block):
@@ -191,7 +166,7 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
                 hessians[j] = blended(hessian, generic_hessian)
         return hessians
 
-    def down_hessians(block: range, rounded: torch.Tensor) -> torch.Tensor:
+    def down_hessians(block: range, rounded: torch.Tensor, inter: int) -> torch.Tensor:
         hessians = torch.empty((len(block), inter, inter), dtype=torch.float32, device=device)
         with tf32_products():
             for j, e in enumerate(block):
@@ -205,27 +180,31 @@ def calibrate_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, in
         return hessians
 
     with tf32_products():
-        generic_hessian = _Hessian(hidden, device)
+        generic_hessian = _Hessian(generic.shape[1], device)
         generic_hessian.add(generic, None)
         generic_hessian = generic_hessian.mean()
-    for first in range(0, experts, chunk):
-        block = range(first, min(first + chunk, experts))
-        hessians = gate_up_hessians(block)
+    for part in layer_experts.chunks(chunk):
+        block, gate_up = part.block, part.gate_up  # gate and up stacked [n, 2I, H]: they share a Hessian
+        hidden, inter = part.down.shape[1:]
+        if out is None:
+            out = [host.grid("gate", experts, inter, hidden, 1), host.grid("up", experts, inter, hidden, 1),
+                   host.grid("down", experts, hidden, inter, numa)]
+        lap("read")
+        hessians = gate_up_hessians(block, hidden)
         lap("gate/up hessians")
-        # ktgrid turns the Hessians into their inverse factors in place, and drops its input's stacked copy early
-        gu = quantize_to_grid(stacked(block), hessians, bits, dampening=DAMPENING)
+        # ktgrid turns the Hessians into their inverse factors in place
+        gu = quantize_to_grid(gate_up, hessians, bits, dampening=DAMPENING)
         del hessians
         lap("gate/up solve")
-        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else stacked(block).float()
-        _store(out[0], first, GridCodes(gu.codes[:, :inter], gu.scales[:, :inter], 1, gu.rounded))
-        _store(out[1], first, GridCodes(gu.codes[:, inter:], gu.scales[:, inter:], 1, gu.rounded))
+        rounded = gu.dequantize(bits) if DOWN_AFTER_ROUNDED_GATE_UP else gate_up.float()
+        _store(out[0], block.start, GridCodes(gu.codes[:, :inter], gu.scales[:, :inter], 1, gu.rounded))
+        _store(out[1], block.start, GridCodes(gu.codes[:, inter:], gu.scales[:, inter:], 1, gu.rounded))
         del gu
-        hessians = down_hessians(block, rounded)
+        hessians = down_hessians(block, rounded, inter)
         del rounded
         lap("down hessians")
-        _store(out[2], first, quantize_to_grid(down[block.start:block.stop], hessians, bits, groups=numa,
-                                               dampening=DAMPENING))
-        del hessians
+        _store(out[2], block.start, quantize_to_grid(part.down, hessians, bits, groups=numa, dampening=DAMPENING))
+        del hessians, part, gate_up
         lap("down solve")
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the last copies to the host have landed

@@ -54,6 +54,10 @@ def gpu(
     max_cpu_memory: Optional[str] = opt(None, "--max_cpu_memory", help="RAM ktq may use, e.g. 200GiB "
                                          "(default: 85% of the available RAM)."),
     force_cpu: bool = opt(False, "--force_cpu", help="Hide all GPUs and calibrate on the CPU."),
+    expert_chunk: Optional[int] = opt(None, "--expert_chunk", help="Experts on the GPU at once (default: the plan's, "
+                                       "from --max_gpu_memory); the output does not depend on it."),
+    sample_group: Optional[int] = opt(None, "--sample_group", help="Calibration samples whose expert inputs the GPU "
+                                       "holds at once (default: the plan's); the output does not depend on it."),
     dry_run: bool = opt(False, "--dry_run", help="Show the plan and stop; nothing is loaded or written. Exit code 2 "
                          "when it would not fit (unless --force)."),
     as_json: bool = typer.Option(False, "--json", help="With --dry_run: the plan as JSON on stdout."),
@@ -81,6 +85,7 @@ def gpu(
         max_gpu_memory=parse_size(max_gpu_memory, "--max_gpu_memory"),
         max_cpu_memory=parse_size(max_cpu_memory, "--max_cpu_memory"), force_cpu=force_cpu, dry_run=dry_run,
         as_json=as_json, overwrite=overwrite, no_memory_check=no_memory_check, quiet=quiet,
+        expert_chunk=expert_chunk, sample_group=sample_group,
         cpu_experts=CpuExpertsOptions(cpu_output, cpu_method.value, threadpool_count, force=overwrite)
         if cpu_output is not None else None,
     ).validate()

@@ -75,6 +75,7 @@ class ProjectionSource:
     scratch_bytes: int  # size of the byte buffer `read` decodes through
     _decode: Callable[[TensorReader, np.ndarray, np.ndarray], None]
     stored: TensorInfo | None = None  # set when the file holds exactly this bf16 matrix, 2-byte aligned
+    fp8: tuple[TensorInfo, TensorInfo, tuple[int, int]] | None = None  # block-scaled FP8: weight, scale_inv, block
 
     def read(self, reader: TensorReader, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """Fill out (uint16, at least rows*cols) with bf16 bits; scratch is a byte buffer of scratch_bytes or more."""
@@ -194,7 +195,7 @@ def _fp8(weight: TensorInfo, scale_inv: TensorInfo, block: tuple[int, int]) -> P
         reader.read_into(scale_inv, s)
         fp8_blocks_to_bf16(w, s, block[0], block[1], out)
     return ProjectionSource(weight.name, tuple(weight.shape), weight.nbytes + scale_inv.nbytes,
-                            scale_at + scale_inv.nbytes, decode)
+                            scale_at + scale_inv.nbytes, decode, fp8=(weight, scale_inv, block))
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,17 @@ def capture(model: ModelMap, read, device, cache_device, dataset) -> Captured:
                 raise KtqError(f"{type(skeleton).__name__}'s decoder layers pass more than hidden states "
                                f"from one layer to the next ({exc}); ktq gpu calibrates layer by layer on "
                                "hidden states alone: use --quant_method RTN for this model") from exc
-            captured.hidden.append(sink[0][1].to(cache_device))
+            captured.hidden.append(held_on(sink[0][1], cache_device))
             captured.kwargs.append([kwargs for _, _, kwargs in sink])
     finally:
         for i, layer in enumerate(originals):
             container[i] = layer
     return captured
+
+
+def held_on(tensor: torch.Tensor, cache_device) -> torch.Tensor:
+    """A copy of `tensor` where the hidden states are kept: on the host in pinned memory when they come from a GPU,
+    so that every later copy to and from the device runs at the bus's speed and overlaps the computation."""
+    if torch.device(cache_device).type == "cpu" and tensor.is_cuda:
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+    return tensor.to(cache_device)

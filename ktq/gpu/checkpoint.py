@@ -27,8 +27,10 @@ from ktq.gpu.gptq import (
     qparams,
     solve_each,
     unpack,
+    warm_up,
     weight_scheme,
 )
+from ktq.gpu.layer_experts import Chunk, DeviceExperts
 from ktq.gpu.layout import ignore_reason
 from ktq.gpu.model import ModelMap, linear_reasons
 from ktq.gpu.output import StreamOutput, copy_side_files, tensor_entry
@@ -71,9 +73,14 @@ class GpuCheckpoint:
         self.fallbacks: list[str] = []
         for record in output.manifest["units"].values():  # the layers a resumed run keeps
             self.losses.update(record.get("losses", {}))
-        self._solved: dict | None = None  # the layer solved and not yet written
+        self._layer: tuple | None = None  # (index, quantized, kept) of the layer solved or read back last
+        self._extra: dict = {}  # what the manifest records of the layer solved last
 
     # ---- the engine's calls -----------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        if self.opts.calibrated and self.device.type == "cuda":
+            warm_up(self.scheme, self.device)
 
     def pending(self, index: int) -> bool:
         return self.output.done(index) is None
@@ -82,38 +89,49 @@ class GpuCheckpoint:
         record = self.output.done(index) or {}
         return record.get("routed", {}).get(self.model.experts_path[index])
 
-    def collector(self, index: int, weights, act_fn) -> LayerHessians | None:
-        return LayerHessians(weights[0], weights[1], act_fn) if self.opts.calibrated else None
+    def collector(self, index: int, act_fn) -> LayerHessians | None:
+        if not self.opts.calibrated:
+            return None
+        g = self.source.experts.geometry
+        return LayerHessians(g.experts, g.hidden, g.intermediate, self.device)
 
-    def solve(self, index: int, weights, hessians: LayerHessians | None, routed: list[int] | None,
-              propagate: bool) -> None:
-        """Quantise a MoE layer (weights then hold what the shard will); a dense layer is only copied."""
-        quantized = None
-        if weights is not None:
+    def solve(self, index: int, experts: DeviceExperts | None, hessians: LayerHessians | None,
+              routed: list[int] | None) -> None:
+        """Quantise a MoE layer; a dense layer is only copied."""
+        self._layer = None
+        if experts is not None:
             if hessians is not None:
                 self.world.reduce(hessians.tensors())
-            quantized = self.quantize_layer(index, weights, hessians)
+            self._layer = (index, *self.quantize_layer(index, experts, hessians))
         prefix = self.model.layer_names[index] + "."
-        extra: dict = {"losses": {k: v for k, v in self.losses.items() if k.startswith(prefix)}}
+        self._extra = {"losses": {k: v for k, v in self.losses.items() if k.startswith(prefix)}}
         if routed is not None:
-            extra["routed"] = {self.model.experts_path[index]: routed}
-        self._solved = {"index": index, "quantized": quantized, "weights": weights, "extra": extra}
+            self._extra["routed"] = {self.model.experts_path[index]: routed}
 
     def write(self, index: int) -> None:
-        solved, self._solved = self._solved, None
         if self.world.is_main:
-            self.write_unit(index, solved["quantized"], solved["weights"], solved["extra"])
+            quantized, kept = self._layer[1:] if self._layer is not None else (None, None)
+            self.write_unit(index, quantized, kept, self._extra)
 
-    def restore(self, index: int, weights) -> None:
-        """Replace a committed layer's quantised expert weights by what its shard holds (dequantised), in place:
-        the weights its propagation pass computed with when it was first written."""
+    def written(self, index: int, chunk: Chunk) -> None:
+        """Replace the quantised experts of `chunk` by what the shard holds (dequantised), in place: the weights
+        the propagation pass computes with, from the layer just solved or, resumed, from its committed shard."""
+        if self._layer is None or self._layer[0] != index:
+            self._layer = (index, self._read_back(index), None)
+        quantized = self._layer[1]
+        for j, e in enumerate(chunk.block):
+            for p, weight in enumerate(chunk.projections()):
+                q = quantized[e][p]
+                if q is not None:
+                    q = Quantized(q.packed.to(self.device), q.scale.to(self.device), q.shape)
+                    weight[j].copy_(unpack(q, self.scheme))
+
+    def _read_back(self, index: int) -> list[list[Quantized | None]]:
         shard = self.output.read_unit(index)
-        for e, projections in enumerate(self.expert_names(index)):
-            for p, module in enumerate(projections):
-                if f"{module}.weight_packed" in shard:
-                    q = Quantized(*(shard[f"{module}.{suffix}"].to(self.device)
-                                    for suffix in ("weight_packed", "weight_scale", "weight_shape")))
-                    weights[p][e].copy_(unpack(q, self.scheme))
+        return [[Quantized(*(shard[f"{module}.{suffix}"] for suffix in ("weight_packed", "weight_scale",
+                                                                         "weight_shape")))
+                 if f"{module}.weight_packed" in shard else None for module in projections]
+                for projections in self.expert_names(index)]
 
     # ---- quantising -------------------------------------------------------------------------------------------
 
@@ -123,50 +141,49 @@ class GpuCheckpoint:
         return [[expert_module_name(expert[proj].name, e, proj) for proj in PROJECTIONS]
                 for e, expert in enumerate(moe_layer.experts)]
 
-    def quantize_layer(self, index: int, weights, stats: LayerHessians | None) -> list[list[Quantized | None]]:
-        """GPTQ (stats given) or RTN of every expert projection not ignored; None for the projections kept as
-        they are. Chunks of experts are shared out between the ranks and their results broadcast; every quantised
-        weight is then replaced in place by what the output holds (dequantised), for the propagation pass, and the
-        packed tensors move to the CPU for writing."""
-        experts, inter, _ = weights[0].shape
+    def quantize_layer(self, index: int, experts: DeviceExperts, stats: LayerHessians | None
+                       ) -> tuple[list[list[Quantized | None]], dict[tuple[int, int], torch.Tensor]]:
+        """GPTQ (stats given) or RTN of every expert projection not ignored, packed on the CPU (None for the
+        projections kept as they are, which come back as their weights, on the CPU). Chunks of experts are shared
+        out between the ranks and their results broadcast, so every rank holds the whole quantised layer."""
+        g = self.source.experts.geometry
         keep = [[ignore_reason(self.rules, self.model.linear_name(index, e, p), ["Linear"]) is not None
-                 for p in range(3)] for e in range(experts)]
+                 for p in range(3)] for e in range(g.experts)]
         solver = None
         if stats is not None:
             solver = SharedSolver(stats.gate_up / stats.samples, self.scheme.weights, self.opts.dampening_frac)
-        result: list[list[Quantized | None]] = [[None] * 3 for _ in range(experts)]
-        losses = torch.zeros((experts, 3), dtype=torch.float32, device=self.device)
-        fallback = torch.zeros((experts, 3), dtype=torch.float32, device=self.device)
-        step = gate_up_chunk(experts, inter)
-        for chunk, first in enumerate(range(0, experts, step)):
-            block = range(first, min(first + step, experts))
-            owner = chunk % self.world.size
+        result: list[list[Quantized | None]] = [[None] * 3 for _ in range(g.experts)]
+        kept: dict[tuple[int, int], torch.Tensor] = {}
+        losses = torch.zeros((g.experts, 3), dtype=torch.float32, device=self.device)
+        fallback = torch.zeros((g.experts, 3), dtype=torch.float32, device=self.device)
+        # the rows solved together are fixed by the geometry, never by the memory plan: the same codes for any plan
+        for part, chunk in enumerate(experts.chunks(gate_up_chunk(g.experts, g.intermediate))):
+            owner = part % self.world.size
             if owner == self.world.rank:
-                self._solve_gate_up(block, weights, solver, keep, result, losses, fallback)
-                self._solve_down(block, weights, stats, keep, result, losses, fallback)
-            for e in block:
-                for p in range(3):
+                self._solve_gate_up(chunk, solver, keep, result, losses, fallback)
+                self._solve_down(chunk, stats, keep, result, losses, fallback)
+            for j, e in enumerate(chunk.block):
+                for p, weight in enumerate(chunk.projections()):
                     if keep[e][p]:
+                        kept[(e, p)] = weight[j].cpu()
                         continue
-                    q = result[e][p] or self._empty_quantized(weights[p][e])
+                    q = result[e][p] or self._empty_quantized(weight[j])
                     self.world.share(owner, [q.packed, q.scale])
-                    weights[p][e].copy_(unpack(q, self.scheme))
                     result[e][p] = Quantized(q.packed.cpu(), q.scale.cpu(), q.shape)
         self.world.reduce([losses, fallback])  # each entry was written by one rank, zeros elsewhere
-        for e in range(experts):
+        for e in range(g.experts):
             for p in range(3):
                 if stats is not None and not keep[e][p]:
                     name = self.model.linear_name(index, e, p)
                     self.losses[name] = float(losses[e, p])
                     if fallback[e, p] > 0:
                         self.fallbacks.append(name)
-        return result
+        return result, kept
 
-    def _solve_gate_up(self, block: range, weights, solver, keep, result, losses, fallback) -> None:
+    def _solve_gate_up(self, chunk: Chunk, solver, keep, result, losses, fallback) -> None:
         """The gate and up rows of a chunk of experts, stacked, against the layer's one shared Hessian."""
-        gate, up, _ = weights
-        inter, hidden = gate.shape[1:]
-        rows = torch.stack([gate[block.start:block.stop], up[block.start:block.stop]], dim=1).reshape(-1, hidden)
+        block, (hidden, inter) = chunk.block, chunk.down.shape[1:]
+        rows = chunk.gate_up.reshape(-1, hidden)
         scale, zp = qparams(rows, self.scheme.weights)
         q = rows
         if solver is not None:
@@ -180,13 +197,12 @@ class GpuCheckpoint:
                 if not keep[e][p]:
                     result[e][p] = pack(q[j, p], scale[j, p], zp[j, p], self.scheme, self.dtype)
 
-    def _solve_down(self, block: range, weights, stats, keep, result, losses, fallback) -> None:
+    def _solve_down(self, chunk: Chunk, stats, keep, result, losses, fallback) -> None:
         """The down projections of a chunk of experts, a Hessian each, in batches through quantize_weight."""
-        down = weights[2]
-        hidden, inter = down.shape[1:]
-        for first in range(block.start, block.stop, DOWN_BATCH):
-            batch = slice(first, min(first + DOWN_BATCH, block.stop))
-            w = down[batch]
+        hidden, inter = chunk.down.shape[1:]
+        for first in range(chunk.block.start, chunk.block.stop, DOWN_BATCH):
+            batch = slice(first, min(first + DOWN_BATCH, chunk.block.stop))
+            w = chunk.down[batch.start - chunk.block.start:batch.stop - chunk.block.start]
             scale, zp = qparams(w.reshape(-1, inter), self.scheme.weights)
             scale, zp = scale.view(len(w), hidden, -1), zp.view(len(w), hidden, -1)
             if stats is not None:
@@ -207,7 +223,7 @@ class GpuCheckpoint:
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
-    def write_unit(self, unit: int | None, quantized=None, weights=None, extra: dict | None = None) -> None:
+    def write_unit(self, unit: int | None, quantized=None, kept=None, extra: dict | None = None) -> None:
         """The shard of one decoder layer (or, unit None, of everything outside them): its stored weights on the
         CPU as the source holds them (FP8 decoded to bf16), then the experts packed or, where ignored, as read."""
         logical = self.source.logical
@@ -222,7 +238,7 @@ class GpuCheckpoint:
                 for p, q in enumerate(projections):
                     module = expert_names[e][p]
                     if q is None:
-                        tensor = weights[p][e].cpu()
+                        tensor = kept[(e, p)]
                         entries.append(tensor_entry(f"{module}.weight", tensor.dtype, tuple(tensor.shape)))
                         tensors.append((f"{module}.weight", lambda t=tensor: t))
                         continue

@@ -1,44 +1,59 @@
 """The streaming engine: one decoder layer at a time from the source's shards through the artifacts being written.
 
-    source shards --(one layer, next one decoded ahead on a thread)--> transformers' own decoder layer class
-        (meta skeleton, the layer's weights assigned; routed experts in a StreamedExperts)
-    calibration pass over every sample: each artifact's collector sees every MoE input and routing
-    each artifact solves the layer and writes it, committed atomically
-    propagation pass: the layer again, with the weights the first artifact wrote -> the next layer's inputs
+    source shards --(the next layer's experts read on a thread)--> transformers' own decoder layer class
+        (meta skeleton, the layer's weights assigned; routed experts replaced by a StreamedExperts)
+    calibration pass, a group of samples at a time: each sample's input to the experts recorded (each artifact's
+        collector sees it), then every expert on every token of the group, chunk of experts after chunk
+    each artifact solves the layer chunk by chunk and writes it, committed atomically
+    propagation pass, a group at a time: the experts' output for the group's routed tokens with the weights the
+        first artifact wrote, chunk after chunk, then the layer once more per sample with that output -> the next
+        layer's inputs
 
 The loop knows no artifact: each one (the GPU checkpoint, checkpoint.GpuCheckpoint; the calibrated CPU experts,
 ktq.calibrated.artifact.CalibratedExperts) answers the calls of `Artifact`. The first artifact is the one the
-propagation pass computes with; it solves last, so the others quantise the weights as read.
+propagation pass computes with.
 
-Memory: the device holds one layer, what the artifacts collect and their working sets, and (when the plan puts them
-there) the calibration hidden states; the host one decoded layer ahead, whatever the model's depth. A killed run
-re-run with the same command keeps every layer its artifacts committed and replays it (propagation only, from the
-weights the first artifact wrote), so it ends with the same bytes as a run that was never interrupted.
+Memory: the plan sizes the chunk of experts on the device (the whole layer when it fits) and the group of samples
+whose inputs the device holds; every product takes the same rows whatever the two are (streamed_experts), so the
+output does not depend on them. The host holds the calibration hidden states when the device cannot, and one layer
+of experts read ahead. A killed run re-run with the same command keeps every layer its artifacts committed and
+replays it (propagation only, from the weights the first artifact wrote), so it ends with the same bytes as a run
+that was never interrupted.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 from loguru import logger
 
 from ktq.errors import KtqError
 from ktq.gpu.capture import Captured, capture
+from ktq.gpu.layer_experts import Chunk, DeviceExperts, HostBuffers, HostExperts, read_host_experts
 from ktq.gpu.model import ModelMap
 from ktq.gpu.source import SourceCheckpoint
-from ktq.gpu.streamed_experts import Collector, StreamedExperts
-from ktq.kernels.ktformat import PROJECTIONS
+from ktq.gpu.streamed_experts import (
+    SAMPLES_PER_PRODUCT,
+    Collector,
+    RoutedOutput,
+    SampleGroup,
+    StreamedExperts,
+    intermediate,
+)
 
 
 class Artifact(Protocol):
-    """An output written layer by layer. `weights` are the layer's routed experts on the device (gate, up
-    [E, I, H], down [E, H, I]), None for a dense layer."""
+    """An output written layer by layer; `experts` hands a MoE layer's routed experts to the device in chunks
+    (layer_experts.DeviceExperts), None for a dense layer."""
 
     stages: tuple[str, str]  # the names of its solve and write stages in the log and the report
+
+    def prepare(self) -> None:
+        """Work for before the first layer, done on a thread while the samples are captured (compiling kernels)."""
 
     def pending(self, index: int) -> bool:
         """Decoder layer `index` is not committed yet (a resumed run keeps the rest)."""
@@ -46,30 +61,43 @@ class Artifact(Protocol):
     def routed(self, index: int) -> list[int] | None:
         """The routed calibration tokens of each expert a committed layer was written with, if recorded."""
 
-    def collector(self, index: int, weights, act_fn) -> Collector | None:
+    def collector(self, index: int, act_fn) -> Collector | None:
         """What it takes from the layer's calibration pass (None: nothing)."""
 
-    def solve(self, index: int, weights, collected: Collector | None, routed: list[int] | None,
-              propagate: bool) -> None:
-        """Quantise the layer (routed: the calibration tokens of each expert). With propagate, `weights` then hold
-        what the layer will be written as; otherwise they are left as they are."""
+    def solve(self, index: int, experts: DeviceExperts | None, collected: Collector | None,
+              routed: list[int] | None) -> None:
+        """Quantise the layer (routed: the calibration tokens of each expert); the experts are not modified."""
 
     def write(self, index: int) -> None:
-        """Write and commit the layer solved last."""
+        """Write and commit the layer solved last (on a GPU, on a thread while the next layer is read and
+        calibrated: the artifact's state for it stays as it is until its next solve)."""
 
-    def restore(self, index: int, weights) -> None:
-        """A committed layer's weights as written, into `weights`: its propagation pass on resume."""
+    def written(self, index: int, chunk: Chunk) -> None:
+        """Replace the chunk's experts, in place, by what the layer is written with (just solved, or committed
+        earlier): the propagation pass computes with them."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The plan's sizes: experts on the device at once, samples whose expert inputs it holds at once."""
+
+    expert_chunk: int
+    sample_group: int
 
 
 class Engine:
     def __init__(self, source: SourceCheckpoint, model: ModelMap, artifacts: list[Artifact], hidden_act: str,
-                 dtype: torch.dtype, device, cache_device, world, progress) -> None:
+                 dtype: torch.dtype, device, cache_device, memory: Memory, world, progress) -> None:
         self.source, self.model, self.artifacts = source, model, artifacts
-        self.hidden_act, self.dtype = hidden_act, dtype
+        self.hidden_act, self.dtype, self.memory = hidden_act, dtype, memory
         self.device, self.cache_device = torch.device(device), cache_device
         self.world, self.progress = world, progress
+        self._buffers = HostBuffers(pin=self.device.type == "cuda")
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="ktq-prefetch")
         self._next: tuple[int, Future] | None = None
+        # on a GPU a layer is written while the next one computes; on the CPU both would share the same cores
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ktq-write") if self.device.type == "cuda" else None
+        self._writing: Future | None = None
         self.routed: dict[str, list[int]] = {}  # experts module -> routed calibration tokens of each expert
         self.layer_seconds: dict[str, dict[str, float]] = {}  # decoder layer -> stage -> seconds
 
@@ -80,30 +108,16 @@ class Engine:
         stored = self.model.stored_as.get(module)
         return None if stored is None else self.source.read(self.source.logical[stored], self.device, self.dtype)
 
-    def _expert_weights(self, layer: int) -> np.ndarray:
-        """All experts of a decoder layer as bf16 bits [E, 3, I * H] (gate, up, down), decoded on the CPU."""
-        moe_layer = self.source.experts.layers[self.source.moe_layers[layer]]
-        g = self.source.experts.geometry
-        out = np.empty((g.experts, 3, g.intermediate * g.hidden), np.uint16)
-        scratch = np.empty(max(self.source.experts.scratch_bytes, 1), np.uint8)
-        for e, expert in enumerate(moe_layer.experts):
-            for p, proj in enumerate(PROJECTIONS):
-                expert[proj].read(self.source.reader, out[e, p], scratch)
-        return out
-
     def prefetch(self, layer: int) -> None:
         if layer < len(self.model.layers) and layer in self.source.moe_layers and self._next is None:
-            self._next = (layer, self._ahead.submit(self._expert_weights, layer))
+            self._next = (layer, self._ahead.submit(read_host_experts, self.source, layer, self._buffers))
 
-    def experts_on_device(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def host_experts(self, layer: int) -> HostExperts:
         if self._next is None or self._next[0] != layer:
             self.prefetch(layer)
         _, future = self._next
         self._next = None
-        bits = torch.from_numpy(future.result()).view(torch.bfloat16).to(self.device, self.dtype)
-        g = self.source.experts.geometry
-        e, i, h = g.experts, g.intermediate, g.hidden
-        return bits[:, 0].view(e, i, h), bits[:, 1].view(e, i, h), bits[:, 2].view(e, h, i)
+        return future.result()
 
     def materialise(self, index: int):
         """Decoder layer `index` with its weights on the device, routed experts left out (on meta)."""
@@ -128,12 +142,27 @@ class Engine:
 
     def run(self, dataset) -> None:
         """Every decoder layer in order (committed ones only replayed)."""
+        preparing = self._ahead.submit(lambda: [artifact.prepare() for artifact in self.artifacts])
         captured = capture(self.model, self.read, self.device, self.cache_device, dataset) \
             if dataset is not None else None
+        preparing.result()
         self.prefetch(self._next_moe_layer(-1))
-        for index in range(len(self.model.layers)):
-            self._layer(index, captured)
-        self._ahead.shutdown()
+        try:
+            for index in range(len(self.model.layers)):
+                self._layer(index, captured)
+        finally:
+            self._ahead.shutdown()
+            if self._writer is not None:
+                self._writer.shutdown()
+        self._wait_for_writes()
+
+    def _wait_for_writes(self) -> float:
+        """Seconds waited for the layer being written (its errors raised here)."""
+        start = time.perf_counter()
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
+        return time.perf_counter() - start
 
     def routed_by_layer(self) -> dict[int, list[int]]:
         """The routed calibration tokens of every expert, by decoder layer index (for the placement file)."""
@@ -143,14 +172,10 @@ class Engine:
         layers = len(self.model.layers)
         return next((i for i in range(after + 1, layers) if i in self.source.moe_layers), layers)
 
-    def forward_all(self, layer, captured: Captured, index: int, keep: bool) -> None:
-        for s, hidden in enumerate(captured.hidden):
-            out = layer(hidden.to(self.device), **captured.kwargs[s][index])
-            out = out[0] if isinstance(out, tuple) else out
-            if keep:
-                captured.hidden[s] = out.to(self.cache_device)
-            else:
-                self.progress.step(index)
+    def _groups(self, samples: int) -> list[range]:
+        """The samples in groups of the plan's size, a whole number of SAMPLES_PER_PRODUCT each."""
+        size = max(SAMPLES_PER_PRODUCT, self.memory.sample_group // SAMPLES_PER_PRODUCT * SAMPLES_PER_PRODUCT)
+        return [range(first, min(first + size, samples)) for first in range(0, samples, size)]
 
     def _layer(self, index: int, captured: Captured | None) -> None:
         """One decoder layer: calibrated, solved and written where an artifact still lacks it, else only replayed
@@ -166,51 +191,130 @@ class Engine:
             return
         times: dict[str, float] = {}
         clock = time.perf_counter()
-        weights = self.experts_on_device(index) if is_moe else None
-        # on a GPU the next layer is decoded while this one calibrates; on the CPU both would share the same
-        # cores, so the next layer waits until this one is solved and the host holds one decoded layer less
+        host = self.host_experts(index) if is_moe else None
+        # on a GPU the next layer is read while this one computes; on the CPU both would share the same cores,
+        # so the next layer waits until this one is solved and the host holds one layer less meanwhile
         if self.device.type != "cpu":
             self.prefetch(self._next_moe_layer(index))
         layer = self.materialise(index) if captured is not None else None
-        experts = None
-        if is_moe and layer is not None:
-            experts = StreamedExperts(*weights, self.hidden_act)
-            layer.set_submodule(path[len(name) + 1:], experts)
+        streamed = experts = None
+        if is_moe:
+            experts = DeviceExperts(host, self.memory.expert_chunk, self.device, self.dtype)
+            if layer is not None:
+                streamed = StreamedExperts(self.hidden_act)
+                layer.set_submodule(path[len(name) + 1:], streamed)
         times["read"], clock = time.perf_counter() - clock, time.perf_counter()
         collected = [None] * len(pending)
+        kept = None  # the calibration's recorded inputs, when one group holds every sample
         if is_moe and pending and captured is not None:
-            collected = [artifact.collector(index, weights, experts.act_fn) for artifact in pending]
-            experts.calibrating([c for c in collected if c is not None])
-            self.forward_all(layer, captured, index, keep=False)
-            routed = experts.routed_counts()
-            self.world.reduce([routed])
-            self.routed[path] = routed.tolist()
+            collected = [artifact.collector(index, streamed.act_fn) for artifact in pending]
+            kept = self._calibrate(index, layer, streamed, experts, captured,
+                                   [c for c in collected if c is not None], path)
             times["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
-        source = self.artifacts[0]  # the weights the propagation pass computes with
-        # the source solves last, so the others quantise the weights as read; each collector is dropped once used
-        solves = sorted(zip(pending, collected), key=lambda pair: pair[0] is source)
+        if self._writing is not None:  # the artifacts' state for the last layer is free once it is written
+            times["write wait"], clock = self._wait_for_writes(), time.perf_counter()
+        # each collector is dropped once its artifact has solved
+        solves = list(zip(pending, collected))
         del collected
         while solves:
             artifact, statistics = solves.pop(0)
-            artifact.solve(index, weights, statistics, self.routed.get(path),
-                           propagate=propagate and artifact is source)
+            artifact.solve(index, experts, statistics, self.routed.get(path))
             del statistics
             times[artifact.stages[0]], clock = time.perf_counter() - clock, time.perf_counter()
         self.prefetch(self._next_moe_layer(index))
-        for artifact in pending:
-            artifact.write(index)
-            times[artifact.stages[1]], clock = time.perf_counter() - clock, time.perf_counter()
-        if is_moe and propagate and source not in pending:
-            source.restore(index, weights)
+        if self._writer is None:
+            for artifact in pending:
+                artifact.write(index)
+                times[artifact.stages[1]], clock = time.perf_counter() - clock, time.perf_counter()
+        elif pending:
+            self._writing = self._writer.submit(lambda: [artifact.write(index) for artifact in pending])
         if propagate:
-            self.forward_all(layer, captured, index, keep=True)
+            if is_moe:
+                source = self.artifacts[0]
+                experts.replace(lambda chunk: source.written(index, chunk))
+                self._propagate_moe(index, layer, streamed, experts, captured, kept)
+            else:
+                self._propagate_dense(index, layer, captured)
             times["propagate"] = time.perf_counter() - clock
+        del kept, experts
         if layer is not None:
             layer.to_empty(device="meta")
-        if experts is not None:
-            experts.gate = experts.up = experts.down = None
+        if host is not None:
+            if self.device.type == "cuda":  # the last copies out of the host buffers have landed before their reuse
+                torch.cuda.synchronize(self.device)
+            self._buffers.give_back(host.held)
         if captured is None:
             self.progress.step(index)
         self.layer_seconds[name] = {k: round(v, 3) for k, v in times.items()}
-        logger.info(f"{name}{'' if pending else ' (replayed)'}: "
-                    + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+        logger.info(f"{name}{'' if pending else ' (replayed)'}: " + ", ".join(f"{k} {v:.2f} s"
+                                                                            for k, v in times.items()))
+
+    # ---- the two passes ---------------------------------------------------------------------------------------
+
+    def _record(self, index: int, layer, streamed: StreamedExperts, captured: Captured, samples: range,
+                collectors: list[Collector], calibrating: bool) -> SampleGroup:
+        """The layer run on `samples`, their inputs to the experts and the router's choices kept on the device."""
+        lengths = [captured.hidden[s].shape[-2] for s in samples]
+        group = SampleGroup(lengths, captured.hidden[samples[0]].shape[-1], self.dtype, self.device, collectors)
+        streamed.recording = group
+        for s in samples:
+            layer(captured.hidden[s].to(self.device, non_blocking=True), **captured.kwargs[s][index])
+            if calibrating:
+                self.progress.step(index)
+        streamed.recording = None
+        if group.recorded != len(samples):
+            raise KtqError(f"{self.model.layer_names[index]}'s experts were called {group.recorded} times for "
+                           f"{len(samples)} samples: ktq gpu cannot calibrate this MoE block")
+        return group
+
+    def _calibrate(self, index: int, layer, streamed: StreamedExperts, experts: DeviceExperts, captured: Captured,
+                   collectors: list[Collector], path: str) -> SampleGroup | None:
+        """The calibration pass: every group of samples recorded, then (for the collectors that want them) every
+        expert's intermediates on every token, chunk after chunk; the routed tokens of each expert counted. Returns
+        the recorded group when there is only one (the propagation pass reuses it)."""
+        wanting = [c for c in collectors if c.wants_intermediates]
+        groups = self._groups(len(captured.hidden))
+        routed = torch.zeros(experts.experts, dtype=torch.int64, device=self.device)
+        group = None
+        for samples in groups:
+            group = self._record(index, layer, streamed, captured, samples, collectors, calibrating=True)
+            routed += group.routed(experts.experts)
+            if wanting:
+                for chunk in experts.chunks():
+                    for rows, batch in group.batches():
+                        x = group.x[rows]
+                        for j, e in enumerate(chunk.block):
+                            h = intermediate(x, chunk.gate_up[j], streamed.act_fn)
+                            for s in batch:  # accumulated sample by sample, as llm-compressor does
+                                sample = group.rows(s)
+                                for collector in wanting:
+                                    collector.add_intermediate(e, h[sample.start - rows.start:sample.stop - rows.start])
+        self.world.reduce([routed])
+        self.routed[path] = routed.tolist()
+        return group if len(groups) == 1 else None
+
+    def _propagate_moe(self, index: int, layer, streamed: StreamedExperts, experts: DeviceExperts,
+                       captured: Captured, kept: SampleGroup | None) -> None:
+        """Each group's experts' output from the written weights, then each sample through the layer with it."""
+        for samples in self._groups(len(captured.hidden)):
+            group = kept or self._record(index, layer, streamed, captured, samples, [], calibrating=False)
+            output = RoutedOutput(group, experts.experts, streamed.act_fn)
+            for chunk in experts.chunks():
+                output.add(chunk.block, chunk.gate_up, chunk.down)
+            for local, s in enumerate(samples):
+                streamed.injected = output.out[group.rows(local)]
+                self._forward(layer, captured, index, s)
+            del output, group
+
+    def _propagate_dense(self, index: int, layer, captured: Captured) -> None:
+        for s in range(len(captured.hidden)):
+            self._forward(layer, captured, index, s)
+
+    def _forward(self, layer, captured: Captured, index: int, s: int) -> None:
+        held = captured.hidden[s]
+        out = layer(held.to(self.device, non_blocking=True), **captured.kwargs[s][index])
+        out = out[0] if isinstance(out, tuple) else out
+        if held.device == out.device:
+            captured.hidden[s] = out
+        else:  # into the sample's pinned host memory, behind the computation on the same stream
+            held.copy_(out, non_blocking=True)

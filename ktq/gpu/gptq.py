@@ -35,11 +35,16 @@ from llmcompressor.modifiers.gptq.helpers import (
 )
 from llmcompressor.observers import Observer
 
+from ktq.precision import tf32_products
+
 GPTQ_BLOCK = 128  # GPTQModifier.block_size
 GATE_UP_CHUNK_ROWS = 1 << 16  # stacked gate/up rows solved at a time (fp32: 64k x H x 4 bytes)
 DOWN_BATCH = 32  # down projections solved together through quantize_weight
 # accumulate_hessian dispatches on the module type: a Linear's input is [tokens, features]
 _LINEAR_INPUT = torch.nn.Linear(1, 1, device="meta")
+# On a GPU the Hessians' products run in TF32 on the bf16 activations (exact inputs, FP32 sums: GPTQ losses within
+# 0.07% of FP32's on DeepSeek-V3 geometry, benchmarks/results/engine-2026-12-07/); False: llm-compressor's FP32
+HESSIAN_TF32 = True
 
 
 def weight_scheme(quant_type: str, method: str) -> QuantizationScheme:
@@ -68,24 +73,35 @@ class LayerHessians:
     experts see the same input, so one shared Hessian serves all of them; each down projection gets its own, from
     that expert's intermediate activations. Summed over samples (normalised by the sample count when solved)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, act_fn) -> None:
-        experts, intermediate, hidden = gate.shape
-        self.gate, self.up, self.act_fn = gate, up, act_fn
-        self.gate_up = torch.zeros((hidden, hidden), dtype=torch.float32, device=gate.device)
-        self.down = torch.zeros((experts, intermediate, intermediate), dtype=torch.float32, device=gate.device)
-        self.samples = torch.zeros((), dtype=torch.float32, device=gate.device)
+    wants_intermediates = True
+
+    def __init__(self, experts: int, hidden: int, intermediate: int, device) -> None:
+        self.gate_up = torch.zeros((hidden, hidden), dtype=torch.float32, device=device)
+        self.down = torch.zeros((experts, intermediate, intermediate), dtype=torch.float32, device=device)
+        self.samples = torch.zeros((), dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        # each call adds one sample (a [tokens, features] input) to a throwaway counter: one count serves all
-        accumulate_hessian(x, _LINEAR_INPUT, self.gate_up, torch.zeros((), device=x.device))
-        for e in range(self.gate.shape[0]):
-            h = self.act_fn(torch.nn.functional.linear(x, self.gate[e])) * torch.nn.functional.linear(x, self.up[e])
-            accumulate_hessian(h, _LINEAR_INPUT, self.down[e], torch.zeros((), device=x.device))
+        _accumulate(x, self.gate_up)
         self.samples += 1
+
+    def add_intermediate(self, expert: int, h: torch.Tensor) -> None:
+        _accumulate(h, self.down[expert])
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything summed over ranks in a distributed run."""
         return [self.gate_up, self.down, self.samples]
+
+
+def _accumulate(x: torch.Tensor, hessian: torch.Tensor) -> None:
+    """hessian += 2 x^T x for one sample's rows x [T, C]: on a GPU as TF32 products of the bf16 / fp16 values (held
+    exactly; HESSIAN_TF32), else through llm-compressor's own accumulate_hessian in FP32."""
+    if hessian.is_cuda and HESSIAN_TF32 and x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+        with tf32_products():
+            hessian.addmm_(x.T, x, alpha=2.0)
+        return
+    # each call adds one sample (a [tokens, features] input) to a throwaway counter: one count serves all
+    accumulate_hessian(x, _LINEAR_INPUT, hessian, torch.zeros((), device=x.device))
 
 
 @dataclass
@@ -185,6 +201,19 @@ def working_set_bytes(experts: int, hidden: int, intermediate: int, dtype_bytes:
     permutation in the model dtype, one fp32 working copy) with the factorised shared Hessian, or a batch of down
     projections with their Hessian copies, whichever is larger."""
     h, i = hidden, intermediate
-    gate_up = gate_up_chunk(experts, i) * 2 * i * h * (2 * dtype_bytes + 4) + 4 * h * h
-    down = min(experts, DOWN_BATCH) * (3 * 4 * h * i + 2 * 4 * i * i)
+    unit = gate_up_chunk(experts, i)  # the down projections are solved within the same experts
+    gate_up = unit * 2 * i * h * (2 * dtype_bytes + 4) + 4 * h * h
+    down = min(unit, DOWN_BATCH) * (3 * 4 * h * i + 2 * 4 * i * i)
     return max(gate_up, down)
+
+
+def warm_up(scheme: QuantizationScheme, device) -> None:
+    """GPTQ's kernels run once on a small problem of the same kind (bf16 rows, columns a multiple of the group):
+    Triton compiles its block update on the first call, seconds that would otherwise stall the first layer."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    weights = torch.randn((64, 256), device=device, generator=generator).to(torch.bfloat16)
+    x = torch.randn((512, 256), device=device, generator=generator)
+    hessian = x.T @ x / 512
+    scale, zero_point = qparams(weights, scheme.weights)
+    SharedSolver(hessian.clone(), scheme.weights, 0.01).solve(weights, scale, zero_point)
+    solve_each(weights[None], hessian[None], scale[None], zero_point[None], scheme.weights, 0.01)

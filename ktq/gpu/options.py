@@ -77,6 +77,8 @@ class GpuOptions:
     overwrite: bool = False
     no_memory_check: bool = False
     quiet: bool = False
+    expert_chunk: int | None = None  # experts on the device at once, and samples whose expert inputs it holds:
+    sample_group: int | None = None  # the plan's when None
     cpu_experts: CpuExpertsOptions | None = None
 
     @property
@@ -105,6 +107,9 @@ class GpuOptions:
             raise KtqError("--max_sequence_length must be at least 1")
         if not 0.0 < self.dampening_frac < 1.0:
             raise KtqError(f"--dampening_frac must be between 0 and 1 (exclusive), not {self.dampening_frac}")
+        for option, value in (("--expert_chunk", self.expert_chunk), ("--sample_group", self.sample_group)):
+            if value is not None and value < 1:
+                raise KtqError(f"{option} must be at least 1, not {value}")
         if self.as_json and not self.dry_run:
             raise KtqError("--json prints the plan of --dry_run: add --dry_run")
         validate_patterns(self.ignore_patterns)

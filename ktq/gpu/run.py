@@ -67,7 +67,7 @@ def run(opts: GpuOptions, console: Console | None = None, debug: bool = False, w
         console.print(plan_table(plan, opts))
     if plan.problems:
         if not opts.no_memory_check:
-            raise KtqError(f"{plan.problems[0]} (--force runs anyway)")
+            raise KtqError(f"{'; '.join(plan.problems)} (--force runs anyway)")
         if not quiet:
             console.print("[yellow]warning:[/] " + "; ".join(plan.problems), highlight=False)
     if opts.dry_run:
@@ -104,7 +104,7 @@ def run(opts: GpuOptions, console: Console | None = None, debug: bool = False, w
 def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, report: Report, staging: Path,
                        console: Console, quiet: bool, debug: bool, world: World) -> None:
     from ktq.gpu.checkpoint import GpuCheckpoint
-    from ktq.gpu.engine import Engine
+    from ktq.gpu.engine import Engine, Memory
     from ktq.gpu.output import StreamOutput
     from ktq.gpu.progress import GpuProgress
 
@@ -137,8 +137,8 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
     with cpu.output if cpu else contextlib.nullcontext(), logs, GpuProgress(quiet, console) as progress:
         text = skeleton.config.get_text_config()
         engine = Engine(source, model, artifacts, getattr(text, "hidden_act", None) or "silu",
-                        getattr(torch, opts.torch_dtype), plan.device.torch_device, plan.cache_device, world,
-                        progress)
+                        getattr(torch, opts.torch_dtype), plan.device.torch_device, plan.cache_device,
+                        Memory(plan.expert_chunk, plan.sample_group), world, progress)
         if dataset is not None:
             progress.start(len(model.layers), len(dataset), "calibrating")
         else:
