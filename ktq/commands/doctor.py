@@ -7,13 +7,17 @@ from pathlib import Path
 
 import typer
 
+from ktq.commands.common import opt
+
 
 def doctor(
-    path: Path = typer.Option(Path("."), "--path", help="Report the free disk space where this path lives "
-                              "(e.g. the output folder)."),
-    as_json: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
+    path: Path = opt(Path("."), "--path", help="Report the free disk space where this path lives (e.g. the output "
+                     "folder)."),
+    as_json: bool = opt(False, "--json", help="The report as JSON on stdout."),
 ) -> None:
-    """Check this machine: CPU features, NUMA, RAM, disk, GPUs, package versions, what can run here."""
+    """Check what this machine offers and which commands run here.
+
+    CPU features, NUMA nodes, RAM, disk, GPUs and package versions against the tested ones."""
     from rich.console import Console
     from rich.table import Table
 

@@ -8,18 +8,22 @@ from pathlib import Path
 
 import typer
 
+from ktq.commands.common import opt
 from ktq.errors import KtqError
 
 
 def inspect(
-    path: Path = typer.Argument(..., help="An output folder (either form, with or without ktq.json) or a checkpoint."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    verify: bool = typer.Option(False, "--verify", help="Re-hash every layer against ktq.json (without one: "
-                                "read every file and check its scales); sizes are always checked."),
-    compare: Path = typer.Option(None, "--compare", metavar="SRC", help="Dequantise every expert and report the "
-                                 "error against the source checkpoint SRC per layer and projection."),
+    path: Path = typer.Argument(..., metavar="PATH", help="An output folder (either form, with or without ktq.json) or "
+                                "a checkpoint."),
+    as_json: bool = opt(False, "--json", help="Print one JSON object instead of tables."),
+    verify: bool = opt(False, "--verify", help="Re-hash every layer against ktq.json (without one: read every file "
+                       "and check its scales); sizes are always checked."),
+    compare: Path = opt(None, "--compare", metavar="SRC", help="Dequantise every expert and report the error "
+                        "against the source checkpoint SRC per layer and projection."),
 ) -> None:
-    """Show what a folder holds and how to serve it; check it byte by byte (--verify) or against its source."""
+    """Show what a folder holds and how to serve it.
+
+    Checks an output byte by byte (--verify) or against its source (--compare); exit code 2 on any problem."""
     # --compare alternates small parallel kernels with numpy work on this thread: idle OpenMP workers must sleep,
     # not spin (spinning made it 10-30x slower on a 2-core machine); set before Numba starts its threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
