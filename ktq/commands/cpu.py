@@ -88,7 +88,7 @@ def cpu(
     from ktq.cpu.pipeline import CpuJob, convert_cpu
     from ktq.cpu.plan import numa_warning, plan_cpu, plan_table
     from ktq.kernels.ktformat import METHODS
-    from ktq.progress import LayerProgress, gb
+    from ktq.progress import LayerProgress, counted, gb
 
     if as_json and not dry_run:
         raise KtqError("--json prints the plan of --dry-run: add --dry-run")
@@ -144,8 +144,9 @@ def cpu(
         result = convert_cpu(job, progress)
     if not quiet:
         rate = result.input_bytes / result.seconds / 1e9 if result.seconds else 0.0
-        typer.echo(f"wrote {result.output} ({result.form}, {result.method.kt_method}, {result.numa} NUMA parts): "
-                   f"{len(result.layers_converted)} layers converted, {len(result.layers_kept)} kept, "
+        typer.echo(f"wrote {result.output} ({result.form}, {result.method.kt_method}, "
+                   f"{counted(result.numa, 'NUMA part')}): {counted(len(result.layers_converted), 'layer')} "
+                   f"converted, {len(result.layers_kept)} kept, "
                    f"{gb(result.output_bytes)} in {result.seconds:.1f} s ({rate:.2f} GB/s of input)")
         typer.echo(f"serve with: --kt-method {result.method.kt_method} --kt-weight-path {result.output} "
                    f"--kt-threadpool-count {result.numa}")

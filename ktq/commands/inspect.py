@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ktq.commands import common
 from ktq.commands.common import opt
 from ktq.errors import KtqError
 
@@ -20,6 +21,7 @@ def inspect(
                        "and check its scales); sizes are always checked."),
     compare: Path = opt(None, "--compare", metavar="SRC", help="Dequantise every expert and report the error "
                         "against the source checkpoint SRC per layer and projection."),
+    quiet: bool = common.quiet(),
 ) -> None:
     """Show what a folder holds and how to serve it.
 
@@ -28,8 +30,10 @@ def inspect(
     # not spin (spinning made it 10-30x slower on a 2-core machine); set before Numba starts its threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ktq.inspect import inspect as run_inspect
+    from ktq.progress import LayerProgress
 
-    result = run_inspect(path, verify, compare)
+    with LayerProgress(quiet=quiet, transient=True) as progress:  # a bar on a terminal: the report is the output
+        result = run_inspect(path, verify, compare, progress)
     if as_json:
         typer.echo(json.dumps(result.report, indent=2))
     else:

@@ -29,13 +29,13 @@ def merge(
     Writes the shards with their index (and, with --original-path, the config and tokenizer files) as ktq cpu's
     merged form, byte for byte."""
     from ktq.merge import merge_tree
-    from ktq.progress import LayerProgress, gb
+    from ktq.progress import LayerProgress, counted, gb
 
     with LayerProgress(quiet=quiet) as progress, common.options_named(CPU_OPTIONS):
         result = merge_tree(tree, out, original_path, force, progress)
     if not quiet:
-        typer.echo(f"wrote {result.output} (merged, {result.method.kt_method}, {result.numa} NUMA parts): "
-                   f"{len(result.layers_merged)} layers merged, {len(result.layers_kept)} kept, "
+        typer.echo(f"wrote {result.output} (merged, {result.method.kt_method}, {counted(result.numa, 'NUMA part')}): "
+                   f"{counted(len(result.layers_merged), 'layer')} merged, {len(result.layers_kept)} kept, "
                    f"{gb(result.output_bytes)} in {result.seconds:.1f} s")
         if not result.copied_aux:
             typer.echo("no --original-path: config.json and the tokenizer files were not copied")

@@ -149,8 +149,7 @@ class Engine:
             out = out[0] if isinstance(out, tuple) else out
             if keep:
                 captured.hidden[s] = out.to(self.cache_device)
-            else:
-                self.progress.step(index)
+            self.progress.step(index, "propagating" if keep else "calibrating")
 
     def _layer(self, index: int, captured: Captured | None) -> None:
         """One decoder layer: calibrated, solved and written where an artifact still lacks it, else only replayed
@@ -163,6 +162,7 @@ class Engine:
             self.routed[path] = recorded[0]
         propagate = captured is not None and index < len(self.model.layers) - 1
         if not (pending or propagate):
+            self.progress.skip(index)
             return
         times: dict[str, float] = {}
         clock = time.perf_counter()
@@ -209,8 +209,7 @@ class Engine:
             layer.to_empty(device="meta")
         if experts is not None:
             experts.gate = experts.up = experts.down = None
-        if captured is None:
-            self.progress.step(index)
+        self.progress.layer_done(index)
         self.layer_seconds[name] = {k: round(v, 3) for k, v in times.items()}
         logger.info(f"{name}{'' if pending else ' (replayed)'}: "
                     + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
