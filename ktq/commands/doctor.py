@@ -35,7 +35,7 @@ def doctor(
     machine.add_column()
     machine.add_row("CPU", f"{cpu['model']}: {cpu['logical_cpus']} logical CPUs for ktq, "
                     f"{cpu['physical_cores']} physical cores")
-    machine.add_row("NUMA nodes", f"{cpu['numa_nodes']} (ktq cpu's default --threadpool-count)")
+    machine.add_row("NUMA nodes", f"{cpu['numa_nodes']} (the default --threadpool-count)")
     machine.add_row("AVX-512", ", ".join(cpu["avx512"]) or "no")
     machine.add_row("AMX", ", ".join(cpu["amx"]) or "no")
     machine.add_row("RAM", f"{gb(report['ram']['available'])} available of {gb(report['ram']['total'])}")

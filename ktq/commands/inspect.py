@@ -47,7 +47,7 @@ def _render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ktq.progress import gb
+    from ktq.progress import counted, gb
 
     console = Console(highlight=False)
     table = Table(title=f"ktq inspect {report['path']}", show_header=False, title_justify="left")
@@ -56,7 +56,7 @@ def _render(report: dict) -> None:
     layers = report["layers"]
     span = f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "none"
     if report["kind"] == "checkpoint":
-        table.add_row("kind", f"source checkpoint ({report['model_type']}, {report['shards']} shards)")
+        table.add_row("kind", f"source checkpoint ({report['model_type']}, {counted(report['shards'], 'shard')})")
         table.add_row("MoE layers", span)
         table.add_row("experts", f"{report['experts']} per layer")
         table.add_row("hidden / moe_intermediate", f"{report['hidden']} / {report['intermediate']}")
@@ -76,9 +76,8 @@ def _render(report: dict) -> None:
         form = "merged safetensors" if report["form"] == "merged" else "low-memory .kt tree"
         table.add_row("kind", f"{kind}, {form}")
         table.add_row("method", f"{report['method']} ({report['kt_method']})")
-        machine = report["machine_numa_nodes"]
-        nodes = f"{machine} NUMA node{'s' if machine != 1 else ''}"
-        table.add_row("NUMA parts", f"{report['numa']} (this machine: {nodes})")
+        table.add_row("NUMA parts", f"{report['numa']} (this machine: "
+                                    f"{counted(report['machine_numa_nodes'], 'NUMA node')})")
         table.add_row("MoE layers", span)
         table.add_row("experts", f"{report['experts']} per layer")
         table.add_row("hidden / intermediate", f"{report['hidden']} / {report['intermediate']} "
@@ -94,8 +93,9 @@ def _render(report: dict) -> None:
             table.add_row("manifest", "none (layout inferred from the files)")
         calibration = manifest.get("calibration") if manifest else None
         if calibration:
-            table.add_row("calibrated", f"GPTQ on {calibration['dataset']}: {calibration['samples']} samples, "
-                                        f"{calibration['tokens']} tokens (fingerprint "
+            table.add_row("calibrated", f"GPTQ on {calibration['dataset']}: "
+                                        f"{counted(calibration['samples'], 'sample')}, "
+                                        f"{counted(calibration['tokens'], 'token')} (fingerprint "
                                         f"{calibration['tokens_fingerprint']}), on the {calibration['device']}")
         elif manifest:
             table.add_row("calibrated", "no (round to nearest)")
