@@ -162,11 +162,12 @@ def test_merge_errors_name_the_out_argument(src, tmp_path):
     assert "--output" not in result.stderr and (tmp_path / "a-file").read_text() == "mine"
 
 
-def test_cpu_output_errors_name_cpu_output(src, tmp_path, ktq):
+def test_cpu_output_errors_name_cpu_output(src, tmp_path):
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": "the quick brown fox jumps over the lazy dog"}] * 2)
     (tmp_path / "a-file").write_text("mine")
-    result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", data, "--force-cpu",
-                 "--num-calibration-samples", 2, "--cpu-output", tmp_path / "a-file", "--threadpool-count", 1, "-q")
+    result = ktq_subprocess("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", data,
+                            "--force-cpu", "--num-calibration-samples", 2, "--cpu-output", tmp_path / "a-file",
+                            "--threadpool-count", 1, "-q")
     assert_one_line_error(result, "--cpu-output", "a-file is a file")
     assert "--output " not in result.stderr
 
