@@ -32,12 +32,12 @@ def opt(default, *names: str, help: str, **settings):
     return typer.Option(default, *map(kebab, names), help=help, **settings)
 
 
-# The options ktq cpu and ktq gpu both take, with one default. `when` starts the help of an option that only
-# matters with another one ("With --calibrate: ").
 def _help(when: str, text: str) -> str:
+    """`when` starts the help of an option that only matters with another one ("With --calibrate: ")."""
     return f"{when}{text}" if when else text[0].upper() + text[1:]
 
 
+# The options ktq cpu and ktq gpu both take, one definition each: one default, one help.
 def threadpool_count(when: str = ""):
     return opt(None, "--threadpool-count", min=1, show_default="this machine's NUMA nodes",
                help=_help(when, "NUMA parts; serve with the same --kt-threadpool-count."))
