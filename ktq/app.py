@@ -6,12 +6,36 @@ code 2. Anything else is a bug in ktq: one line and exit code 1, the traceback o
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
 
 from ktq import __version__
 from ktq.errors import KtqError
+
+
+def kebab(name: str) -> str:
+    """An option name as ktq declares and shows it: `dry_run` -> `dry-run`. The reference scripts spell their options
+    snake_case, Typer and `hf` kebab-case; the parser reads every option name the user types through this, so both
+    spellings are one option (choice values go through it too, on both sides of the comparison: harmless)."""
+    return name.replace("_", "-")
+
+
+# an option named in a message: `--` at the start of a word, not inside a path or another word
+_OPTION_IN_TEXT = re.compile(r"(?<![\w./-])--[A-Za-z0-9][\w-]*")
+
+
+def rename_options(message: str, names: dict[str, str]) -> str:
+    """The options a message names, each as `names` gives it (keyed by the kebab-case name), else kebab-case."""
+    return _OPTION_IN_TEXT.sub(lambda match: names.get(kebab(match[0]), kebab(match[0])), message)
+
+
+def _as_typed(args: list[str]) -> dict[str, str]:
+    """Each option of the command line by its kebab-case name, as the user spelled it (`--dry-run` -> `--dry_run`)."""
+    names = (arg.split("=", 1)[0] for arg in args if arg.startswith("--"))
+    return {kebab(name): name for name in names}
+
 
 app = typer.Typer(
     name="ktq",
@@ -20,7 +44,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # click's plain help: at 80 columns Typer's rich tables cut option names (--cpuinfer-thr…) and squeeze the help
+    # into a column a dozen characters wide
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "token_normalize_func": kebab},
 )
 
 
@@ -49,6 +76,7 @@ def _one_line(message: object) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    typed = _as_typed(args)  # errors name each option as the user typed it
     try:
         result = app(args=args, prog_name="ktq", standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):
@@ -60,12 +88,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
         context = getattr(exc, "ctx", None)
         hint = f" (see {context.command_path} --help)" if context is not None else ""
-        print(f"ktq: error: {_one_line(exc.format_message()).rstrip('.')}{hint}", file=sys.stderr)
+        message = rename_options(_one_line(exc.format_message()).rstrip("."), typed)
+        print(f"ktq: error: {message}{hint}", file=sys.stderr)
         sys.exit(2)
     except KtqError as exc:
         if debug:
             raise
-        print(f"ktq: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"ktq: error: {rename_options(_one_line(exc), typed)}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug in ktq, not in the user's input
         if debug:

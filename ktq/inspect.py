@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from ktq.cpu.sinks import packed_slot
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import unpack_dequantize
+from ktq.progress import LayerProgress, counted
 from ktq.safetensors_io import TensorReader
 from ktq.system import cpu_cores, numa_nodes
 
@@ -101,8 +103,8 @@ def _numa_warning(numa: int, machine_numa: int) -> str | None:
     """None when the output's NUMA parts match this machine's nodes."""
     if numa == machine_numa:
         return None
-    return (f"this output is split into {numa} NUMA part{'s' if numa != 1 else ''} and this machine has "
-            f"{machine_numa} NUMA node{'s' if machine_numa != 1 else ''}: serve it here with --kt-threadpool-count "
+    return (f"this output is split into {counted(numa, 'NUMA part')} and this machine has "
+            f"{counted(machine_numa, 'NUMA node')}: serve it here with --kt-threadpool-count "
             f"{numa} all the same (any other count reads it wrongly), or convert again with --threadpool-count "
             f"{machine_numa}")
 
@@ -141,24 +143,34 @@ def _layer_digest(found: Found, layer: int, algorithm: str) -> str:
                           algorithm)
 
 
-def _verify_hashes(found: Found) -> list[str]:
+def _verify_hashes(found: Found, progress: LayerProgress) -> list[str]:
     """Every recorded layer whose files are all there, re-hashed on a few threads (file reads release the GIL)."""
+    layout = found.layout
     records = {layer: record for layer, record in found.manifest.layers.items()
-               if layer in found.layout.layers and layer not in found.broken}  # broken ones are reported
+               if layer in layout.layers and layer not in found.broken}  # broken ones are reported
+    order = sorted(records)
 
-    def check(layer: int) -> str | None:
+    def check(layer: int) -> tuple[str | None, float]:
+        started = time.perf_counter()
         algorithm, expected = records[layer].algorithm, records[layer].digest
         try:
             actual = _layer_digest(found, layer, algorithm)
         except OSError as exc:
-            return f"layer {layer}: cannot read {exc.filename}: {exc.strerror}"
+            return f"layer {layer}: cannot read {exc.filename}: {exc.strerror}", time.perf_counter() - started
         if actual != expected:
-            return (f"layer {layer}: {found.layout.layer_path(layer)} does not match its {algorithm} in ktq.json "
-                    "(damaged or changed since it was written); reconvert it with --resume-layer or from scratch")
-        return None
+            return (f"layer {layer}: {layout.layer_path(layer)} does not match its {algorithm} in ktq.json (damaged "
+                    "or changed since it was written); reconvert it with --resume-layer or from scratch",
+                    time.perf_counter() - started)
+        return None, time.perf_counter() - started
 
+    problems = []
+    progress.start(order, sum(map(layout.layer_bytes, order)), "verifying")
     with ThreadPoolExecutor(min(4, cpu_cores())) as pool:
-        return [p for p in pool.map(check, sorted(records)) if p]
+        for layer, (problem, seconds) in zip(order, pool.map(check, order)):
+            progress.advance(layout.layer_bytes(layer))
+            progress.layer_done(layer, layout.experts, layout.layer_bytes(layer), seconds)
+            problems += [problem] if problem else []
+    return problems
 
 
 def _verify_index(found: Found) -> list[str]:
@@ -180,28 +192,42 @@ def _verify_index(found: Found) -> list[str]:
     return problems
 
 
-def _verify_scales(found: Found) -> list[str]:
+def _intact_layers(found: Found, progress: LayerProgress, verb: str):
+    """The output's layers whose files are all there (the others are reported already), in order; each is counted
+    done, with its time, when the caller asks for the next one."""
+    layout = found.layout
+    layers = [layer for layer in layout.layers if layer not in found.broken]
+    progress.start(layers, len(layers) * layout.experts * layout.expert_bytes(), verb)
+    for layer in layers:
+        started = time.perf_counter()
+        yield layer
+        progress.layer_done(layer, layout.experts, layout.experts * layout.expert_bytes(),
+                            time.perf_counter() - started)
+
+
+def _verify_scales(found: Found, progress: LayerProgress) -> list[str]:
     """Without a manifest there is nothing to hash against: read every piece, check every scale is a finite,
     non-negative float (a scale is a row's amax over 112 or 127)."""
     layout = found.layout
     slot = packed_slot(layout.pieces)
     bad: list[str] = []
     with PieceReader(found) as reader:
-        for layer in (layer for layer in layout.layers if layer not in found.broken):
+        for layer in _intact_layers(found, progress, "verifying"):
             for e in range(layout.experts):
                 for piece, p in zip(layout.pieces, slot):
                     reader.read(layer, e, piece, p.body, p.scales)
                     if not (np.isfinite(p.scales).all() and (p.scales >= 0).all()):
                         bad.append(f"layer {layer} expert {e} {p.proj} part {p.part}")
+                progress.advance(layout.expert_bytes())
     return [f"{len(bad)} pieces hold negative, Inf or NaN scales: {', '.join(bad[:3])}"] if bad else []
 
 
-def verify(found: Found) -> list[str]:
+def verify(found: Found, progress: LayerProgress) -> list[str]:
     if not found.is_output:
         return []  # recognising a checkpoint already read every header and found every expert
     if found.manifest is None:
-        return _verify_scales(found)
-    problems = _verify_hashes(found)
+        return _verify_scales(found, progress)
+    problems = _verify_hashes(found, progress)
     if found.layout.form == "merged":
         problems += _verify_index(found)
     return problems
@@ -213,7 +239,7 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
+def compare(found: Found, source: Path, progress: LayerProgress) -> tuple[list[dict], list[str]]:
     """Per layer and projection, over all experts and NUMA parts: relative RMS error, max abs error, SNR in dB;
     problems where any element is further from the source than the format's rounding allows."""
     if not found.is_output:
@@ -240,9 +266,7 @@ def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
     scratch = np.empty(model.scratch_bytes, np.uint8)
     rows = []
     with TensorReader() as tensors, PieceReader(found) as pieces:
-        for layer in layout.layers:
-            if layer in found.broken:  # already reported as incomplete
-                continue
+        for layer in _intact_layers(found, progress, "comparing"):
             sums = {proj: [0.0, 0.0, 0.0, 0] for proj in fmt.PROJECTIONS}  # sum w^2, sum err^2, max |err|, beyond
             for e in range(layout.experts):
                 for proj, projection in sources[layer].experts[e].items():
@@ -260,6 +284,7 @@ def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
                     s[2] = max(s[2], float(np.abs(err).max()))
                     limit = np.abs(w).max(axis=1, keepdims=True) * np.float32(bound)
                     s[3] += int(np.count_nonzero(~(np.abs(err) <= limit)))  # NaN counts as beyond
+                progress.advance(layout.expert_bytes())
             for proj, (w2, e2, max_abs, beyond) in sums.items():
                 rows.append({"layer": layer, "projection": proj, "relative_rms": math.sqrt(e2 / w2) if w2 else 0.0,
                              "max_abs": max_abs, "snr_db": 10 * math.log10(w2 / e2) if e2 else None})
@@ -271,14 +296,17 @@ def compare(found: Found, source: Path) -> tuple[list[dict], list[str]]:
 
 # --- the command ------------------------------------------------------------------------------------------------
 
-def inspect(path: Path, do_verify: bool = False, source: Path | None = None) -> Inspection:
+def inspect(path: Path, do_verify: bool = False, source: Path | None = None,
+            progress: LayerProgress | None = None) -> Inspection:
+    """progress: of --verify and --compare, by layer (none when not given)."""
+    progress = progress or LayerProgress(quiet=True)
     found = recognise(path)
     report = _output_report(found) if found.is_output else _checkpoint_report(found)
     result = Inspection(found, report, list(found.problems))
     if do_verify:
-        result.problems += verify(found)
+        result.problems += verify(found, progress)
     if source is not None:
-        result.comparison, problems = compare(found, source)
+        result.comparison, problems = compare(found, source, progress)
         result.problems += problems
     report["problems"] = result.problems
     if result.problems and found.is_output:

@@ -23,7 +23,7 @@ from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import MergedSink, PackedProjection, packed_slot
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
-from ktq.progress import LayerProgress
+from ktq.progress import LayerProgress, counted
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSi
                 path = reader.path_of(layer, e, piece, kind)
                 digests[f"{path.parent.name}/{path.name}"] = digest.of(data, algorithm)
         sink.write_expert(e, slot)
-        progress.expert_done(layout.expert_bytes())
+        progress.advance(layout.expert_bytes())
     if record is not None and digest.of_tree(digests, algorithm) != expected:
         raise KtqError(f"layer {layer} of {reader.found.path} does not match its {algorithm} in ktq.json (damaged "
                        "since it was written): reconvert that layer, then merge again")
@@ -113,8 +113,9 @@ def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progre
     layer_input = layout.experts * layout.expert_bytes()
     with plan.writing(), PieceReader(found) as reader:
         if result.layers_kept:
-            progress.note(f"continuing {out}: {len(result.layers_kept)} layers already merged, {len(todo)} to go")
-        progress.start(len(todo), len(todo) * layout.experts, len(todo) * layer_input)
+            progress.note(f"continuing {out}: {counted(len(result.layers_kept), 'layer')} already merged, "
+                          f"{len(todo)} to go")
+        progress.start(todo, len(todo) * layer_input, "merging")
         for layer in todo:
             layer_started = time.perf_counter()
             try:

@@ -351,12 +351,56 @@ def test_input_type_contradicted_by_the_tensors(ktq, samples, tmp_path, dtype, g
     assert not (tmp_path / "out").exists()
 
 
-def test_fused_ambiguous_when_hidden_is_twice_intermediate(ktq, samples, tmp_path):
-    src = samples("qwen3_5_moe", moe_intermediate=128)
-    result = ktq("cpu", "-i", src, "-o", tmp_path / "out", "--threadpool-count", 1)
-    assert_one_line_error(result, "model.language_model.layers.0.mlp.experts.gate_up_proj", "2 x moe_intermediate_size",
-                          "refuses to guess")
-    assert not (tmp_path / "out").exists()
+# How ktq sample stores each family's fused experts, as their releases do: in x out ([E, H, 2I]) or out x in
+SAMPLE_IN_BY_OUT = {"qwen3_vl_moe": True, "qwen3_5_moe": False}
+TIED = {"hidden": 512, "moe_intermediate": 256}  # H = 2I: [E, 2I, H] and [E, H, 2I] are the same shape
+
+
+def unfused_copy(src: Path, dst: Path, in_by_out: bool) -> Path:
+    """src's fused experts split per expert in torch (the inverse of fused_copy), read in the orientation given."""
+    state, unfused = torch_state(src), {}
+    for name, tensor in state.items():
+        if name.endswith(".experts.gate_up_proj"):
+            prefix = name.removesuffix(".gate_up_proj")
+            down = state[f"{prefix}.down_proj"]
+            gate_up, down = (tensor.transpose(1, 2), down.transpose(1, 2)) if in_by_out else (tensor, down)
+            for e in range(gate_up.shape[0]):
+                gate, up = gate_up[e].chunk(2)
+                for proj, matrix in (("gate", gate), ("up", up), ("down", down[e])):
+                    unfused[f"{prefix}.{e}.{proj}_proj.weight"] = matrix.contiguous()
+        elif not name.endswith(".experts.down_proj"):
+            unfused[name] = tensor
+    return same_weights_new_folder(src, dst, unfused, {})
+
+
+@pytest.mark.parametrize("arch", FUSED_ARCHS)
+def test_fused_orientation_when_gate_up_shapes_tie(samples, converted, tmp_path, arch):
+    """H = 2I: gate_up_proj's two orientations have one shape, down_proj's shape tells them apart (this was refused
+    before)."""
+    src = samples(arch, **TIED)
+    gate_up = next(i for n, i in open_checkpoint(src).tensors.items() if n.endswith("experts.gate_up_proj"))
+    assert gate_up.shape == (SMALL["experts"], 512, 512)  # the shape alone cannot tell
+    reference = unfused_copy(src, tmp_path / "per-expert", SAMPLE_IN_BY_OUT[arch])
+    assert kt_files(converted(src)) == kt_files(converted(reference))
+
+
+@pytest.mark.parametrize("arch", FUSED_ARCHS)
+def test_gpu_reads_the_orientation_when_gate_up_shapes_tie(samples, tmp_path, arch):
+    """ktq gpu (RTN) packs the same expert matrices from the fused source as from its per-expert split."""
+    from gpu_models import run_ktq, tensors
+
+    src = samples(arch, **TIED)
+    outputs = {}
+    for name, source in (("fused", src), ("per-expert", unfused_copy(src, tmp_path / "split", SAMPLE_IN_BY_OUT[arch]))):
+        outputs[name] = tmp_path / f"{name}-w8"
+        assert run_ktq("gpu", "--model-id", source, "--output-dir", outputs[name], "--quant-method", "RTN",
+                       "--force-cpu", "--quiet") == 0
+    fused, split = tensors(outputs["fused"]), tensors(outputs["per-expert"])
+    packed = sorted(n for n in fused if n.endswith("weight_packed"))
+    assert len(packed) == SMALL["layers"] * SMALL["experts"] * 3 and sorted(split) == sorted(fused)
+    with TensorReader() as a, TensorReader() as b:
+        for name in fused:
+            assert a.read(fused[name]).tobytes() == b.read(split[name]).tobytes(), name
 
 
 # ---- broken inputs: one line naming the tensor or file, exit code 2, no output --------------------------------

@@ -95,7 +95,7 @@ def test_plain_progress_lines_and_summary(ktq, sample_dir, tmp_path):
     result = ktq("cpu", "-i", sample_dir, "-o", tmp_path / "out", "--threadpool-count", "1")
     assert result.code == 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("layer 1 done (1/2): 4 experts")
+    assert len(lines) == 2 and lines[0].startswith("layer 1 done (1/2 layers): 4 experts")
     assert "--kt-method AMXINT4" in result.stdout and "--kt-threadpool-count 1" in result.stdout
     quiet = ktq("cpu", "-i", sample_dir, "-o", tmp_path / "quiet", "--threadpool-count", "1", "--quiet")
     assert quiet.code == 0 and quiet.stderr == "" and quiet.stdout == ""

@@ -81,7 +81,7 @@ def test_bad_option_values(src, chat, tmp_path, option, value, fragment):
 def test_plan_refusal_names_what_to_change(src, chat, tmp_path, ktq):
     result = ktq("gpu", "--model-id", src, "--output-dir", tmp_path / "out", "--dataset", chat,
                             "--max-cpu-memory", "1MB", "--quiet")
-    assert_one_line_error(result, "the CPU must hold", "--num_calibration_samples", "--force runs anyway")
+    assert_one_line_error(result, "the CPU must hold", "--num-calibration-samples", "--force runs anyway")
 
 
 def test_debug_shows_the_traceback(tmp_path, chat):
@@ -156,5 +156,5 @@ def test_dry_run_json_that_does_not_fit_prints_the_plan_and_exits_2(src, chat, t
 
 def test_json_goes_with_dry_run(src, chat, tmp_path):
     result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat, "--json")
-    assert_one_line_error(result, "--json prints the plan of --dry_run")
+    assert_one_line_error(result, "--json prints the plan of --dry-run")
     assert not (tmp_path / "out").exists()

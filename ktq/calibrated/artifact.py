@@ -24,6 +24,7 @@ from ktq.cpu.layout import Layout
 from ktq.cpu.output import PLACEMENT_FILE, check_disk, needed_bytes
 from ktq.errors import KtqError
 from ktq.kernels.ktformat import METHODS, alignment_problem
+from ktq.progress import counted
 
 
 def refuse_misaligned(method: str, numa: int, geometry) -> None:
@@ -36,7 +37,7 @@ def refuse_misaligned(method: str, numa: int, geometry) -> None:
 def serve_lines(out: Path, method: str, numa: int) -> list[str]:
     """Where the calibrated CPU experts went and how sglang-kt serves them, hot experts on the GPU."""
     kt_method = METHODS[method].kt_method
-    return [f"wrote {out} (calibrated {kt_method}, {numa} NUMA parts)",
+    return [f"wrote {out} (calibrated {kt_method}, {counted(numa, 'NUMA part')})",
             f"serve with: --kt-method {kt_method} --kt-weight-path {out} --kt-threadpool-count {numa} "
             f"--init-expert-location {out / PLACEMENT_FILE} --kt-num-gpu-experts N (the N experts per layer that "
             "calibration routed most tokens to go to the GPU)"]

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ktq.commands import common
 from ktq.commands.common import KtMethod, choices, opt
 from ktq.errors import KtqError
 from ktq.hfformat import INPUT_TYPES
@@ -34,45 +35,47 @@ def _run_calibrated(opts, threads: int | None, debug: bool) -> None:
     run(opts, debug=debug)
 
 
+CALIBRATE = "With --calibrate: "
+# ktq cpu --calibrate runs ktq gpu's engine, whose messages name ktq gpu's options: ktq cpu's names for them
+GPU_OPTIONS = {"--model-id": "--input-path", "--dataset": "--calibrate", "--cpu-output": "--output",
+               "--cpu-method": "--quant-method"}
+
+
 def cpu(
     ctx: typer.Context,
-    input_path: Path = typer.Option(..., "--input-path", "-i", help="Folder of the source checkpoint."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to write (created; an unfinished ktq output "
-                                "there is continued)."),
-    input_type: InputType = typer.Option(None, "--input-type", help="How the expert weights are stored (int4: "
-                                         "compressed-tensors pack-quantized); detected when omitted."),
-    quant_method: KtMethod = typer.Option(KtMethod.int4, "--quant-method", help="AMXINT4 or AMXINT8."),
-    cpuinfer_threads: int = typer.Option(None, "--cpuinfer-threads", min=1, help="Threads for quantisation "
-                                         "[default: all cores]."),
-    threadpool_count: int = typer.Option(None, "--threadpool-count", min=1, help="NUMA parts; serve with the "
-                                         "same --kt-threadpool-count [default: this machine's NUMA nodes]."),
-    merge: bool = typer.Option(True, "--merge-safetensor/--no-merge-safetensor",
-                               help="Merged safetensors shards, or the low-memory .kt tree."),
-    resume_layer: int = typer.Option(None, "--resume-layer", min=0, help="Reconvert from this layer on; earlier "
-                                     "layers must already be in --output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan: layers, output size, peak RAM, disk, "
-                                 "time; reads headers only. Exit code 2 when it would not fit."),
-    as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON on stdout."),
-    force: bool = typer.Option(False, "--force", help="Proceed anyway: run when the plan says it does not fit in "
-                               "RAM or on the disk, and start over an output made with other settings (deleting "
-                               "only what ktq wrote there)."),
-    calibrate: Optional[str] = opt(None, "--calibrate", help="Choose codes and scales by GPTQ on this "
-                                              "dataset's activations (a local file or saved dataset, as ktq gpu "
-                                              "--dataset), not by round to nearest: same format, better experts."),
-    num_calibration_samples: int = opt(512, "--num_calibration_samples", help="With --calibrate: "
-                                                  "calibration samples."),
-    max_sequence_length: int = opt(2048, "--max_sequence_length", help="With --calibrate: tokens per "
-                                              "sample at most."),
-    dataset_split: Optional[str] = opt(None, "--dataset_split", help="With --calibrate: split of a "
-                                                  "saved dataset (default: train)."),
-    text_column: Optional[str] = opt(None, "--text_column", help="With --calibrate: column to "
-                                                "calibrate on (default: messages, else text)."),
-    random_seed: int = opt(42, "--random_seed", help="With --calibrate: seed for picking samples."),
-    force_cpu: bool = opt(False, "--force_cpu", help="With --calibrate: calibrate on the CPU even "
-                                     "when there is a GPU."),
+    input_path: Path = opt(..., "--input-path", "-i", help="Folder of the source checkpoint."),
+    output: Path = opt(..., "--output", "-o", help="Folder to write (created; an unfinished ktq output there is "
+                       "continued)."),
+    input_type: InputType = opt(None, "--input-type", show_default="detected from the tensors",
+                                help="How the expert weights are stored (int4: compressed-tensors pack-quantized)."),
+    quant_method: KtMethod = opt(KtMethod.int4, "--quant-method", help="AMXINT4 or AMXINT8."),
+    cpuinfer_threads: int = opt(None, "--cpuinfer-threads", min=1, show_default="all cores",
+                                help="Threads for quantisation."),
+    threadpool_count: int = common.threadpool_count(),
+    merge: bool = opt(True, "--merge-safetensor/--no-merge-safetensor",
+                      help="Merged safetensors shards, or the low-memory .kt tree."),
+    resume_layer: int = opt(None, "--resume-layer", min=0, show_default="after the last finished layer",
+                            help="Reconvert from this layer on; earlier layers must already be in --output."),
+    quiet: bool = common.quiet(),
+    dry_run: bool = opt(False, "--dry-run", help="Only show the plan: layers, output size, peak RAM, disk, time; "
+                        "reads headers only. Exit code 2 when it would not fit."),
+    as_json: bool = common.as_json(),
+    force: bool = opt(False, "--force", help="Proceed anyway: run when the plan says it does not fit in RAM or on the "
+                      "disk, and start over an output made with other settings (deleting only what ktq wrote there)."),
+    calibrate: Optional[str] = opt(None, "--calibrate", metavar="DATASET", help="Choose codes and scales by GPTQ on "
+                                   "this dataset's activations (a local file or saved dataset, as ktq gpu "
+                                   "--dataset), not by round to nearest: same format, better experts."),
+    num_calibration_samples: int = common.num_calibration_samples(CALIBRATE),
+    max_sequence_length: int = common.max_sequence_length(CALIBRATE),
+    dataset_split: Optional[str] = common.dataset_split(CALIBRATE),
+    text_column: Optional[str] = common.text_column(CALIBRATE),
+    random_seed: int = common.random_seed(CALIBRATE),
+    force_cpu: bool = common.force_cpu(CALIBRATE),
 ) -> None:
-    """Convert routed experts to kt-kernel's AMXINT4 / AMXINT8 CPU format."""
+    """Routed experts to kt-kernel's AMXINT4 / AMXINT8 CPU format.
+
+    Reads the checkpoint's routed experts (BF16, FP16, FP8 or INT4) and writes what kt-kernel serves on the CPU;
+    an interrupted conversion continues where it stopped."""
     # OpenMP threads that spin while waiting for the next kernel launch steal the cores the read and write
     # threads need between experts (measured: 2.5x the CPU time of a conversion); they must sleep instead.
     # Set before Numba starts its threading layer, which reads it once. Nothing here calls BLAS: numpy's
@@ -85,7 +88,7 @@ def cpu(
     from ktq.cpu.pipeline import CpuJob, convert_cpu
     from ktq.cpu.plan import numa_warning, plan_cpu, plan_table
     from ktq.kernels.ktformat import METHODS
-    from ktq.progress import LayerProgress, gb
+    from ktq.progress import LayerProgress, counted, gb
 
     if as_json and not dry_run:
         raise KtqError("--json prints the plan of --dry-run: add --dry-run")
@@ -104,8 +107,9 @@ def cpu(
             cpu_experts=CpuExpertsOptions(output, quant_method.value,
                                           numa_nodes() if threadpool_count is None else threadpool_count, merge,
                                           force),
-        ).validate()
-        _run_calibrated(opts, cpuinfer_threads, bool(ctx.find_root().params.get("debug")))
+        )
+        with common.options_named(GPU_OPTIONS):
+            _run_calibrated(opts.validate(), cpuinfer_threads, bool(ctx.find_root().params.get("debug")))
         return
     # At exit, the interpreter's last garbage collection walks every object of Numba's compiler and of the
     # checkpoint's description: 0.2 s of a dry run (measured). atexit handlers run before it; frozen objects are
@@ -140,8 +144,9 @@ def cpu(
         result = convert_cpu(job, progress)
     if not quiet:
         rate = result.input_bytes / result.seconds / 1e9 if result.seconds else 0.0
-        typer.echo(f"wrote {result.output} ({result.form}, {result.method.kt_method}, {result.numa} NUMA parts): "
-                   f"{len(result.layers_converted)} layers converted, {len(result.layers_kept)} kept, "
+        typer.echo(f"wrote {result.output} ({result.form}, {result.method.kt_method}, "
+                   f"{counted(result.numa, 'NUMA part')}): {counted(len(result.layers_converted), 'layer')} "
+                   f"converted, {len(result.layers_kept)} kept, "
                    f"{gb(result.output_bytes)} in {result.seconds:.1f} s ({rate:.2f} GB/s of input)")
         typer.echo(f"serve with: --kt-method {result.method.kt_method} --kt-weight-path {result.output} "
                    f"--kt-threadpool-count {result.numa}")

@@ -7,13 +7,17 @@ from pathlib import Path
 
 import typer
 
+from ktq.commands.common import opt
+
 
 def doctor(
-    path: Path = typer.Option(Path("."), "--path", help="Report the free disk space where this path lives "
-                              "(e.g. the output folder)."),
-    as_json: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
+    path: Path = opt(Path("."), "--path", help="Report the free disk space where this path lives (e.g. the output "
+                     "folder)."),
+    as_json: bool = opt(False, "--json", help="The report as JSON on stdout."),
 ) -> None:
-    """Check this machine: CPU features, NUMA, RAM, disk, GPUs, package versions, what can run here."""
+    """Check what this machine offers and which commands run here.
+
+    CPU features, NUMA nodes, RAM, disk, GPUs and package versions against the tested ones."""
     from rich.console import Console
     from rich.table import Table
 
@@ -31,7 +35,7 @@ def doctor(
     machine.add_column()
     machine.add_row("CPU", f"{cpu['model']}: {cpu['logical_cpus']} logical CPUs for ktq, "
                     f"{cpu['physical_cores']} physical cores")
-    machine.add_row("NUMA nodes", f"{cpu['numa_nodes']} (ktq cpu's default --threadpool-count)")
+    machine.add_row("NUMA nodes", f"{cpu['numa_nodes']} (the default --threadpool-count)")
     machine.add_row("AVX-512", ", ".join(cpu["avx512"]) or "no")
     machine.add_row("AMX", ", ".join(cpu["amx"]) or "no")
     machine.add_row("RAM", f"{gb(report['ram']['available'])} available of {gb(report['ram']['total'])}")

@@ -8,24 +8,32 @@ from pathlib import Path
 
 import typer
 
+from ktq.commands import common
+from ktq.commands.common import opt
 from ktq.errors import KtqError
 
 
 def inspect(
-    path: Path = typer.Argument(..., help="An output folder (either form, with or without ktq.json) or a checkpoint."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    verify: bool = typer.Option(False, "--verify", help="Re-hash every layer against ktq.json (without one: "
-                                "read every file and check its scales); sizes are always checked."),
-    compare: Path = typer.Option(None, "--compare", metavar="SRC", help="Dequantise every expert and report the "
-                                 "error against the source checkpoint SRC per layer and projection."),
+    path: Path = typer.Argument(..., metavar="PATH", help="An output folder (either form, with or without ktq.json) or "
+                                "a checkpoint."),
+    as_json: bool = opt(False, "--json", help="Print one JSON object instead of tables."),
+    verify: bool = opt(False, "--verify", help="Re-hash every layer against ktq.json (without one: read every file "
+                       "and check its scales); sizes are always checked."),
+    compare: Path = opt(None, "--compare", metavar="SRC", help="Dequantise every expert and report the error "
+                        "against the source checkpoint SRC per layer and projection."),
+    quiet: bool = common.quiet(),
 ) -> None:
-    """Show what a folder holds and how to serve it; check it byte by byte (--verify) or against its source."""
+    """Show what a folder holds and how to serve it.
+
+    Checks an output byte by byte (--verify) or against its source (--compare); exit code 2 on any problem."""
     # --compare alternates small parallel kernels with numpy work on this thread: idle OpenMP workers must sleep,
     # not spin (spinning made it 10-30x slower on a 2-core machine); set before Numba starts its threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ktq.inspect import inspect as run_inspect
+    from ktq.progress import LayerProgress
 
-    result = run_inspect(path, verify, compare)
+    with LayerProgress(quiet=quiet, transient=True) as progress:  # a bar on a terminal: the report is the output
+        result = run_inspect(path, verify, compare, progress)
     if as_json:
         typer.echo(json.dumps(result.report, indent=2))
     else:
@@ -39,7 +47,7 @@ def _render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ktq.progress import gb
+    from ktq.progress import counted, gb
 
     console = Console(highlight=False)
     table = Table(title=f"ktq inspect {report['path']}", show_header=False, title_justify="left")
@@ -48,7 +56,7 @@ def _render(report: dict) -> None:
     layers = report["layers"]
     span = f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "none"
     if report["kind"] == "checkpoint":
-        table.add_row("kind", f"source checkpoint ({report['model_type']}, {report['shards']} shards)")
+        table.add_row("kind", f"source checkpoint ({report['model_type']}, {counted(report['shards'], 'shard')})")
         table.add_row("MoE layers", span)
         table.add_row("experts", f"{report['experts']} per layer")
         table.add_row("hidden / moe_intermediate", f"{report['hidden']} / {report['intermediate']}")
@@ -68,9 +76,8 @@ def _render(report: dict) -> None:
         form = "merged safetensors" if report["form"] == "merged" else "low-memory .kt tree"
         table.add_row("kind", f"{kind}, {form}")
         table.add_row("method", f"{report['method']} ({report['kt_method']})")
-        machine = report["machine_numa_nodes"]
-        nodes = f"{machine} NUMA node{'s' if machine != 1 else ''}"
-        table.add_row("NUMA parts", f"{report['numa']} (this machine: {nodes})")
+        table.add_row("NUMA parts", f"{report['numa']} (this machine: "
+                                    f"{counted(report['machine_numa_nodes'], 'NUMA node')})")
         table.add_row("MoE layers", span)
         table.add_row("experts", f"{report['experts']} per layer")
         table.add_row("hidden / intermediate", f"{report['hidden']} / {report['intermediate']} "
@@ -86,8 +93,9 @@ def _render(report: dict) -> None:
             table.add_row("manifest", "none (layout inferred from the files)")
         calibration = manifest.get("calibration") if manifest else None
         if calibration:
-            table.add_row("calibrated", f"GPTQ on {calibration['dataset']}: {calibration['samples']} samples, "
-                                        f"{calibration['tokens']} tokens (fingerprint "
+            table.add_row("calibrated", f"GPTQ on {calibration['dataset']}: "
+                                        f"{counted(calibration['samples'], 'sample')}, "
+                                        f"{counted(calibration['tokens'], 'token')} (fingerprint "
                                         f"{calibration['tokens_fingerprint']}), on the {calibration['device']}")
         elif manifest:
             table.add_row("calibrated", "no (round to nearest)")

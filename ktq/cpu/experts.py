@@ -446,22 +446,23 @@ def _expert_slice(info: TensorInfo, e: int, first_row: int = 0, rows: int | None
 
 
 def _fused_transposed(gate_up: TensorInfo, down: TensorInfo, g: Geometry) -> bool:
-    """False for [E, 2I, H] + [E, H, I] (out x in), True for [E, H, 2I] + [E, I, H] (in x out)."""
+    """False for [E, 2I, H] + [E, H, I] (out x in), True for [E, H, 2I] + [E, I, H] (in x out).
+
+    Every family stores the two tensors in one orientation, and a family's checkpoints come in either: Qwen3-VL-MoE's
+    releases are in x out, what transformers 5.17 saves of it out x in. When hidden_size = 2 x moe_intermediate_size
+    both orientations of gate_up_proj have the same shape; down_proj's never do (H != I), so the pair decides."""
     e, h, i = g.experts, g.hidden, g.intermediate
-    if h == 2 * i:
-        raise KtqError(f"{gate_up.name} is {list(gate_up.shape)}: with hidden_size {h} = 2 x moe_intermediate_size "
-                       f"{i}, the fused orientations [E, 2I, H] and [E, H, 2I] have the same shape, so which axis "
-                       "holds gate|up cannot be decided; ktq refuses to guess (convert a per-expert export instead)")
-    orientations = {(e, 2 * i, h): ((e, h, i), False), (e, h, 2 * i): ((e, i, h), True)}
-    if tuple(gate_up.shape) not in orientations:
+    pairs = {((e, 2 * i, h), (e, h, i)): False, ((e, h, 2 * i), (e, i, h)): True}
+    shapes = (tuple(gate_up.shape), tuple(down.shape))
+    if shapes in pairs:
+        return pairs[shapes]
+    downs = [list(down_shape) for gate_up_shape, down_shape in pairs if gate_up_shape == shapes[0]]
+    if not downs:
         raise KtqError(f"{gate_up.name} has shape {list(gate_up.shape)}, config.json implies [E, 2I, H] = "
                        f"{[e, 2 * i, h]} or [E, H, 2I] = {[e, h, 2 * i]} (experts {e}, hidden_size {h}, "
                        f"moe_intermediate_size {i})")
-    down_shape, transposed = orientations[tuple(gate_up.shape)]
-    if tuple(down.shape) != down_shape:
-        raise KtqError(f"{down.name} has shape {list(down.shape)}, {gate_up.name} {list(gate_up.shape)} implies "
-                       f"{list(down_shape)}")
-    return transposed
+    raise KtqError(f"{down.name} has shape {list(down.shape)}, {gate_up.name} {list(gate_up.shape)} implies "
+                   f"{' or '.join(map(str, downs))}")
 
 
 def _fused_expert(gate_up: TensorInfo, down: TensorInfo, e: int, i: int, transposed: bool) -> dict:

@@ -30,7 +30,7 @@ from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
-from ktq.progress import LayerProgress
+from ktq.progress import LayerProgress, counted
 from ktq.safetensors_io import TensorReader
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
@@ -216,7 +216,7 @@ class _Pipeline:
                         writes.popleft().result()  # frees the output slot this expert reuses
                     packed = out_slots[i % len(out_slots)]
                     _quantize_expert(layer.experts[e], slot, packed, self.job.method, self.job.numa, threads)
-                    self.progress.expert_done(sum(s.input_bytes for s in layer.experts[e].values()))
+                    self.progress.advance(sum(s.input_bytes for s in layer.experts[e].values()))
                     nxt = i + len(in_slots)
                     if nxt < len(items):
                         reads.append(read_pool.submit(self._read, *items[nxt], slot))
@@ -271,8 +271,9 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
         for warning in model.warnings:
             progress.note(f"ktq: warning: {warning}")
         if kept:
-            progress.note(f"continuing {job.output}: {len(kept)} layers already converted, {len(todo)} to go")
-        progress.start(len(todo), sum(len(layer.experts) for layer in todo), result.input_bytes)
+            progress.note(f"continuing {job.output}: {counted(len(kept), 'layer')} already converted, "
+                          f"{len(todo)} to go")
+        progress.start(result.layers_converted, result.input_bytes)
         _Pipeline(job, model, layout, sink, manifest, progress, reader).run(todo)
         finish_output(job.output, manifest, source)  # under the lock: a second run must not finish it meanwhile
     result.output_bytes = manifest.output_bytes

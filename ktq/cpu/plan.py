@@ -28,7 +28,7 @@ from ktq.cpu.output import extra_files_bytes, needed_bytes, plan_output
 from ktq.cpu.pipeline import CpuJob
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
-from ktq.progress import gb
+from ktq.progress import counted, gb
 from ktq.system import disk_free, existing_ancestor, numa_nodes, ram_available
 
 
@@ -229,11 +229,12 @@ def plan_table(plan: CpuPlan):
     table = Table(title=f"ktq cpu plan: {plan.input_path} -> {plan.output}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("input", f"{plan.input_type}, {len(plan.moe_layers)} MoE layers x {g.experts} experts, "
+    table.add_row("input", f"{plan.input_type}, {counted(len(plan.moe_layers), 'MoE layer')} x {g.experts} experts, "
                   f"hidden {g.hidden}, moe_intermediate {g.intermediate}")
-    table.add_row("output", f"{plan.method.kt_method}, {plan.form} form, {plan.numa} NUMA part"
-                  f"{'s' if plan.numa != 1 else ''} (this machine: {plan.machine_numa}), {plan.threads} threads")
-    table.add_row("to convert", f"{len(plan.layers)} layers ({_ranges(plan.layers)}), {plan.experts} experts, "
+    table.add_row("output", f"{plan.method.kt_method}, {plan.form} form, {counted(plan.numa, 'NUMA part')} (this "
+                  f"machine: {plan.machine_numa}), {counted(plan.threads, 'thread')}")
+    table.add_row("to convert", f"{counted(len(plan.layers), 'layer')} ({_ranges(plan.layers)}), "
+                  f"{counted(plan.experts, 'expert')}, "
                   f"{gb(plan.input_bytes)} of expert weights to read")
     table.add_row("output size", f"{gb(plan.output_bytes)} ({plan.output_bytes:,} bytes, exact)")
     disk_ok = plan.disk_needed <= plan.disk_free

@@ -188,6 +188,7 @@ class Engine:
             self.routed[path] = recorded[0]
         propagate = captured is not None and index < len(self.model.layers) - 1
         if not (pending or propagate):
+            self.progress.skip(index)
             return
         times: dict[str, float] = {}
         clock = time.perf_counter()
@@ -243,8 +244,7 @@ class Engine:
             if self.device.type == "cuda":  # the last copies out of the host buffers have landed before their reuse
                 torch.cuda.synchronize(self.device)
             self._buffers.give_back(host.held)
-        if captured is None:
-            self.progress.step(index)
+        self.progress.layer_done(index)
         self.layer_seconds[name] = {k: round(v, 3) for k, v in times.items()}
         logger.info(f"{name}{'' if pending else ' (replayed)'}: " + ", ".join(f"{k} {v:.2f} s"
                                                                             for k, v in times.items()))
@@ -260,7 +260,7 @@ class Engine:
         for s in samples:
             layer(captured.hidden[s].to(self.device, non_blocking=True), **captured.kwargs[s][index])
             if calibrating:
-                self.progress.step(index)
+                self.progress.step(index, "calibrating")
         streamed.recording = None
         if group.recorded != len(samples):
             raise KtqError(f"{self.model.layer_names[index]}'s experts were called {group.recorded} times for "
@@ -314,6 +314,7 @@ class Engine:
         held = captured.hidden[s]
         out = layer(held.to(self.device, non_blocking=True), **captured.kwargs[s][index])
         out = out[0] if isinstance(out, tuple) else out
+        self.progress.step(index, "propagating")
         if held.device == out.device:
             captured.hidden[s] = out
         else:  # into the sample's pinned host memory, behind the computation on the same stream

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ktq import __version__
-from ktq.progress import gb
+from ktq.progress import counted, gb
 
 REPORT_FILE = "ktq_gpu_report.json"
 LOG_FILE = "ktq_gpu.log"
@@ -71,7 +71,8 @@ class Report:
             lines.append(f"modules: {self.quantized_modules} quantised ({self.quant_method} {self.quant_type}); "
                          f"kept: {kept}")
         if self.calibration_samples:
-            lines.append(f"calibration: {self.calibration_samples} samples, {self.calibration_tokens} tokens")
+            lines.append(f"calibration: {counted(self.calibration_samples, 'sample')}, "
+                         f"{counted(self.calibration_tokens, 'token')}")
         if self.gptq_loss:
             worst = sorted(self.gptq_loss.items(), key=lambda kv: kv[1], reverse=True)[:3]
             mean = sum(self.gptq_loss.values()) / len(self.gptq_loss)

@@ -139,10 +139,8 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
         engine = Engine(source, model, artifacts, getattr(text, "hidden_act", None) or "silu",
                         getattr(torch, opts.torch_dtype), plan.device.torch_device, plan.cache_device,
                         Memory(plan.expert_chunk, plan.sample_group), world, progress)
-        if dataset is not None:
-            progress.start(len(model.layers), len(dataset), "calibrating")
-        else:
-            progress.start(len(model.layers), 1, "rounding")
+        progress.start(len(model.layers), len(dataset) if dataset is not None else 0,
+                       "calibrating" if dataset is not None else "rounding")
         with report.stage("quantize"), torch.no_grad():
             engine.run(dataset)
         if world.distributed:
