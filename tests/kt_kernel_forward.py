@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("weights")
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--method", required=True, choices=["AMXINT4", "AMXINT8"])
+    parser.add_argument("--method", required=True, choices=["AMXINT4", "AMXINT8", "RAWINT4"])
     parser.add_argument("--numa", type=int, required=True)
     parser.add_argument("--layer", type=int, required=True)
     parser.add_argument("--experts", type=int, required=True)

@@ -15,6 +15,7 @@ from rich.console import Console
 from ktq.commands.common import KtMethod, choices, opt
 from ktq.errors import KtqError
 from ktq.hfformat import INPUT_TYPES
+from ktq.serving import cpu_output_serve, serve_lines
 from ktq.system import cpu_cores, numa_nodes
 
 InputType = choices("InputType", INPUT_TYPES)
@@ -143,5 +144,6 @@ def cpu(
         typer.echo(f"wrote {result.output} ({result.form}, {result.method.kt_method}, {result.numa} NUMA parts): "
                    f"{len(result.layers_converted)} layers converted, {len(result.layers_kept)} kept, "
                    f"{gb(result.output_bytes)} in {result.seconds:.1f} s ({rate:.2f} GB/s of input)")
-        typer.echo(f"serve with: --kt-method {result.method.kt_method} --kt-weight-path {result.output} "
-                   f"--kt-threadpool-count {result.numa}")
+        for line in serve_lines(cpu_output_serve(str(input_path), result.output, result.method.kt_method,
+                                                 result.numa)):
+            typer.echo(line)

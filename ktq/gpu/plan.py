@@ -35,8 +35,8 @@ from ktq.gpu.model import DTYPE_BYTES, LayerSpec, layer_specs, linear_reasons
 from ktq.gpu.options import GpuOptions
 from ktq.hfformat import text_config
 from ktq.progress import gb
+from ktq.serving import TP_SIZES, tp_problem, tp_summary
 
-GROUP_SIZE = 128  # W4A16 and W8A16 quantise weights in groups of 128 input columns
 WEIGHT_BITS = {"W4A16": 4, "W8A16": 8}
 DEFAULT_GPU_SHARE = 0.9  # of the GPU memory free at start: the CUDA context and allocator slack need the rest
 DEFAULT_CPU_SHARE = 0.85  # of the available RAM
@@ -76,6 +76,7 @@ class Plan:
     cpu_solve_bytes: int = 0  # Hessians of one chunk of CPU experts (ktq.calibrated.solve.stacked_bytes)
     cpu_chunk: int = 1  # CPU experts solved at a time
     cache_on_gpu: bool = False
+    tp_sizes: dict[int, str | None] = field(default_factory=dict)  # sglang TP size -> why it cannot serve, or None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -171,6 +172,7 @@ class Plan:
             "quantized_linears": self.quantized, "ignored_linears": dict(self.ignored), "problems": self.problems,
             "gpu_checkpoint": self.gpu_artifact, "cpu_experts": self.cpu_experts,
             "cpu_solve_bytes": self.cpu_solve_bytes, "cpu_chunk": self.cpu_chunk,
+            "tp_sizes": [tp for tp, problem in self.tp_sizes.items() if problem is None],
         }
 
 
@@ -196,11 +198,16 @@ def cache_bytes(text: dict, samples: int, seq_len: int, dtype_bytes: int) -> int
     return samples * seq_len * (dtype_bytes * hidden + 2 * 4 * head_dim)
 
 
-def packed_bytes(spec: LayerSpec, quant_type: str, dtype_bytes: int) -> int:
-    """One layer's experts as written: packed integers and one scale per row and group of 128 inputs."""
+def packed_bytes(spec: LayerSpec, quant_type: str, group_size: int, dtype_bytes: int) -> int:
+    """One layer's experts as written: packed integers and one scale per row and group of inputs (per row for
+    group_size -1)."""
     bits = WEIGHT_BITS[quant_type]
     h, i = spec.hidden, spec.intermediate
-    per_expert = 3 * h * i * bits // 8 + dtype_bytes * (2 * i * -(-h // GROUP_SIZE) + h * -(-i // GROUP_SIZE))
+
+    def groups(columns: int) -> int:
+        return -(-columns // group_size) if group_size > 0 else 1
+
+    per_expert = 3 * h * i * bits // 8 + dtype_bytes * (2 * i * groups(h) + h * groups(i))
     return spec.experts * per_expert
 
 
@@ -267,8 +274,9 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     kept = Counter(reason for reason in reasons if reason is not None)
     parent = (opts.output_dir or opts.cpu_experts.output).expanduser().resolve().parent
     disk_free = shutil.disk_usage(next(p for p in (parent, *parent.parents) if p.exists())).free
-    packed = packed_bytes(largest_moe, opts.quant_type, width) if largest_moe else 0
-    output = sum(spec.dense_bytes for spec in specs) + sum(packed_bytes(s, opts.quant_type, width) for s in moe)
+    packed = packed_bytes(largest_moe, opts.quant_type, opts.group_size, width) if largest_moe else 0
+    output = sum(spec.dense_bytes for spec in specs) + sum(packed_bytes(s, opts.quant_type, opts.group_size, width)
+                                                          for s in moe)
     output += sum(p.numel() for name, p in model.named_parameters()
                   if not any(name.startswith(spec.name + ".") for spec in specs)) * width
     if opts.output_dir is None:
@@ -304,10 +312,15 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
         plan.problems.append("no routed-expert projection is left to quantise once the ignore rules apply; "
                              "check --ignore_patterns")
         return plan
-    misaligned = next((spec for spec in moe if spec.intermediate % GROUP_SIZE or spec.hidden % GROUP_SIZE), None)
+    group = opts.group_size
+    misaligned = next((spec for spec in moe if group > 0 and (spec.intermediate % group or spec.hidden % group)),
+                      None)
     if misaligned:
         plan.problems.append(f"{misaligned.name}'s experts have {misaligned.hidden} / {misaligned.intermediate} "
-                             f"input features, not multiples of the quantisation group size {GROUP_SIZE}")
+                             f"input features, not multiples of the quantisation group size {group}")
+    if plan.gpu_artifact:
+        plan.tp_sizes = {tp: tp_problem(tp, largest_moe.hidden, largest_moe.intermediate, WEIGHT_BITS[opts.quant_type],
+                                        group) for tp in TP_SIZES}
     if device.is_gpu:
         plan.cache_on_gpu = gptq and plan.gpu_peak + plan.cache_bytes <= plan.gpu_budget
         if plan.cpu_experts and plan.gpu_peak < plan.gpu_budget:
@@ -396,6 +409,8 @@ def plan_table(plan: Plan, opts: GpuOptions):
     if plan.gpu_artifact:
         table.add_row("Linears", str(plan.quantized + sum(plan.ignored.values())), "",
                       f"{plan.quantized} expert projections quantised; kept: {kept or 'none'}")
+        table.add_row("serves with", tp_summary(plan.tp_sizes), "GPU", "sglang --tp-size: each rank holds a share "
+                      "of every expert's intermediate columns")
     if plan.device.is_gpu:
         table.add_row("GPU peak", gb(plan.gpu_peak), "GPU", f"budget {gb(plan.gpu_budget)}")
     table.add_row("CPU peak", gb(plan.cpu_peak), "CPU", f"budget {gb(plan.cpu_budget)}")
