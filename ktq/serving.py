@@ -25,11 +25,12 @@ DEFAULT_GPU_EXPERTS = 1
 UNKNOWN_MODEL = "/path/to/model"
 # tensor-parallel sizes sglang is started with on one host
 TP_SIZES = (1, 2, 4, 8)
-# kt-kernel 0.7.2's RAWINT4 (AMXInt4_KGroup_MOE), measured on AVX-512: group 32 computes right; groups 64, 128 and
-# 256 load without an error and return NaN, group 16 returns wrong values
+# kt-kernel 0.7.2's RAWINT4 (AMXInt4_KGroup_MOE), measured on AVX-512 (tests/test_kt_kernel.py): groups of 32
+# compute what the files hold; groups of 64 and 128 load without an error, then return wrong values (cosine 0.3 and
+# 0.1 to the dequantised product) for a few tokens and NaN for many, or crash; one scale per channel crashes
 RAWINT4_GROUP = 32
-RAWINT4_REFUSAL = ("kt-kernel 0.7.2 computes RAWINT4 right only for int4 weights in groups of 32 (groups 64, 128 and "
-                   "256 load and return NaN, 16 returns wrong values)")
+RAWINT4_REFUSAL = ("kt-kernel 0.7.2 computes RAWINT4 right only for int4 weights in groups of 32 (groups of 64 and "
+                   "128 load, then give wrong values, NaN or a crash; per-channel scales crash)")
 
 
 @dataclass(frozen=True)

@@ -197,8 +197,8 @@ def _int_gemm(q, d, codes, scales, minus128_as_abs: bool):
 
 
 def read_rawint4_codes(output_dir, layer, experts):
-    """{(proj, expert): (codes float32 [n, k], scales float32 [n, k / 32])} of one MoE layer of a compressed-tensors
-    checkpoint in groups of 32, as kt-kernel's RAWINT4 reads them: the stored int4 values (nibble - 8) and the bf16
+    """{(proj, expert): (codes float32 [n, k], scales float32 [n, k / group])} of one MoE layer of a compressed-tensors
+    checkpoint, as kt-kernel's RAWINT4 reads them: the stored int4 values (nibble - 8) and the bf16
     scales, by their per-expert names."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors import safe_open
@@ -270,15 +270,27 @@ def reference_forward(output_dir, method, numa, layer, experts, hidden, intermed
     act_quant=True: kt-kernel's arithmetic step by step (module docstring), bf16 [T, H]. act_quant=False: the plain
     fp32 product with the dequantised weights, the NUMA parts joined back into whole matrices (gate/up parts are
     row blocks of I, down parts column blocks), fp32 [T, H]: the value the quantised files stand for.
-    method RAWINT4: a compressed-tensors checkpoint in groups of 32, one part.
+    method RAWINT4: a compressed-tensors checkpoint in groups of 32, split at load time into numa parts as AMX
+    outputs are split on disk.
     codes: read_layer_codes' (read_rawint4_codes') result, to read the files once for several calls."""
     xf = x.to(torch.bfloat16).float()
     if method.upper() == RAWINT4:
         codes = codes or read_rawint4_codes(output_dir, layer, experts)
         if not act_quant:
-            return _plain_moe(xf, ids, weights, lambda proj, e: codes[proj, e][0]
-                              * codes[proj, e][1].repeat_interleave(RAWINT4_GROUP, 1))
-        return _kt_moe(xf, ids, weights, 1, lambda a, proj, e, p: _group_gemm(a, *codes[proj, e]))
+            def weight(proj, e):
+                c, sc = codes[proj, e]
+                return c * sc.repeat_interleave(c.shape[1] // sc.shape[1], 1)  # any group size
+
+            return _plain_moe(xf, ids, weights, weight)
+
+        def part(proj: str, e: int, p: int):
+            """Part p of a projection: a block of intermediate rows (gate, up) or columns (down)."""
+            (c, sc), share = codes[proj, e], intermediate // numa
+            rows, groups = slice(p * share, (p + 1) * share), slice(p * share // RAWINT4_GROUP,
+                                                                    (p + 1) * share // RAWINT4_GROUP)
+            return (c[:, rows], sc[:, groups]) if proj == "down" else (c[rows], sc[rows])
+
+        return _kt_moe(xf, ids, weights, numa, lambda a, proj, e, p: _group_gemm(a, *part(proj, e, p)))
     codes = codes or read_layer_codes(output_dir, method, numa, layer, experts, hidden, intermediate)
     if not act_quant:
         def weight(proj, e):
