@@ -85,20 +85,23 @@ def small_batch_limit(experts: int, top_k: int) -> int:
 
 
 def kt_kernel_forward_batches(output_dir, method, numa, layer, experts, hidden, intermediate,
-                              batches) -> list[torch.Tensor]:
-    """kt-kernel's forward (bf16 [T, H]) of each (x, ids, weights) in batches; one subprocess loads the layer once."""
+                              batches, repeat: int = 0, threads: int | None = None) -> list[torch.Tensor]:
+    """kt-kernel's forward (bf16 [T, H]) of each (x, ids, weights) in batches; one subprocess loads the layer once.
+    repeat > 0: returns (outputs, each batch's median seconds over that many more runs) instead (benchmarks)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
         torch.save({"batches": [(x.to(torch.bfloat16), i.to(torch.int64), w.to(torch.float32))
                                 for x, i, w in batches]}, src)
         cmd = [sys.executable, str(FORWARD_SCRIPT), str(output_dir), str(src), str(dst),
                "--method", _kt_method(method), "--numa", str(numa), "--layer", str(layer),
-               "--experts", str(experts), "--hidden", str(hidden), "--intermediate", str(intermediate)]
+               "--experts", str(experts), "--hidden", str(hidden), "--intermediate", str(intermediate),
+               "--repeat", str(repeat), *(["--threads", str(threads)] if threads else [])]
         run = subprocess.run(cmd, env=_kt_env(), capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"kt-kernel forward failed (exit {run.returncode}):\n{run.stdout[-2000:]}\n"
                                f"{run.stderr[-2000:]}")
-        return torch.load(dst)["out"]
+        result = torch.load(dst)
+        return (result["out"], result["seconds"]) if repeat else result["out"]
 
 
 def kt_kernel_forward(output_dir, method, numa, layer, experts, hidden, intermediate, x, ids, weights) -> torch.Tensor:
