@@ -258,3 +258,20 @@ def test_ignoring_a_whole_layers_experts_is_served(small, tmp_path):
     assert "model.layers.2.mlp.experts.3.down_proj.weight_packed" in written
     qc, hidden, intermediate, experts, kept, fp8 = loader_view(src, work / "layer")
     assert config_problems(qc, hidden, intermediate, experts, kept + experts["model.layers.1.mlp.experts"], fp8) == []
+
+
+def test_inspect_verifies_a_gpu_checkpoint_against_its_digests(ktq, gpu_outputs, tmp_path):
+    import shutil
+
+    src, _ = gpu_outputs("rtn32")
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    assert json.loads(ktq("inspect", out, "--verify", "--json").stdout)["verified"] is True
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 1  # one bit of the last tensor's data
+    shard.write_bytes(bytes(data))
+    result = ktq("inspect", out, "--verify")
+    assert result.code == 2 and "serve with: nothing" in result.stdout
+    assert result.stderr == (f"ktq: error: {out}: {shard.name} does not match its xxh3_128 in ktq_gpu.json "
+                             "(damaged or changed)\n")
