@@ -1,18 +1,15 @@
-"""The GPU checkpoint's quantization_config as its serving loaders read it, and the loader rules it must pass
-(docs/serving-rules.md names the code behind each).
+"""What the GPU checkpoint writes so that its serving loaders read it right (docs/serving-rules.md names the code
+behind each; ktq.serving.config_problems checks the result):
 
-- Experts: one compressed-tensors scheme targeting "Linear" at the top-level format pack-quantized (sglang-kt's
-  CompressedTensorsWNA16MoE reads `target_scheme_map["Linear"]` and refuses any other format), symmetric,
-  `actorder` None: no g_idx is written, and any truthy actorder makes sglang-kt load the w2 scales unsharded at
-  TP > 1 (`load_full_w2 = self.actorder and ...`).
-- One scheme per MoE layer: sglang reads it from expert 0's gate/up/down and has no parameter for an expert left
-  out, so an ignore entry covers all of a layer's experts or none.
-- FP8 kept FP8: an FP8 source's non-expert Linears keep their weight and `weight_scale_inv` bytes. sglang-kt reads
-  them through `linear_fp8_config` (its Fp8LinearMethod, which names the scale `weight_scale_inv`); vLLM and
-  transformers through a compressed-tensors FP8 block scheme targeting them by name.
-- Every Linear left as the source holds it is in `ignore` under the names the loaders give it, DeepSeek's MTP
-  layer (index num_hidden_layers) also under the names of sglang's NextN draft: its decoder layer is built under
-  `model.decoder` with the same config, its own Linears under `model`.
+- the experts' scheme with `actorder` None: no g_idx is written, and any truthy actorder makes sglang-kt load the w2
+  scales unsharded at TP > 1 (`load_full_w2 = self.actorder and ...`);
+- one scheme per MoE layer: sglang reads it from expert 0's gate/up/down and has no parameter for an expert left
+  out, so ignore rules keep all of a layer's experts or none (refused otherwise, in one line);
+- FP8 kept FP8: an FP8 source's non-expert Linears keep their weight and `weight_scale_inv` bytes; sglang-kt reads
+  them through `linear_fp8_config` (its Fp8LinearMethod, which names the scale `weight_scale_inv`), vLLM and
+  transformers through a compressed-tensors FP8 block scheme naming them;
+- DeepSeek's MTP layer (index num_hidden_layers) under the names of sglang's NextN draft too: its decoder layer is
+  built under `model.decoder` with the same config, its own Linears under `model`.
 """
 
 from __future__ import annotations
