@@ -23,14 +23,16 @@ from ktq import digest, hfformat
 from ktq.cpu.checkpoint import open_checkpoint
 from ktq.cpu.experts import find_experts
 from ktq.cpu.layout import Layout
-from ktq.cpu.output import PLACEMENT_FILE, committed_path, index_data
+from ktq.cpu.output import committed_path, index_data
 from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import packed_slot
 from ktq.errors import KtqError
+from ktq.inspect_gpu import gpu_checkpoint_report, is_gpu_checkpoint, verify_shards
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import unpack_dequantize
 from ktq.progress import LayerProgress, counted
 from ktq.safetensors_io import TensorReader
+from ktq.serving import PLACEMENT_FILE, UNKNOWN_MODEL, cpu_output_serve, serve_lines
 from ktq.system import cpu_cores, numa_nodes
 
 # |source - dequantised| of a correct conversion never exceeds this many row-amax (§2 of kt-format.md): INT8 rounds
@@ -41,7 +43,7 @@ BOUND_SLACK = 1e-4  # fp32 rounding of the scale and of the products
 
 @dataclass
 class Inspection:
-    found: Found
+    found: Found | None  # None for a ktq gpu checkpoint
     report: dict
     problems: list[str] = field(default_factory=list)
     comparison: list[dict] = field(default_factory=list)
@@ -79,6 +81,10 @@ def _output_report(found: Found) -> dict:
                   "kt_threadpool_count": layout.numa,
                   **({"init_expert_location": str((found.path / PLACEMENT_FILE).resolve())}
                      if (found.path / PLACEMENT_FILE).is_file() else {})},
+        "serve_lines": serve_lines(cpu_output_serve(UNKNOWN_MODEL, found.path.resolve(), layout.method.kt_method,
+                                                    layout.numa))
+        + [f"note: {UNKNOWN_MODEL} stands for the checkpoint the GPU side loads (the source, or its ktq gpu "
+           "checkpoint)"],
         "machine_numa_nodes": numa_nodes(),
     }
 
@@ -296,9 +302,25 @@ def compare(found: Found, source: Path, progress: LayerProgress) -> tuple[list[d
 
 # --- the command ------------------------------------------------------------------------------------------------
 
+def _inspect_gpu_checkpoint(path: Path, do_verify: bool, source: Path | None) -> Inspection:
+    if source is not None:
+        raise KtqError("--compare measures CPU outputs (AMXINT4 / AMXINT8) against their source; this folder is a "
+                       "ktq gpu checkpoint")
+    report = gpu_checkpoint_report(path)
+    if do_verify:
+        report["problems"] += verify_shards(path)
+        report["verified"] = not report["problems"]
+    if report["problems"]:
+        report["serve_lines"] = []
+    report["notes"], report["warnings"] = [], []
+    return Inspection(None, report, report["problems"])
+
+
 def inspect(path: Path, do_verify: bool = False, source: Path | None = None,
             progress: LayerProgress | None = None) -> Inspection:
     """progress: of --verify and --compare, by layer (none when not given)."""
+    if is_gpu_checkpoint(path):
+        return _inspect_gpu_checkpoint(path, do_verify, source)
     progress = progress or LayerProgress(quiet=True)
     found = recognise(path)
     report = _output_report(found) if found.is_output else _checkpoint_report(found)
@@ -311,6 +333,7 @@ def inspect(path: Path, do_verify: bool = False, source: Path | None = None,
     report["problems"] = result.problems
     if result.problems and found.is_output:
         report["serve"] = None  # an unfinished or damaged output must not be served: no flags to serve it with
+        report["serve_lines"] = []
     report["notes"] = found.notes
     warning = _numa_warning(report["numa"], report["machine_numa_nodes"]) if found.is_output else None
     report["warnings"] = [warning] if warning else []

@@ -81,9 +81,11 @@ def _attention(prefix: str, s: SampleShape, qk_norm: str = "head", q_gate: bool 
     return tensors
 
 
-# DeepSeek-V3 multi-head latent attention, scaled down; q_lora_rank and the kv_a_proj_with_mqa rows are not
-# multiples of 128, so FP8 samples have partly filled scale blocks like the real kv_a_proj_with_mqa [576, 7168].
-MLA = {"q_lora_rank": 96, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32}
+# DeepSeek-V3 multi-head latent attention, scaled down. The kv_a_proj_with_mqa rows (kv_lora_rank + qk_rope_head_dim)
+# are not a multiple of 128, so FP8 samples have partly filled scale blocks like the real kv_a_proj_with_mqa
+# [576, 7168]; every Linear's input width is a multiple of 128, as in the real model, where FP8 block schemes
+# quantise activations in groups of 128 of them.
+MLA = {"q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32}
 
 
 def _mla(prefix: str, s: SampleShape) -> list[TensorSpec]:

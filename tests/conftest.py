@@ -141,3 +141,29 @@ def two_numa_nodes(monkeypatch):
 
     monkeypatch.setattr(ktq.commands.cpu, "numa_nodes", lambda: 2)
     monkeypatch.setattr(ktq.inspect, "numa_nodes", lambda: 2)
+
+
+@pytest.fixture(scope="session")
+def gpu_outputs(tmp_path_factory, moe_sample):
+    """gpu_outputs(kind) -> a `ktq gpu` checkpoint of moe_sample (W4A16, on the CPU), made once per session, with
+    the lines it printed: "gptq32" (GPTQ in groups of 32, with calibrated AMXINT4 CPU experts in 1 NUMA part beside
+    it, in gptq32-cpu), "rtn32" and "rtn128" (round to nearest in groups of 32 and 128). Read-only."""
+    from gpu_models import chat_rows, run_ktq_capture, write_jsonl
+
+    base = tmp_path_factory.mktemp("gpu-outputs")
+    chat = write_jsonl(base / "chat.jsonl", chat_rows(8))
+    options = {"gptq32": ("--dataset", chat, "--num_calibration_samples", 8, "--max_sequence_length", 32,
+                          "--cpu-output", base / "gptq32-cpu", "--threadpool-count", 1),
+               "rtn32": ("--quant_method", "RTN"), "rtn128": ("--quant_method", "RTN", "--group_size", 128)}
+    made: dict[str, tuple[Path, str]] = {}
+
+    def get(kind: str) -> tuple[Path, str]:
+        if kind not in made:
+            out = base / kind
+            code, stdout, stderr = run_ktq_capture("gpu", "--model_id", moe_sample, "--output_dir", out,
+                                                   "--quant_type", "W4A16", "--force_cpu", *options[kind])
+            assert code == 0, stderr
+            made[kind] = (out, stdout + stderr)
+        return made[kind]
+
+    return get

@@ -14,6 +14,12 @@ AVX-512 build here and its AMX build on a Xeon with AMX), for each NUMA part p a
   4. h -> int8 codes as in 1 (amax over this part's I/numa columns), down as in 2, rounded to bf16;
   5. the part's output: fp32 fused multiply-adds over the top-k slots in order, y_k * w_k;
 then the parts' fp32 outputs are added in order and rounded to bf16.
+
+RAWINT4 (compressed-tensors int4 experts read as they are, e.g. a `ktq gpu --group_size 32` checkpoint; its
+AMXInt4_KGroup_MOE kernel, one part, matched bit for bit here by experiment through both kernels): as above, except
+that activations get int8 codes per group of 32 columns (d and codes of step 1 per group) and each output is the
+fp32 sum over the groups in order of d_g * (s_w[g] * float(int32 sum over the group of codes x weight codes)), the
+weight codes being the stored nibble - 8 and s_w the bf16 scale of that row and group.
 """
 
 from __future__ import annotations
@@ -38,9 +44,18 @@ KT_KERNEL = REPO / "build" / "kt-kernel"
 FORWARD_SCRIPT = Path(__file__).with_name("kt_kernel_forward.py")
 
 
+RAWINT4 = "RAWINT4"
+RAWINT4_GROUP = 32
+
+
 def _method(method: str) -> fmt.Method:
     """int4 / int8 / AMXINT4 / AMXINT8 -> the format's Method."""
     return fmt.METHODS[method.lower().removeprefix("amx")]
+
+
+def _kt_method(method: str) -> str:
+    """kt-kernel's --kt-method for int4 / int8 / AMXINT4 / AMXINT8 / RAWINT4."""
+    return RAWINT4 if method.upper() == RAWINT4 else _method(method).kt_method
 
 
 def _kt_env() -> dict[str, str]:
@@ -70,20 +85,23 @@ def small_batch_limit(experts: int, top_k: int) -> int:
 
 
 def kt_kernel_forward_batches(output_dir, method, numa, layer, experts, hidden, intermediate,
-                              batches) -> list[torch.Tensor]:
-    """kt-kernel's forward (bf16 [T, H]) of each (x, ids, weights) in batches; one subprocess loads the layer once."""
+                              batches, repeat: int = 0, threads: int | None = None) -> list[torch.Tensor]:
+    """kt-kernel's forward (bf16 [T, H]) of each (x, ids, weights) in batches; one subprocess loads the layer once.
+    repeat > 0: returns (outputs, each batch's median seconds over that many more runs) instead (benchmarks)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
         torch.save({"batches": [(x.to(torch.bfloat16), i.to(torch.int64), w.to(torch.float32))
                                 for x, i, w in batches]}, src)
         cmd = [sys.executable, str(FORWARD_SCRIPT), str(output_dir), str(src), str(dst),
-               "--method", _method(method).kt_method, "--numa", str(numa), "--layer", str(layer),
-               "--experts", str(experts), "--hidden", str(hidden), "--intermediate", str(intermediate)]
+               "--method", _kt_method(method), "--numa", str(numa), "--layer", str(layer),
+               "--experts", str(experts), "--hidden", str(hidden), "--intermediate", str(intermediate),
+               "--repeat", str(repeat), *(["--threads", str(threads)] if threads else [])]
         run = subprocess.run(cmd, env=_kt_env(), capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"kt-kernel forward failed (exit {run.returncode}):\n{run.stdout[-2000:]}\n"
                                f"{run.stderr[-2000:]}")
-        return torch.load(dst)["out"]
+        result = torch.load(dst)
+        return (result["out"], result["seconds"]) if repeat else result["out"]
 
 
 def kt_kernel_forward(output_dir, method, numa, layer, experts, hidden, intermediate, x, ids, weights) -> torch.Tensor:
@@ -181,6 +199,73 @@ def _int_gemm(q, d, codes, scales, minus128_as_abs: bool):
     return d[:, None] * (scales[None, :] * acc.float())
 
 
+def read_rawint4_codes(output_dir, layer, experts):
+    """{(proj, expert): (codes float32 [n, k], scales float32 [n, k / group])} of one MoE layer of a compressed-tensors
+    checkpoint, as kt-kernel's RAWINT4 reads them: the stored int4 values (nibble - 8) and the bf16
+    scales, by their per-expert names."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    output_dir = Path(output_dir)
+    weight_map = json.loads((output_dir / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(output_dir / weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    out = {}
+    for proj in fmt.PROJECTIONS:
+        for e in range(experts):
+            module = f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj"
+            shape = torch.Size(read(f"{module}.weight_shape").tolist())
+            out[proj, e] = (unpack_from_int32(read(f"{module}.weight_packed"), 4, shape).float(),
+                            read(f"{module}.weight_scale").float())
+    return out
+
+
+def _group_gemm(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """RAWINT4's product: activation codes per group of 32 columns, each group's exact integer sum scaled by the
+    activation's d and the weight's scale, the groups added in order in fp32."""
+    tokens, k = a.shape
+    groups = k // RAWINT4_GROUP
+    q, d = _act_codes(a.reshape(tokens * groups, RAWINT4_GROUP))
+    q, d = q.view(tokens, groups, RAWINT4_GROUP), d.view(tokens, groups)
+    acc = torch.einsum("tgc,ngc->tng", q.double(), codes.view(-1, groups, RAWINT4_GROUP).double()).float()
+    terms = d[:, None, :] * (scales[None, :, :] * acc)
+    out = terms[:, :, 0]
+    for g in range(1, groups):
+        out = out + terms[:, :, g]
+    return out
+
+
+def _kt_moe(xf: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, parts: int, gemm) -> torch.Tensor:
+    """kt-kernel's MoE step by step (module docstring), given its product gemm(a, proj, e, part) -> fp32."""
+    out = torch.zeros(xf.shape[0], xf.shape[1])
+    for p in range(parts):
+        part = torch.zeros(xf.shape[0], xf.shape[1])
+        for slot in range(ids.shape[1]):  # the slots in order: each token's sum is a chain of fmas over its slots
+            for e in ids[:, slot].unique().tolist():
+                rows = (ids[:, slot] == e).nonzero().flatten()
+                g = _bf16(gemm(xf[rows], "gate", e, p))
+                u = _bf16(gemm(xf[rows], "up", e, p))
+                h = _bf16((g * (1 / (1 + _exp_kt(torch.minimum(-g, torch.tensor(88.0)))))) * u)
+                y = _bf16(gemm(h, "down", e, p))
+                part[rows] = _fma(y, weights[rows, slot].float()[:, None], part[rows])
+        out += part
+    return out.to(torch.bfloat16)
+
+
+def _plain_moe(xf: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, weight) -> torch.Tensor:
+    """The value the quantised files stand for: fp32 products with the dequantised weights, weight(proj, e)."""
+    out = torch.zeros(xf.shape[0], xf.shape[1])
+    for e in ids.unique().tolist():
+        rows, slot = (ids == e).nonzero(as_tuple=True)
+        a = xf[rows]
+        h = torch.nn.functional.silu(a @ weight("gate", e).T) * (a @ weight("up", e).T)
+        out.index_add_(0, rows, (h @ weight("down", e).T) * weights[rows, slot].float()[:, None])
+    return out
+
+
 def reference_forward(output_dir, method, numa, layer, experts, hidden, intermediate, x, ids, weights,
                       act_quant: bool = True, minus128_as_abs: bool = False, codes=None) -> torch.Tensor:
     """ktq's computation of the MoE layer from the files: out = sum_k w_k * down_e(silu(gate_e x) * up_e x).
@@ -188,38 +273,36 @@ def reference_forward(output_dir, method, numa, layer, experts, hidden, intermed
     act_quant=True: kt-kernel's arithmetic step by step (module docstring), bf16 [T, H]. act_quant=False: the plain
     fp32 product with the dequantised weights, the NUMA parts joined back into whole matrices (gate/up parts are
     row blocks of I, down parts column blocks), fp32 [T, H]: the value the quantised files stand for.
-    codes: read_layer_codes' result, to read the files once for several calls."""
-    codes = codes or read_layer_codes(output_dir, method, numa, layer, experts, hidden, intermediate)
+    method RAWINT4: a compressed-tensors checkpoint in groups of 32, split at load time into numa parts as AMX
+    outputs are split on disk.
+    codes: read_layer_codes' (read_rawint4_codes') result, to read the files once for several calls."""
     xf = x.to(torch.bfloat16).float()
-    top_k = ids.shape[1]
+    if method.upper() == RAWINT4:
+        codes = codes or read_rawint4_codes(output_dir, layer, experts)
+        if not act_quant:
+            def weight(proj, e):
+                c, sc = codes[proj, e]
+                return c * sc.repeat_interleave(c.shape[1] // sc.shape[1], 1)  # any group size
+
+            return _plain_moe(xf, ids, weights, weight)
+
+        def part(proj: str, e: int, p: int):
+            """Part p of a projection: a block of intermediate rows (gate, up) or columns (down)."""
+            (c, sc), share = codes[proj, e], intermediate // numa
+            rows, groups = slice(p * share, (p + 1) * share), slice(p * share // RAWINT4_GROUP,
+                                                                    (p + 1) * share // RAWINT4_GROUP)
+            return (c[:, rows], sc[:, groups]) if proj == "down" else (c[rows], sc[rows])
+
+        return _kt_moe(xf, ids, weights, numa, lambda a, proj, e, p: _group_gemm(a, *part(proj, e, p)))
+    codes = codes or read_layer_codes(output_dir, method, numa, layer, experts, hidden, intermediate)
     if not act_quant:
-        def weight(proj, e, dim):
-            return torch.cat([c * s[:, None] for c, s in (codes[proj, e, p] for p in range(numa))], dim=dim)
+        def weight(proj, e):
+            return torch.cat([c * s[:, None] for c, s in (codes[proj, e, p] for p in range(numa))],
+                             dim=1 if proj == "down" else 0)
 
-        out = torch.zeros(x.shape[0], hidden)
-        for e in ids.unique().tolist():
-            rows, slot = (ids == e).nonzero(as_tuple=True)
-            a = xf[rows]
-            h = torch.nn.functional.silu(a @ weight("gate", e, 0).T) * (a @ weight("up", e, 0).T)
-            out.index_add_(0, rows, (h @ weight("down", e, 1).T) * weights[rows, slot].float()[:, None])
-        return out
-
-    out = torch.zeros(x.shape[0], hidden)
-    for p in range(numa):
-        part = torch.zeros(x.shape[0], hidden)
-        for slot in range(top_k):  # the slots in order: each token's sum is a chain of fmas over its slots
-            for e in ids[:, slot].unique().tolist():
-                rows = (ids[:, slot] == e).nonzero().flatten()
-                (gc, gs), (uc, us), (dc, ds) = (codes[proj, e, p] for proj in fmt.PROJECTIONS)
-                q, d = _act_codes(xf[rows])
-                g = _bf16(_int_gemm(q, d, gc, gs, minus128_as_abs))
-                u = _bf16(_int_gemm(q, d, uc, us, minus128_as_abs))
-                h = _bf16((g * (1 / (1 + _exp_kt(torch.minimum(-g, torch.tensor(88.0)))))) * u)
-                q, d = _act_codes(h)
-                y = _bf16(_int_gemm(q, d, dc, ds, minus128_as_abs))
-                part[rows] = _fma(y, weights[rows, slot].float()[:, None], part[rows])
-        out += part
-    return out.to(torch.bfloat16)
+        return _plain_moe(xf, ids, weights, weight)
+    return _kt_moe(xf, ids, weights, numa,
+                   lambda a, proj, e, p: _int_gemm(*_act_codes(a), *codes[proj, e, p], minus128_as_abs))
 
 
 # --- comparing the two --------------------------------------------------------------------------------------------
@@ -263,7 +346,8 @@ def assert_kt_kernel_agrees(output_dir, method, numa, layer, experts, hidden, in
     tokens = tokens or (1, 3, limit, limit + 1, 256)
     batches = [make_inputs(t, hidden, experts, top_k, seed + t) for t in tokens]
     outs = kt_kernel_forward_batches(output_dir, method, numa, layer, experts, hidden, intermediate, batches)
-    codes = read_layer_codes(output_dir, method, numa, layer, experts, hidden, intermediate)
+    codes = (read_rawint4_codes(output_dir, layer, experts) if method.upper() == RAWINT4
+             else read_layer_codes(output_dir, method, numa, layer, experts, hidden, intermediate))
     report = {}
     for t, (x, ids, w), got in zip(tokens, batches, outs):
         args = (output_dir, method, numa, layer, experts, hidden, intermediate, x, ids, w)

@@ -4,8 +4,9 @@
         --layer 1 --experts 8 --hidden 512 --intermediate 256
 
 IN.pt holds {"batches": [(x bf16 [T, H], topk ids int64 [T, K], topk weights float32 [T, K]), ...]}; OUT.pt gets
-{"out": [bf16 [T, H], ...], "variant": the kernel build kt-kernel picked for this CPU}. One process loads the layer
-once and runs every batch through it, as a server would.
+{"out": [bf16 [T, H], ...], "variant": the kernel build kt-kernel picked for this CPU, "seconds": with --repeat N,
+each batch's median forward time over N more runs}. One process loads the layer once and runs every batch through
+it, as a server would.
 
 Only this process imports kt_kernel (from build/kt-kernel, never the venv): its wheel pins torch 2.9.1 and ships
 other top-level packages, so it is installed apart with --no-deps and run beside our torch.
@@ -42,13 +43,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("weights")
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--method", required=True, choices=["AMXINT4", "AMXINT8"])
+    parser.add_argument("--method", required=True, choices=["AMXINT4", "AMXINT8", "RAWINT4"])
     parser.add_argument("--numa", type=int, required=True)
     parser.add_argument("--layer", type=int, required=True)
     parser.add_argument("--experts", type=int, required=True)
     parser.add_argument("--hidden", type=int, required=True)
     parser.add_argument("--intermediate", type=int, required=True)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeat", type=int, default=0, help="also time each batch: the median of this many runs")
     args = parser.parse_args(argv)
 
     _without_pinned_memory()
@@ -74,7 +76,21 @@ def main(argv: list[str]) -> None:
     )
     wrapper.load_weights(torch.arange(args.experts, dtype=torch.int64))  # physical expert e is logical expert e
     outs = [wrapper.forward(x, ids, weights, 0).clone() for x, ids, weights in batches]  # stream 0: unused here
-    torch.save({"out": outs, "variant": kt_kernel.__cpu_variant__}, args.output)
+    seconds = [_median_seconds(lambda b=batch: wrapper.forward(*b, 0), args.repeat) for batch in batches] \
+        if args.repeat else None
+    torch.save({"out": outs, "variant": kt_kernel.__cpu_variant__, "seconds": seconds}, args.output)
+
+
+def _median_seconds(run, repeat: int) -> float:
+    import statistics
+    import time
+
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -321,8 +321,11 @@ def test_gpu_output_loads_with_every_expert_and_close_logits(model_type, sources
 
     arch, source = ARCHS[model_type], sources(model_type)
     out = work / f"{model_type}-gpu"
+    # groups of 128, as when these bounds were set: at the default 32 the experts' error is smaller (axk1: 0.0063
+    # against 0.0072), but one of axk1's 24 tokens then takes another expert in layer 2 (a router near a tie on
+    # random weights), which moves its logits beyond the cosine bound below
     assert run_ktq("gpu", "--model_id", source.path, "--output_dir", out, "--quant_method", "RTN", "--quant_type",
-                   "W8A16", "--force_cpu", "--quiet") == 0
+                   "W8A16", "--group_size", 128, "--force_cpu", "--quiet") == 0
 
     written, original = tensors(out), tensors(source.path)
     packed = {m["module"]: m for m in map(PACKED.match, written) if m}

@@ -186,7 +186,7 @@ def test_torchrun_environment_is_detected(monkeypatch):
 
 def test_every_option_reaches_the_workers():
     """The workers get the launcher's options as JSON: every field, none at its default, comes back equal."""
-    opts = GpuOptions(model_id="/m", output_dir=Path("/o"), quant_method="RTN", quant_type="W4A16",
+    opts = GpuOptions(model_id="/m", output_dir=Path("/o"), quant_method="RTN", quant_type="W4A16", group_size=64,
                       num_calibration_samples=7, max_sequence_length=33, dampening_frac=0.2, dataset="/d.jsonl",
                       dataset_split="test", text_column="txt", ignore_patterns=("re:.*gate$", "lm_head"),
                       torch_dtype="float16", trust_remote_code=True, random_seed=3, max_gpu_memory=10**9,

@@ -80,7 +80,7 @@ def causal_oneshot(src: Path, out: Path, chat: Path) -> dict[str, float]:
 
 
 def test_the_engine_writes_what_oneshot_writes(src, chat, work):
-    assert run_ktq(*gpu_args(src, work / "engine", chat)) == 0
+    assert run_ktq(*gpu_args(src, work / "engine", chat, "--group_size", 128)) == 0  # the W4A16 preset's groups
     losses = causal_oneshot(src, work / "oneshot", chat)
     ours, theirs = read_all(work / "engine"), read_all(work / "oneshot")
     assert ours.keys() == theirs.keys()
@@ -97,7 +97,11 @@ def test_the_engine_writes_what_oneshot_writes(src, chat, work):
     for name, loss in losses.items():
         assert ours_losses[name] == pytest.approx(loss, rel=1e-3), name
     config = json.loads((work / "engine" / "config.json").read_text())["quantization_config"]
-    assert config == json.loads((work / "oneshot" / "config.json").read_text())["quantization_config"]
+    expected = json.loads((work / "oneshot" / "config.json").read_text())["quantization_config"]
+    # oneshot writes the solve's activation order ("static") though it writes no g_idx; ktq writes what the files hold
+    assert expected["config_groups"]["group_0"]["weights"]["actorder"] == "static"
+    expected["config_groups"]["group_0"]["weights"]["actorder"] = None
+    assert config == expected
 
 
 def test_one_shared_hessian_solves_as_one_hessian_per_module():
@@ -121,34 +125,37 @@ def test_one_shared_hessian_solves_as_one_hessian_per_module():
 
 
 def test_an_fp8_deepseek_converts_and_loads(work, chat):
-    """Block-scaled FP8 straight in (MLA, shared experts, router bias, MTP layer): routed experts packed, every
-    other weight decoded to bf16 exactly as ktq's FP8 decoder does, the MTP layer kept, logits close."""
+    """Block-scaled FP8 straight in (MLA, shared experts, router bias, MTP layer): routed experts packed, the MTP
+    layer's too (rounded to nearest), every other FP8 tensor written with the source's name and bytes (weights and
+    scales), the rest as stored; transformers reads the FP8 Linears through compressed-tensors' FP8 block scheme once
+    their scales take its name, logits close to the source's decoded by torch."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ktq.cpu.checkpoint import open_checkpoint
-    from ktq.gpu.source import SourceCheckpoint
     from ktq.sample import write_sample
+    from test_archs import fp8_decoded_by_torch
 
     src = write_sample(work / "ds-fp8", arch="deepseek_v3", dtype="fp8", layers=3, experts=8, hidden=256,
                        moe_intermediate=128, dense_layers=1, seed=3)
     out = work / "ds-fp8-w8"
     assert run_ktq(*gpu_args(src, out, chat, "--quant_type", "W8A16")) == 0
-    written = read_all(out)
-    assert not any(name.endswith("weight_scale_inv") for name in written)
-    assert "model.layers.3.eh_proj.weight" in written  # the MTP layer (index num_hidden_layers), unquantised
-    source = SourceCheckpoint.open(src)
-    for name in ("model.layers.1.self_attn.q_b_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight",
-                 "model.layers.3.mlp.experts.2.up_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
-        decoded = source.read(source.logical[name], "cpu", None)
-        assert np.array_equal(written[name], decoded.view(torch.int16).numpy().view(np.uint16)), name
-    source.close()
-    assert sum(name.endswith("weight_packed") for name in written) == 2 * 8 * 3
+    written, source = read_all(out), read_all(src)
+    fp8 = [name for name, info in tensors(src).items() if info.dtype == "F8_E4M3" and ".experts." not in name]
+    assert any(".layers.3.self_attn." in name for name in fp8)  # the MTP layer's attention too
+    for name in fp8:
+        for stored in (name, f"{name}_scale_inv"):
+            assert tensors(out)[stored].dtype == tensors(src)[stored].dtype, stored
+            assert np.array_equal(written[stored], source[stored]), stored
+    assert np.array_equal(written["model.layers.3.eh_proj.weight"], source["model.layers.3.eh_proj.weight"])
+    assert sum(name.endswith("weight_packed") for name in written) == 2 * 8 * 3 + 8 * 3  # MoE layers 1, 2 and MTP
     assert open_checkpoint(out).tensors  # headers of every shard valid
     ids = torch.arange(3, 60).unsqueeze(0)
     logits = []
-    for folder in (src, out):
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True)
+    for folder, options in ((fp8_decoded_by_torch(src, work / "ds-fp8-bf16"), {}),
+                            (out, {"key_mapping": {r"weight_scale_inv$": "weight_scale"}})):
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                                           **options)
         assert not info["missing_keys"] and all(".layers.3." in key for key in info["unexpected_keys"])
         with torch.no_grad():
             logits.append(model(ids).logits.float().flatten())

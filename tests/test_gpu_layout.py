@@ -6,7 +6,8 @@ import pytest
 
 import gpu_models  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 from ktq.errors import KtqError
-from ktq.gpu.layout import MoeLayout, dense_layer_rule, ignore_reason, ignore_rules, match_target
+from ktq.gpu.layout import MoeLayout, dense_layer_rule, ignore_reason, ignore_rules
+from ktq.serving import match_target
 
 
 def qwen3(**extra) -> dict:

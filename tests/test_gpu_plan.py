@@ -76,12 +76,17 @@ def test_hidden_states_grow_with_samples_and_length(sample, parts, tmp_path):
 
 
 def test_output_size_counts_packed_weights_and_scales(sample, parts, tmp_path):
-    w8 = plan_for(sample, parts, tmp_path, CPU, quant_type="W8A16")
-    w4 = plan_for(sample, parts, tmp_path, CPU, quant_type="W4A16")
+    w8 = plan_for(sample, parts, tmp_path, CPU, quant_type="W8A16", group_size=128)
+    w4 = plan_for(sample, parts, tmp_path, CPU, quant_type="W4A16", group_size=128)
     projections = 3 * EXPERTS * 3
     assert w8.output_bytes - w4.output_bytes == projections * HIDDEN * INTER // 2
     # int8 codes and one bf16 scale per row and group of 128 inputs
     assert w8.packed_bytes == EXPERTS * 3 * (HIDDEN * INTER + 2 * INTER * (HIDDEN // 128))
+    # groups of 32 (the default): four times the scales; per channel: one scale per row
+    assert plan_for(sample, parts, tmp_path, CPU, quant_type="W8A16").packed_bytes == \
+        EXPERTS * 3 * (HIDDEN * INTER + 2 * INTER * (HIDDEN // 32))
+    assert plan_for(sample, parts, tmp_path, CPU, quant_type="W8A16", group_size=-1).packed_bytes == \
+        EXPERTS * 3 * (HIDDEN * INTER + 2 * INTER)
 
 
 def test_a_large_gpu_keeps_the_layer_every_sample_and_the_hidden_states(sample, parts, tmp_path):
@@ -147,7 +152,7 @@ def test_refuses_group_misaligned_experts(tmp_path):
     src = write_sample(tmp_path / "odd", layers=2, experts=4, hidden=128, moe_intermediate=96, dense_layers=0)
     config = AutoConfig.from_pretrained(src)
     layout = MoeLayout.from_config(config.to_dict())
-    opts = GpuOptions(model_id=str(src), output_dir=tmp_path / "out")
+    opts = GpuOptions(model_id=str(src), output_dir=tmp_path / "out", group_size=128)
     plan = make_plan(opts, config.to_dict(), meta_model(config, "bfloat16", False), layout, ignore_rules(layout),
                      CPU, 64 * GB)
     assert any("128 / 96 input features" in p and "group size 128" in p for p in plan.problems)

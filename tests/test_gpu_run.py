@@ -57,8 +57,8 @@ def test_quantization_config(scheme, bits, request, src):
     assert qc["quantization_status"] == "compressed"
     (group,) = qc["config_groups"].values()
     assert group["weights"] | {"observer": None, "observer_kwargs": None} == group["weights"] | {
-        "num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128, "dynamic": False,
-        "observer": None, "observer_kwargs": None}
+        "num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32, "dynamic": False,
+        "observer": None, "observer_kwargs": None, "actorder": None}  # no g_idx written, GPTQ or not
     assert group["input_activations"] is None and group["format"] == "pack-quantized"
     ignored = set(qc["ignore"])
     attention = {f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
@@ -74,7 +74,7 @@ def test_experts_packed_everything_else_bit_identical(scheme, bits, request, src
     for name in EXPERT_LINEARS:
         assert f"{name}.weight" not in written
         assert written[f"{name}.weight_packed"].shape == (128, 128 * bits // 32)  # int32 words of 32/bits values
-        assert written[f"{name}.weight_scale"].shape == (128, 1)  # one scale per row and group of 128
+        assert written[f"{name}.weight_scale"].shape == (128, 4)  # one scale per row and group of 32
         assert written[f"{name}.weight_shape"].shape == (2,)
     kept = [name for name in source if ".experts." not in name]
     assert any(".mlp.gate." in n for n in kept) and any("layers.0.mlp.down_proj" in n for n in kept)

@@ -101,3 +101,30 @@ def test_kt_kernel_computes_the_reference_on_calibrated_experts(moe_sample, tmp_
     codes = read_layer_codes(out, method, numa, 2, **GEOMETRY)  # INT8 q or INT4 16 m: -128 is the code to avoid
     assert min(float(c.min()) for c, _ in codes.values()) > -128
     assert_kt_kernel_agrees(out, method, numa, 2, top_k=TOP_K, **GEOMETRY)
+
+
+@pytest.mark.parametrize("kind, numa", [("gptq32", 2), ("rtn32", 1)])
+def test_kt_kernel_serves_a_group_32_gpu_checkpoint_as_rawint4(gpu_outputs, kind, numa):
+    """The `ktq gpu --group_size 32` checkpoint is CPU experts too: kt-kernel's RAWINT4 reads its compressed-tensors
+    experts as they are and computes what ktq computes from the same files (kt_kernel_check: int8 activations per
+    group of 32 columns), through its small-batch and its large-batch kernel, GPTQ and round to nearest alike, with
+    any thread-pool count (no NUMA split is baked into these files)."""
+    out, _ = gpu_outputs(kind)
+    assert_kt_kernel_agrees(out, "RAWINT4", numa, 2, top_k=TOP_K, **GEOMETRY)
+
+
+def test_kt_kernel_rawint4_does_not_compute_groups_of_128(gpu_outputs):
+    """Why ktq offers RAWINT4 for groups of 32 only (ktq.serving.RAWINT4_GROUP): kt-kernel 0.7.2 loads groups of
+    128 without an error, then crashes or returns values far from what the files hold (NaN for large batches)."""
+    import torch
+
+    out, _ = gpu_outputs("rtn128")
+    batches = [make_inputs(t, GEOMETRY["hidden"], GEOMETRY["experts"], TOP_K, seed=t) for t in (3, 256)]
+    try:
+        outs = kt_kernel_forward_batches(out, "RAWINT4", 1, 2, batches=batches, **GEOMETRY)
+    except RuntimeError as exc:  # the process died (a segmentation fault here)
+        assert "kt-kernel forward failed" in str(exc)
+        return
+    for (x, ids, weights), got in zip(batches, outs):
+        plain = reference_forward(out, "RAWINT4", 1, 2, x=x, ids=ids, weights=weights, act_quant=False, **GEOMETRY)
+        assert torch.isnan(got.float()).any() or agreement(got, plain)["cos"] < 0.9

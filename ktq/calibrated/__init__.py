@@ -5,7 +5,7 @@ them beside the GPU checkpoint in the same pass) into a ktq cpu output.
 Modules, in the order a run uses them:
 
     artifact  the engine's artifact: the output opened, what a layer takes from the calibration pass, solve,
-              write, restore on resume, the serve line
+              write, restore on resume
     routed    what the calibration pass collects: every token's input to a layer's experts and its routing
     solve     one layer's experts: Hessians of their routed tokens, chunk by chunk on the solve device
     ktgrid    GPTQ onto kt-kernel's own grid (codes in its served range, fp32 scales per row and NUMA part)

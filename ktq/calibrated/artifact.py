@@ -1,7 +1,7 @@
 """The calibrated CPU experts as an artifact of the streaming engine (ktq cpu --calibrate, ktq gpu --cpu-output):
 what they take from the calibration pass (routed.RoutedInputs), a layer solved on kt-kernel's grid (solve) and
-written into a ktq cpu output (output), a committed layer read back for the propagation pass of a resumed run, and
-the serve line."""
+written into a ktq cpu output (output), and a committed layer read back for the propagation pass of a resumed
+run."""
 
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ from ktq.calibrated.solve import (
     calibrate_layer,
 )
 from ktq.cpu.layout import Layout
-from ktq.cpu.output import PLACEMENT_FILE, check_disk, needed_bytes
+from ktq.cpu.output import check_disk, needed_bytes
 from ktq.errors import KtqError
 from ktq.kernels.ktformat import METHODS, alignment_problem
-from ktq.progress import counted
 
 
 def refuse_misaligned(method: str, numa: int, geometry) -> None:
@@ -32,15 +31,6 @@ def refuse_misaligned(method: str, numa: int, geometry) -> None:
     problem = alignment_problem(METHODS[method], geometry.hidden, geometry.intermediate, numa)
     if problem:
         raise KtqError(problem)
-
-
-def serve_lines(out: Path, method: str, numa: int) -> list[str]:
-    """Where the calibrated CPU experts went and how sglang-kt serves them, hot experts on the GPU."""
-    kt_method = METHODS[method].kt_method
-    return [f"wrote {out} (calibrated {kt_method}, {counted(numa, 'NUMA part')})",
-            f"serve with: --kt-method {kt_method} --kt-weight-path {out} --kt-threadpool-count {numa} "
-            f"--init-expert-location {out / PLACEMENT_FILE} --kt-num-gpu-experts N (the N experts per layer that "
-            "calibration routed most tokens to go to the GPU)"]
 
 
 class CalibratedExperts:

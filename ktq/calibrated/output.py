@@ -20,12 +20,13 @@ from ktq.cpu.checkpoint import Checkpoint
 from ktq.cpu.experts import MoeModel
 from ktq.cpu.layout import Layout
 from ktq.cpu.manifest import Manifest, save_manifest
-from ktq.cpu.output import PLACEMENT_FILE, committed_path, finish_output, plan_output
+from ktq.cpu.output import committed_path, finish_output, plan_output
 from ktq.cpu.scan import Found, PieceReader
 from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 from ktq.kernels.amx import pack_codes, unpack_dequantize
 from ktq.placement import write_placement
 from ktq.safetensors_io import read_header
+from ktq.serving import PLACEMENT_FILE
 
 
 class CalibratedCpuOutput:

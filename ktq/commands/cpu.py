@@ -16,6 +16,7 @@ from ktq.commands import common
 from ktq.commands.common import KtMethod, choices, opt
 from ktq.errors import KtqError
 from ktq.hfformat import INPUT_TYPES
+from ktq.serving import cpu_output_serve, serve_lines
 from ktq.system import cpu_cores, numa_nodes
 
 InputType = choices("InputType", INPUT_TYPES)
@@ -148,5 +149,6 @@ def cpu(
                    f"{counted(result.numa, 'NUMA part')}): {counted(len(result.layers_converted), 'layer')} "
                    f"converted, {len(result.layers_kept)} kept, "
                    f"{gb(result.output_bytes)} in {result.seconds:.1f} s ({rate:.2f} GB/s of input)")
-        typer.echo(f"serve with: --kt-method {result.method.kt_method} --kt-weight-path {result.output} "
-                   f"--kt-threadpool-count {result.numa}")
+        for line in serve_lines(cpu_output_serve(str(input_path), result.output, result.method.kt_method,
+                                                 result.numa)):
+            typer.echo(line)

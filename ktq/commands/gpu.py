@@ -14,6 +14,7 @@ from ktq.commands.common import KtMethod, choices, opt
 from ktq.errors import KtqError
 from ktq.gpu.options import (
     DEFAULT_DATASET,
+    DEFAULT_GROUP_SIZE,
     QUANT_METHODS,
     QUANT_TYPES,
     TORCH_DTYPES,
@@ -40,7 +41,10 @@ def gpu(
     output_dir: Path = opt(..., "--output-dir", help="Folder to create for the quantised checkpoint."),
     quant_method: QuantMethod = opt(QuantMethod.GPTQ, "--quant-method",
                                     help="GPTQ (calibrated) or RTN (round to nearest, no data)."),
-    quant_type: QuantType = opt(QuantType.W8A16, "--quant-type", help="W4A16 or W8A16, groups of 128."),
+    quant_type: QuantType = opt(QuantType.W8A16, "--quant-type", help="W4A16 or W8A16."),
+    group_size: int = opt(DEFAULT_GROUP_SIZE, "--group-size", help="Input columns per scale: 32, 64, 128, or -1 "
+                          "for one scale per output channel. 32 serves with the most tensor-parallel sizes, and a "
+                          "W4A16 checkpoint in groups of 32 is also kt-kernel RAWINT4 CPU experts."),
     num_calibration_samples: int = common.num_calibration_samples(),
     max_sequence_length: int = common.max_sequence_length(),
     dampening_frac: float = opt(GpuOptions.dampening_frac, "--dampening-frac",
@@ -87,8 +91,9 @@ def gpu(
     KTransformers; with --cpu-output also the calibrated CPU experts from the same pass."""
     opts = GpuOptions(
         model_id=model_id, output_dir=output_dir, quant_method=quant_method.value, quant_type=quant_type.value,
-        num_calibration_samples=num_calibration_samples, max_sequence_length=max_sequence_length,
-        dampening_frac=dampening_frac, dataset=dataset, dataset_split=dataset_split, text_column=text_column,
+        group_size=group_size, num_calibration_samples=num_calibration_samples,
+        max_sequence_length=max_sequence_length, dampening_frac=dampening_frac, dataset=dataset,
+        dataset_split=dataset_split, text_column=text_column,
         ignore_patterns=tuple(ignore_patterns or ()), torch_dtype=torch_dtype.value,
         trust_remote_code=trust_remote_code, random_seed=random_seed,
         max_gpu_memory=parse_size(max_gpu_memory, "--max-gpu-memory"),

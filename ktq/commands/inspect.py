@@ -43,6 +43,20 @@ def inspect(
         raise KtqError(f"{path}: {result.problems[0]}{more}")
 
 
+def _render_gpu_checkpoint(console, table, report: dict) -> None:
+    group = f"groups of {report['group_size']}" if report["group_size"] > 0 else "one scale per channel"
+    table.add_row("kind", f"ktq gpu checkpoint ({report['model_type']}, from {report['source']})")
+    table.add_row("experts", f"{report['quant_method']} W{report['bits']}A16 in {group}, symmetric "
+                             f"{report['symmetric']}, actorder {report['actorder']}; {report['experts']} per layer, "
+                             f"hidden {report['hidden']} / moe_intermediate {report['intermediate']}")
+    if report["fp8_linears"]:
+        table.add_row("FP8 Linears", f"{report['fp8_linears']} names kept FP8 (block scales), "
+                                     + ("sglang-kt reads them through linear_fp8_config" if report["sglang_kt_fp8"]
+                                        else "no linear_fp8_config for sglang-kt"))
+    table.add_row("tensor parallel", report["tp"])
+    console.print(table)
+
+
 def _render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -53,9 +67,11 @@ def _render(report: dict) -> None:
     table = Table(title=f"ktq inspect {report['path']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    layers = report["layers"]
+    layers = report.get("layers", [])
     span = f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "none"
-    if report["kind"] == "checkpoint":
+    if report["kind"] == "gpu-checkpoint":
+        _render_gpu_checkpoint(console, table, report)
+    elif report["kind"] == "checkpoint":
         table.add_row("kind", f"source checkpoint ({report['model_type']}, {counted(report['shards'], 'shard')})")
         table.add_row("MoE layers", span)
         table.add_row("experts", f"{report['experts']} per layer")
@@ -119,10 +135,11 @@ def _render(report: dict) -> None:
         if serve is None:
             console.print("serve with: nothing yet, the output is unfinished or damaged (problems below)")
         else:
-            placement = (f" --init-expert-location {serve['init_expert_location']} --kt-num-gpu-experts N"
-                         if "init_expert_location" in serve else "")
-            console.print(f"serve with: --kt-method {serve['kt_method']} --kt-weight-path {serve['kt_weight_path']} "
-                          f"--kt-threadpool-count {serve['kt_threadpool_count']}{placement}", soft_wrap=True)
+            for line in report["serve_lines"]:
+                console.print(line, soft_wrap=True, markup=False)
+    if report["kind"] == "gpu-checkpoint":
+        for line in report["serve_lines"] or ["serve with: nothing, the checkpoint has problems (below)"]:
+            console.print(line, soft_wrap=True, markup=False)
     if "compare" in report:
         errors = Table(title=f"error against {report['compare']['source']}", title_justify="left")
         for column in ("layer", "projection", "relative RMS", "max abs", "SNR dB"):
@@ -139,7 +156,9 @@ def _render(report: dict) -> None:
     for problem in report["problems"]:
         console.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
     if report.get("verified"):
-        if report["kind"] == "checkpoint":
+        if report["kind"] == "gpu-checkpoint":
+            checked = "every shard against its digest in ktq_gpu.json"
+        elif report["kind"] == "checkpoint":
             checked = "every header, expert tensor and shape"
         else:
             checked = "every size and " + ("every digest in ktq.json" if report["manifest"] else "every scale")

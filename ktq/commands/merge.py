@@ -30,6 +30,7 @@ def merge(
     merged form, byte for byte."""
     from ktq.merge import merge_tree
     from ktq.progress import LayerProgress, counted, gb
+    from ktq.serving import UNKNOWN_MODEL, cpu_output_serve, serve_lines
 
     with LayerProgress(quiet=quiet) as progress, common.options_named(CPU_OPTIONS):
         result = merge_tree(tree, out, original_path, force, progress)
@@ -39,5 +40,9 @@ def merge(
                    f"{gb(result.output_bytes)} in {result.seconds:.1f} s")
         if not result.copied_aux:
             typer.echo("no --original-path: config.json and the tokenizer files were not copied")
-        typer.echo(f"serve with: --kt-method {result.method.kt_method} --kt-weight-path {result.output} "
-                   f"--kt-threadpool-count {result.numa}")
+        model = str(original_path) if original_path is not None else UNKNOWN_MODEL
+        for line in serve_lines(cpu_output_serve(model, result.output, result.method.kt_method, result.numa)):
+            typer.echo(line)
+        if original_path is None:
+            typer.echo(f"note: {UNKNOWN_MODEL} stands for the checkpoint the GPU side loads (IN's source, or its "
+                       "ktq gpu checkpoint)")

@@ -32,12 +32,11 @@ from ktq.cpu.sinks import merged_pending_path
 from ktq.errors import KtqError, write_error
 from ktq.progress import gb
 from ktq.safetensors_io import open_regular
+from ktq.serving import PLACEMENT_FILE
 
 # Files of the source folder that serving needs beside the weights (merged form only, as the reference tool).
 AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*")
-# A calibrated output's routed-token counts, as sglang-kt's --init-expert-location reads them (ktq.placement)
-PLACEMENT_FILE = "init_expert_location.pt"
 METADATA_RESERVE = 1 << 20  # room for ktq.json (a few hundred bytes per layer)
 
 

@@ -17,6 +17,7 @@ Modules, in the order a run uses them:
     capture          the calibration samples at the first decoder layer
     streamed_experts the routed experts inside that layer: collectors fed while calibrating, the routed forward after
     checkpoint       the GPU checkpoint artifact: GPTQ of a layer shared out between ranks, its shard, its config
+    serving          that config as sglang-kt, vLLM and transformers read it (FP8 Linears, the NextN draft's names)
     gptq             llm-compressor's solver against one shared gate/up Hessian, compressed-tensors' packing
     output           the staging folder: one committed shard per layer, the manifest that lets a run resume
     progress         the progress bar or lines

@@ -31,7 +31,6 @@ from ktq.gpu.streamed_experts import SAMPLES_PER_PRODUCT
 GPU_OVERHEAD = 256 * 2**20  # cuBLAS / cuSOLVER workspaces and allocator slack beyond the terms above
 # host memory a GPU run adds after the plan: CUDA context, cuBLAS, Triton, llm-compressor (measured on an H100)
 CUDA_HOST = 1200 * 2**20
-GROUP_SIZE = 128  # W4A16 and W8A16 quantise weights in groups of 128 input columns
 WEIGHT_BITS = {"W4A16": 4, "W8A16": 8}
 EXPERTS_SHARE = 1 / 3  # of the memory left for experts and samples, what streamed chunks of experts may take
 
@@ -164,11 +163,16 @@ def kwargs_bytes(text: dict, samples: int, seq_len: int) -> int:
     return samples * seq_len * 2 * 4 * rotary
 
 
-def packed_bytes(spec: LayerSpec, quant_type: str, dtype_bytes: int) -> int:
-    """One layer's experts as written: packed integers and one scale per row and group of 128 inputs."""
+def packed_bytes(spec: LayerSpec, quant_type: str, group_size: int, dtype_bytes: int) -> int:
+    """One layer's experts as written: packed integers and one scale per row and group of inputs (per row for
+    group_size -1)."""
     bits = WEIGHT_BITS[quant_type]
     h, i = spec.hidden, spec.intermediate
-    per_expert = 3 * h * i * bits // 8 + dtype_bytes * (2 * i * -(-h // GROUP_SIZE) + h * -(-i // GROUP_SIZE))
+
+    def groups(columns: int) -> int:
+        return -(-columns // group_size) if group_size > 0 else 1
+
+    per_expert = 3 * h * i * bits // 8 + dtype_bytes * (2 * i * groups(h) + h * groups(i))
     return spec.experts * per_expert
 
 
@@ -199,5 +203,5 @@ def layer_terms(opts: GpuOptions, text: dict, spec: LayerSpec | None, dense: int
         sample_hidden=cache_bytes(text, 1, seq, width) if gptq else 0,
         routed=cache_bytes(text, samples, seq, width) if gptq and cpu else 0,
         kwargs=kwargs_bytes(text, samples, seq) if gptq else 0,
-        packed=packed_bytes(spec, opts.quant_type, width) if gpu else 0,
+        packed=packed_bytes(spec, opts.quant_type, opts.group_size, width) if gpu else 0,
         codes=e * (3 * h * i + 4 * (2 * i + h * cpu.numa)) if cpu else 0, process=process)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -34,14 +36,76 @@ from ktq.gpu.layer_experts import Chunk, DeviceExperts
 from ktq.gpu.layout import ignore_reason
 from ktq.gpu.model import ModelMap, linear_reasons
 from ktq.gpu.output import StreamOutput, copy_side_files, tensor_entry
-from ktq.gpu.source import SourceCheckpoint, stored_weight, written_dtype
+from ktq.gpu.serving import (
+    EXPERT_WEIGHT,
+    NEXTN_LINEARS,
+    fp8_linear_config,
+    fp8_scheme,
+    nextn_name,
+    refuse_partial_layer,
+    served_scheme,
+)
+from ktq.gpu.source import TORCH_DTYPES, SourceCheckpoint, read_tensor, stored_weight, written_dtype
 from ktq.hfformat import EXPERT_PROJECTION_NAMES, INDEX_NAME
 from ktq.kernels.ktformat import PROJECTIONS
+from ktq.serving import PLACEMENT_FILE
 
 OUTPUT_NAMES = dict(zip(PROJECTIONS, EXPERT_PROJECTION_NAMES["proj"]))
 MIXTRAL_NAMES = dict(zip(PROJECTIONS, EXPERT_PROJECTION_NAMES["w"]))
 _FUSED_NAME = re.compile(r"^(?P<module>.*)\.(gate_up_proj|down_proj)\[expert (?P<e>\d+)")
 _FUSED_LINEAR_NAME = re.compile(r"^(?P<block>.*)\.(input_linear|output_linear)\.weight\[expert (?P<e>\d+)")
+
+
+def scale_columns(cols: int, scheme) -> int:
+    """Scale columns of a [rows, cols] projection: one per group of input columns, or one per row (channel)."""
+    group = scheme.weights.group_size
+    return -(-cols // group) if group else 1
+
+
+@dataclass(frozen=True)
+class MtpLayer:
+    """DeepSeek's multi-token-prediction layer (index num_hidden_layers, outside the model transformers builds):
+    sglang's NextN draft builds it with the model's quantization config under `model.decoder`, so its routed
+    experts are written in the experts' scheme (rounded to nearest: no calibration reaches it) and its other
+    Linears are listed under both names."""
+
+    prefix: str  # its stored names' prefix, `model.layers.61`
+    experts: dict[str, str]  # stored weight -> output module of each routed-expert projection quantised
+    kept_experts: list[str]  # modules of expert projections an ignore rule keeps
+    linears: list[str]  # modules of its other Linears
+
+    @classmethod
+    def find(cls, model: ModelMap, source: SourceCheckpoint, rules) -> "MtpLayer | None":
+        index = len(model.layer_names)
+        prefix = f"{model.layer_names[0].rsplit('.', 1)[0]}.{index}"
+        stored = [name for name in source.logical if name.startswith(prefix + ".")]
+        moe = next((i for i, path in enumerate(model.experts_path) if path is not None), None)
+        if not stored or moe is None:
+            return None
+        experts, kept = {}, []
+        for name in stored:
+            found = EXPERT_WEIGHT.match(name)
+            if found:
+                if ignore_reason(rules, found["module"], ["Linear"]) is None:
+                    experts[name] = found["module"]
+                else:
+                    kept.append(found["module"])
+        refuse_partial_layer(f"{prefix}.mlp.experts", kept, len(kept) + len(experts))
+        layer = model.layer_names[moe] + "."
+        relative = [name[len(layer):] for name in kept_linears(model) if name.startswith(layer)]
+        linears = [f"{prefix}.{rel}" for rel in (*relative, *NEXTN_LINEARS) if f"{prefix}.{rel}.weight" in stored]
+        return cls(prefix, experts, kept, linears)
+
+
+def kept_linears(model: ModelMap) -> list[str]:
+    """The model's Linears outside the routed experts (checkpoint names), which the GPU checkpoint keeps as the
+    source holds them."""
+    from compressed_tensors.quantization.quant_config import _map_to_checkpoint_names, get_vllm_module_type
+
+    skeleton = model.skeleton
+    kept = [name for name, module in skeleton.named_modules()
+            if get_vllm_module_type(type(module).__name__) == "Linear"]
+    return _map_to_checkpoint_names(skeleton, kept)
 
 
 def expert_module_name(source_name: str, e: int, proj: str) -> str:
@@ -68,7 +132,8 @@ class GpuCheckpoint:
         self.opts, self.source, self.model, self.rules, self.world, self.output = opts, source, model, rules, world, \
             output
         self.device, self.dtype = torch.device(device), getattr(torch, opts.torch_dtype)
-        self.scheme = weight_scheme(opts.quant_type, opts.quant_method)
+        self.scheme = weight_scheme(opts.quant_type, opts.quant_method, opts.group_size)
+        self.mtp = MtpLayer.find(model, source, rules)
         self.losses: dict[str, float] = {}
         self.fallbacks: list[str] = []
         for record in output.manifest["units"].values():  # the layers a resumed run keeps
@@ -216,22 +281,32 @@ class GpuCheckpoint:
     def _empty_quantized(self, weight: torch.Tensor) -> Quantized:
         """Room for a projection that another rank quantises."""
         rows, cols = weight.shape
-        bits, group = self.scheme.weights.num_bits, self.scheme.weights.group_size
+        bits = self.scheme.weights.num_bits
         return Quantized(torch.empty((rows, cols * bits // 32), dtype=torch.int32, device=self.device),
-                         torch.empty((rows, -(-cols // group)), dtype=self.dtype, device=self.device),
+                         torch.empty((rows, scale_columns(cols, self.scheme)), dtype=self.dtype, device=self.device),
                          torch.tensor((rows, cols), dtype=torch.int64))
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
     def write_unit(self, unit: int | None, quantized=None, kept=None, extra: dict | None = None) -> None:
-        """The shard of one decoder layer (or, unit None, of everything outside them): its stored weights on the
-        CPU as the source holds them (FP8 decoded to bf16), then the experts packed or, where ignored, as read."""
-        logical = self.source.logical
-        names = self.model.unit_tensors(unit)
-        tensors: list[tuple[str, object]] = [(name, lambda n=name: self.source.read(logical[n], "cpu", None))
-                                             for name in names]
-        stored = [stored_weight(logical[name]) for name in names]
-        entries = [tensor_entry(name, written_dtype(info), tuple(info.shape)) for name, info in zip(names, stored)]
+        """The shard of one decoder layer (or, unit None, of everything outside them, the MTP layer's routed
+        experts rounded to nearest in the experts' scheme): its stored weights as the source holds them (FP8
+        Linears byte for byte with their scales, other FP8 decoded to bf16), then the experts packed or, where
+        ignored, as read."""
+        entries: list = []
+        tensors: list[tuple[str, object]] = []
+        for name in self.model.unit_tensors(unit):
+            if self.mtp is not None and name in self.mtp.experts:
+                rows, cols = self.source.logical[name][0].shape
+                self._add_quantized(entries, tensors, self.mtp.experts[name], rows, cols, self._rtn(name))
+            elif name.removesuffix(".weight") in self.fp8_linears:
+                for info in self.source.logical[name]:  # the FP8 weight and its weight_scale_inv, as stored
+                    entries.append(tensor_entry(info.name, TORCH_DTYPES[info.dtype], tuple(info.shape)))
+                    tensors.append((info.name, lambda i=info: read_tensor(self.source.reader, i)))
+            else:
+                info = stored_weight(self.source.logical[name])
+                entries.append(tensor_entry(name, written_dtype(info), tuple(info.shape)))
+                tensors.append((name, lambda n=name: self.source.read(self.source.logical[n], "cpu", None)))
         if quantized is not None:
             expert_names = self.expert_names(unit)
             for e, projections in enumerate(quantized):
@@ -242,18 +317,39 @@ class GpuCheckpoint:
                         entries.append(tensor_entry(f"{module}.weight", tensor.dtype, tuple(tensor.shape)))
                         tensors.append((f"{module}.weight", lambda t=tensor: t))
                         continue
-                    for suffix, tensor in (("weight_packed", q.packed), ("weight_scale", q.scale),
-                                           ("weight_shape", q.shape)):
-                        tensor = tensor.cpu()
-                        entries.append(tensor_entry(f"{module}.{suffix}", tensor.dtype, tuple(tensor.shape)))
-                        tensors.append((f"{module}.{suffix}", lambda t=tensor: t))
+                    rows, cols = (int(v) for v in q.shape.tolist())
+                    self._add_quantized(entries, tensors, module, rows, cols, lambda q=q: q)
         self.output.write_unit("rest" if unit is None else unit, entries, tensors, extra or {})
+
+    def _add_quantized(self, entries: list, tensors: list, module: str, rows: int, cols: int, make) -> None:
+        """A quantised [rows, cols] projection's three tensors; make() gives its Quantized, called once, when the
+        first of them is written (the writer takes them in order)."""
+        made: list[Quantized] = []
+
+        def part(suffix: str) -> torch.Tensor:
+            if suffix == "packed":
+                made[:] = [make()]
+            return getattr(made[0], suffix).cpu()
+
+        bits = self.scheme.weights.num_bits
+        for suffix, dtype, shape in (("packed", torch.int32, (rows, cols * bits // 32)),
+                                     ("scale", self.dtype, (rows, scale_columns(cols, self.scheme))),
+                                     ("shape", torch.int64, (2,))):
+            entries.append(tensor_entry(f"{module}.weight_{suffix}", dtype, shape))
+            tensors.append((f"{module}.weight_{suffix}", lambda s=suffix: part(s)))
+
+    def _rtn(self, name: str):
+        """Round to nearest of one stored weight in the experts' scheme, read when called."""
+        def make() -> Quantized:
+            weight = self.source.read(self.source.logical[name], "cpu", self.dtype)
+            scale, zp = qparams(weight, self.scheme.weights)
+            return pack(weight, scale, zp, self.scheme, self.dtype)
+        return make
 
     def finish(self, routed: dict[int, list[int]]) -> None:
         """Everything outside the decoder layers, then the index, config with quantization_config, the placement
         file (routed: the calibration's routed tokens by decoder layer) and the source's side files, once every
         shard is in."""
-        from ktq.cpu.output import PLACEMENT_FILE
         from ktq.placement import write_placement
 
         if self.output.done("rest") is None:
@@ -284,23 +380,45 @@ class GpuCheckpoint:
         skeleton = self.model.skeleton
         return list(linear_reasons(skeleton, skeleton.config.get_text_config().to_dict(), self.rules).values())
 
-    def quantization_config(self) -> dict:
-        """config.json's quantization_config, as llm-compressor's save writes it: the scheme, and every Linear
-        left unquantised under its checkpoint name (compressed-tensors' own mapping from module names)."""
-        import compressed_tensors
-        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
-        from compressed_tensors.quantization.quant_config import _map_to_checkpoint_names, get_vllm_module_type
+    @cached_property
+    def fp8_linears(self) -> set[str]:
+        """The Linears outside the routed experts whose stored weight is FP8: written as stored."""
+        return {name[: -len(".weight")] for name, infos in self.source.logical.items()
+                if name.endswith(".weight") and stored_weight(infos).dtype.startswith("F8_")
+                and not EXPERT_WEIGHT.match(name)}
 
-        skeleton = self.model.skeleton
-        kept = [name for name, module in skeleton.named_modules()
-                if get_vllm_module_type(type(module).__name__) == "Linear"]
-        kept = _map_to_checkpoint_names(skeleton, kept)
+    def kept_modules(self) -> dict[str, list[str]]:
+        """Every Linear written as the source holds it (its checkpoint name), with the names loaders look it up by:
+        the model's non-expert Linears, the expert projections ignore rules keep, and the MTP layer's Linears, also
+        under the NextN draft's names."""
+        kept = {name: [name] for name in kept_linears(self.model)}
         g = self.source.experts.geometry
         for index in self.source.moe_layers:
             names = self.expert_names(index)
-            kept += [names[e][p] for e in range(g.experts) for p in range(3)
-                     if ignore_reason(self.rules, self.model.linear_name(index, e, p), ["Linear"]) is not None]
-        config = QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=kept, format="pack-quantized",
+            kept.update((names[e][p], [names[e][p]]) for e in range(g.experts) for p in range(3)
+                        if ignore_reason(self.rules, self.model.linear_name(index, e, p), ["Linear"]) is not None)
+        if self.mtp is not None:
+            kept.update((name, [name, nextn_name(name, self.mtp.prefix)])
+                        for name in self.mtp.linears + self.mtp.kept_experts)
+        return kept
+
+    def quantization_config(self) -> dict:
+        """config.json's quantization_config, as llm-compressor's save writes it: the experts' scheme as the files
+        hold it (ktq.gpu.serving), every Linear left unquantised in `ignore`, and an FP8 source's FP8 Linears under
+        an FP8 block scheme and sglang-kt's linear_fp8_config."""
+        import compressed_tensors
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+        kept = self.kept_modules()
+        fp8 = [name for module, names in kept.items() if module in self.fp8_linears for name in names]
+        groups = {"group_0": served_scheme(self.scheme)}
+        if fp8:
+            groups["group_1"] = fp8_scheme(self.source.fp8_block, fp8)
+        ignore = [name for module, names in kept.items() if module not in self.fp8_linears for name in names]
+        config = QuantizationConfig(config_groups=groups, ignore=ignore, format="pack-quantized",
                                     quantization_status=QuantizationStatus.COMPRESSED)
-        return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
-                "sparsity_config": {}, "transform_config": {}, **config.model_dump(exclude=["quant_method"])}
+        written = {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+                   "sparsity_config": {}, "transform_config": {}, **config.model_dump(exclude=["quant_method"])}
+        if fp8:
+            written["linear_fp8_config"] = fp8_linear_config(self.source.fp8_block)
+        return written

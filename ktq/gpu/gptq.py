@@ -47,11 +47,16 @@ _LINEAR_INPUT = torch.nn.Linear(1, 1, device="meta")
 HESSIAN_TF32 = True
 
 
-def weight_scheme(quant_type: str, method: str) -> QuantizationScheme:
-    """compressed-tensors' preset (W4A16 / W8A16: symmetric int in groups of 128) as the modifier resolves it:
-    GPTQ adds static activation ordering, and weights always take the memoryless min-max observer."""
+def weight_scheme(quant_type: str, method: str, group_size: int = 128) -> QuantizationScheme:
+    """compressed-tensors' preset (W4A16 / W8A16: symmetric int) in groups of group_size input columns (-1: one
+    scale per output channel) as the modifier resolves it: GPTQ adds static activation ordering, and weights always
+    take the memoryless min-max observer."""
     scheme = preset_name_to_scheme(quant_type, ["Linear"])
     scheme.format = "pack-quantized"
+    if group_size == -1:
+        scheme.weights.strategy, scheme.weights.group_size = QuantizationStrategy.CHANNEL, None
+    else:
+        scheme.weights.group_size = group_size
     if method == "GPTQ":
         scheme.weights.actorder = ActivationOrdering.STATIC
     scheme.weights.observer = "memoryless_minmax"

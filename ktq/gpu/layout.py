@@ -17,6 +17,7 @@ from typing import Iterable
 
 from ktq import hfformat
 from ktq.errors import KtqError
+from ktq.serving import match_target
 
 _ANY_PREFIX = r"(.*\.)?"
 BASE_RULES: tuple[tuple[str, str], ...] = (
@@ -37,13 +38,6 @@ class Rule:
 
     def matches(self, name: str, class_names: Iterable[str] = ()) -> bool:
         return match_target(self.pattern, name, class_names)
-
-
-def match_target(target: str, name: str, class_names: Iterable[str] = ()) -> bool:
-    """compressed-tensors' matching: `re:` + re.match on the name, else the exact name or a class name."""
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target == name or target in class_names
 
 
 @dataclass(frozen=True)

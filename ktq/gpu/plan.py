@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ktq.errors import KtqError
 from ktq.gpu import budget, timing
-from ktq.gpu.budget import GROUP_SIZE, Sizes, Terms, layer_terms, packed_bytes
+from ktq.gpu.budget import WEIGHT_BITS, Sizes, Terms, layer_terms, packed_bytes
 from ktq.gpu.devices import Device
 from ktq.gpu.layout import MoeLayout, Rule
 from ktq.gpu.model import DTYPE_BYTES, LayerSpec, layer_specs, linear_reasons
@@ -26,6 +26,7 @@ from ktq.gpu.options import GpuOptions
 from ktq.gpu.streamed_experts import SAMPLES_PER_PRODUCT
 from ktq.hfformat import text_config
 from ktq.progress import gb
+from ktq.serving import TP_SIZES, tp_problem, tp_summary
 
 DEFAULT_GPU_SHARE = 0.9  # of the GPU memory free at start: the CUDA context and allocator slack need the rest
 DEFAULT_CPU_SHARE = 0.85  # of the available RAM
@@ -56,6 +57,7 @@ class Plan:
     rates_measured: bool = False
     gpu_artifact: bool = True  # a GPU checkpoint is written (not for ktq cpu --calibrate)
     cpu_experts: str | None = None  # kt method of the calibrated CPU experts written too, if any
+    tp_sizes: dict[int, str | None] = field(default_factory=dict)  # sglang TP size -> why it cannot serve, or None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -172,6 +174,7 @@ class Plan:
             "rates_measured": self.rates_measured, "gpu_classes": self.classes(), "source": self.source_note,
             "quantized_linears": self.quantized, "ignored_linears": dict(self.ignored), "problems": self.problems,
             "gpu_checkpoint": self.gpu_artifact, "cpu_experts": self.cpu_experts,
+            "tp_sizes": [tp for tp, problem in self.tp_sizes.items() if problem is None],
         }
 
 
@@ -222,7 +225,8 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
     kept = Counter(reason for reason in reasons if reason is not None)
     parent = (opts.output_dir or opts.cpu_experts.output).expanduser().resolve().parent
     disk_free = shutil.disk_usage(next(p for p in (parent, *parent.parents) if p.exists())).free
-    output = sum(spec.dense_bytes for spec in specs) + sum(packed_bytes(s, opts.quant_type, width) for s in moe)
+    output = sum(spec.dense_bytes for spec in specs) + sum(packed_bytes(s, opts.quant_type, opts.group_size, width)
+                                                          for s in moe)
     output += sum(p.numel() for name, p in model.named_parameters()
                   if not any(name.startswith(spec.name + ".") for spec in specs)) * width
     if opts.output_dir is None:
@@ -258,10 +262,15 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
         plan.problems.append("no routed-expert projection is left to quantise once the ignore rules apply; "
                              "check --ignore_patterns")
         return plan
-    misaligned = next((spec for spec in moe if spec.intermediate % GROUP_SIZE or spec.hidden % GROUP_SIZE), None)
+    group = opts.group_size
+    misaligned = next((spec for spec in moe if group > 0 and (spec.intermediate % group or spec.hidden % group)),
+                      None)
     if misaligned:
         plan.problems.append(f"{misaligned.name}'s experts have {misaligned.hidden} / {misaligned.intermediate} "
-                             f"input features, not multiples of the quantisation group size {GROUP_SIZE}")
+                             f"input features, not multiples of the quantisation group size {group}")
+    if plan.gpu_artifact:
+        plan.tp_sizes = {tp: tp_problem(tp, largest_moe.hidden, largest_moe.intermediate, WEIGHT_BITS[opts.quant_type],
+                                        group) for tp in TP_SIZES}
     if device.is_gpu and plan.gpu_peak > plan.gpu_budget:
         plan.problems.append(_gpu_problem(plan, terms))
     if plan.cpu_peak > plan.cpu_budget:
@@ -391,6 +400,8 @@ def plan_table(plan: Plan, opts: GpuOptions):
     if plan.gpu_artifact:
         table.add_row("Linears", str(plan.quantized + sum(plan.ignored.values())), "",
                       f"{plan.quantized} expert projections quantised; kept: {kept or 'none'}")
+        table.add_row("serves with", tp_summary(plan.tp_sizes), "GPU", "sglang --tp-size: each rank holds a share "
+                      "of every expert's intermediate columns")
     if plan.device.is_gpu:
         table.add_row("GPU peak", gb(plan.gpu_peak), "GPU", f"budget {gb(plan.gpu_budget)}")
     table.add_row("CPU peak", gb(plan.cpu_peak), "CPU", f"budget {gb(plan.cpu_budget)}")

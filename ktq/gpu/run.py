@@ -25,7 +25,7 @@ from loguru import logger
 from rich.console import Console
 
 from ktq import hfformat
-from ktq.calibrated.artifact import CalibratedExperts, refuse_misaligned, serve_lines
+from ktq.calibrated.artifact import CalibratedExperts, refuse_misaligned
 from ktq.errors import KtqError
 from ktq.gpu.data import calibration_dataset
 from ktq.gpu.devices import available_cpu_memory, detect_device
@@ -35,7 +35,9 @@ from ktq.gpu.options import GpuOptions, jsonable
 from ktq.gpu.output import commit, staging_path
 from ktq.gpu.plan import Plan, check_source, make_plan, plan_json, plan_table
 from ktq.gpu.report import LOG_FILE, Report
+from ktq.gpu.serving import refuse_partial_ignores
 from ktq.gpu.world import World
+from ktq.serving import cpu_output_serve, gpu_checkpoint_serves, serve_lines
 
 # warnings that ktq's own choices cause, left out of the report: --force_cpu or a CPU-only machine is what the plan
 # table already says
@@ -59,6 +61,8 @@ def run(opts: GpuOptions, console: Console | None = None, debug: bool = False, w
         if source is not None and opts.cpu_experts is not None:
             refuse_misaligned(opts.cpu_experts.method, opts.cpu_experts.numa, source.experts.geometry)
         skeleton = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
+        if opts.output_dir is not None:
+            refuse_partial_ignores(skeleton, hfformat.text_config(config), rules)
         plan = make_plan(opts, config, skeleton, layout, rules, detect_device(), available_cpu_memory(), source)
     report.plan = plan.as_dict()
     if opts.as_json and world.is_main:
@@ -90,15 +94,32 @@ def run(opts: GpuOptions, console: Console | None = None, debug: bool = False, w
             report.write(staging)
             commit(staging, opts.output_dir)
         if not quiet:
-            for line in report.summary_lines():
+            for line in report.summary_lines() + written_lines(opts, source.experts.input_type):
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
-            if opts.output_dir is not None:
-                console.print(f"wrote {opts.output_dir}", highlight=False)
-            if opts.cpu_experts is not None:
-                cpu = opts.cpu_experts
-                for line in serve_lines(cpu.output, cpu.method, cpu.numa):
-                    console.print(line, highlight=False, markup=False, soft_wrap=True)
     return report
+
+
+def written_lines(opts: GpuOptions, source_type: str) -> list[str]:
+    """What the run wrote and the sglang-kt lines that serve it (ktq.serving)."""
+    from ktq.gpu.budget import WEIGHT_BITS
+    from ktq.kernels.ktformat import METHODS
+    from ktq.progress import counted
+
+    lines, cpu = [], None
+    source = Path(opts.model_id).expanduser().resolve()
+    gpu = opts.output_dir.expanduser().resolve() if opts.output_dir is not None else None
+    if opts.cpu_experts is not None:
+        out, method = opts.cpu_experts.output.expanduser().resolve(), METHODS[opts.cpu_experts.method]
+        lines.append(f"wrote {out} (calibrated {method.kt_method}, {counted(opts.cpu_experts.numa, 'NUMA part')})")
+        cpu = cpu_output_serve(str(gpu or source), out, method.kt_method, opts.cpu_experts.numa)
+    notes: list[str] = []
+    serves = [cpu] if cpu is not None else []
+    if gpu is not None:
+        lines.append(f"wrote {gpu} ({opts.quant_method} {opts.quant_type}, "
+                     + (f"groups of {opts.group_size})" if opts.group_size > 0 else "one scale per channel)"))
+        serves, notes = gpu_checkpoint_serves(gpu, WEIGHT_BITS[opts.quant_type], opts.group_size, str(source),
+                                              source_type, cpu)
+    return lines + serve_lines(*serves) + [f"note: {note}" for note in notes]
 
 
 def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, report: Report, staging: Path,
@@ -194,7 +215,7 @@ def _run_fingerprint(opts: GpuOptions, source, dataset, plan: Plan, world: World
 
     tokens = hashlib.sha256(json.dumps(list(dataset["input_ids"]) if dataset is not None else []).encode())
     return {"source": source.ckpt.fingerprint(), "quant_method": opts.quant_method, "quant_type": opts.quant_type,
-            "dampening_frac": opts.dampening_frac, "torch_dtype": opts.torch_dtype,
+            "group_size": opts.group_size, "dampening_frac": opts.dampening_frac, "torch_dtype": opts.torch_dtype,
             "ignore_patterns": list(opts.ignore_patterns), "calibration_tokens": tokens.hexdigest()[:32],
             "device": "cuda" if plan.device.is_gpu else "cpu", "world_size": world.size}
 
