@@ -93,7 +93,7 @@ def test_a_large_gpu_keeps_the_layer_every_sample_and_the_hidden_states(sample, 
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "big", 80 * GB, 80 * GB))
     t = plan.terms
     assert plan.fits and plan.cache_on_gpu and plan.cache_device == "cuda:0"
-    assert (plan.expert_chunk, plan.sample_group) == (EXPERTS, 512)
+    assert (plan.sizes.expert_chunk, plan.sizes.sample_group) == (EXPERTS, 512)
     assert t.expert == 3 * HIDDEN * INTER * 2 and t.per_sample == 2048 * (2 * HIDDEN * 2 + 12 * 2)
     assert plan.gpu_peak == (t.dense + EXPERTS * t.expert + plan.hessian_bytes + 512 * t.per_sample
                              + max(t.activations + t.products, plan.solve_bytes) + t.kwargs + plan.cache_bytes
@@ -127,7 +127,8 @@ def test_a_gpu_too_small_for_the_layer_streams_its_experts_and_groups_the_sample
     plan = plan_for(sample, parts, tmp_path, Device("cuda", "small", budget, budget), max_gpu_memory=budget,
                     num_calibration_samples=512, max_sequence_length=1024)
     assert plan.fits and plan.gpu_peak <= budget and not plan.cache_on_gpu
-    assert 1 <= plan.expert_chunk < EXPERTS and 16 <= plan.sample_group < 512 and plan.sample_group % 16 == 0
+    sizes = plan.sizes
+    assert 1 <= sizes.expert_chunk < EXPERTS and 16 <= sizes.sample_group < 512 and sizes.sample_group % 16 == 0
 
 
 def test_refuses_when_one_layer_cannot_be_calibrated(sample, parts, tmp_path):

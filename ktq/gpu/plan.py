@@ -111,18 +111,6 @@ class Plan:
         return self.device.torch_device if self.cache_on_gpu else "cpu"
 
     @property
-    def expert_chunk(self) -> int:
-        return self.sizes.expert_chunk
-
-    @property
-    def sample_group(self) -> int:
-        return self.sizes.sample_group
-
-    @property
-    def cpu_chunk(self) -> int:
-        return self.sizes.cpu_chunk
-
-    @property
     def gpu_peak(self) -> int:
         return budget.device_peak(self.terms, self.sizes) if self.device.is_gpu else 0
 
@@ -158,14 +146,14 @@ class Plan:
             "device": self.device.torch_device, "device_name": self.device.name, "planned_gpu": self.planned_gpu,
             "dtype": self.dtype, "num_layers": self.num_layers, "moe_layers": self.moe_layers,
             "largest_layer": largest.name, "layer_bytes": largest.weight_bytes, "dense_bytes": t.dense,
-            "experts": moe.experts if moe else 0, "expert_chunk": self.expert_chunk,
-            "experts_device_bytes": budget.experts_on_device(t, self.expert_chunk),
-            "host_experts_bytes": 2 * t.experts * t.expert_host, "sample_group": self.sample_group,
-            "group_bytes": self.sample_group * t.per_sample, "hessian_bytes": t.hessians,
+            "experts": moe.experts if moe else 0, "expert_chunk": self.sizes.expert_chunk,
+            "experts_device_bytes": budget.experts_on_device(t, self.sizes.expert_chunk),
+            "host_experts_bytes": 2 * t.experts * t.expert_host, "sample_group": self.sizes.sample_group,
+            "group_bytes": self.sizes.sample_group * t.per_sample, "hessian_bytes": t.hessians,
             "hessians": moe.experts + 1 if moe and t.hessians else 0,
             "activation_bytes": t.activations, "product_bytes": t.products, "solve_bytes": t.gptq,
-            "cpu_solve_bytes": budget.solve_bytes(t, self.cpu_chunk) if t.cpu_expert else 0,
-            "cpu_chunk": self.cpu_chunk, "cache_bytes": t.cache, "cache_device": self.cache_device,
+            "cpu_solve_bytes": budget.solve_bytes(t, self.sizes.cpu_chunk) if t.cpu_expert else 0,
+            "cpu_chunk": self.sizes.cpu_chunk, "cache_bytes": t.cache, "cache_device": self.cache_device,
             "packed_layer_bytes": t.packed, "cpu_codes_bytes": t.codes, "output_bytes": self.output_bytes,
             "process_bytes": t.process, "gpu_peak_bytes": self.gpu_peak, "cpu_peak_bytes": self.cpu_peak,
             "gpu_budget_bytes": self.gpu_budget, "cpu_budget_bytes": self.cpu_budget,

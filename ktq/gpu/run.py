@@ -159,7 +159,7 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
         text = skeleton.config.get_text_config()
         engine = Engine(source, model, artifacts, getattr(text, "hidden_act", None) or "silu",
                         getattr(torch, opts.torch_dtype), plan.device.torch_device, plan.cache_device,
-                        Memory(plan.expert_chunk, plan.sample_group), world, progress)
+                        Memory(plan.sizes.expert_chunk, plan.sizes.sample_group), world, progress)
         progress.start(len(model.layers), len(dataset) if dataset is not None else 0,
                        "calibrating" if dataset is not None else "rounding")
         with report.stage("quantize"), torch.no_grad():
@@ -205,7 +205,7 @@ def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_
                    "torch_dtype": opts.torch_dtype}
     return CalibratedExperts.open(cpu.output.expanduser(), cpu.method, cpu.numa, cpu.merge, cpu.force, source,
                                   calibration, num_hidden_layers, Path(opts.model_id).expanduser(),
-                                  opts.no_memory_check, plan.cpu_chunk, plan.cache_device,
+                                  opts.no_memory_check, plan.sizes.cpu_chunk, plan.cache_device,
                                   plan.device.torch_device)
 
 
