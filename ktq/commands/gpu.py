@@ -81,7 +81,8 @@ def gpu(
         max_gpu_memory=parse_size(max_gpu_memory, "--max_gpu_memory"),
         max_cpu_memory=parse_size(max_cpu_memory, "--max_cpu_memory"), force_cpu=force_cpu, dry_run=dry_run,
         as_json=as_json, overwrite=overwrite, no_memory_check=no_memory_check, quiet=quiet,
-        cpu_experts=CpuExpertsOptions(cpu_output, cpu_method.value, threadpool_count, force=overwrite)
+        cpu_experts=CpuExpertsOptions(cpu_output, cpu_method.value, threadpool_count, force=overwrite,
+                                      option="--cpu-output", force_option="--overwrite")
         if cpu_output is not None else None,
     ).validate()
     from ktq.gpu import launch

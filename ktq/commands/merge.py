@@ -24,6 +24,10 @@ def merge(
 
     with LayerProgress(quiet=quiet) as progress:
         result = merge_tree(tree, out, original_path, force, progress)
+    if result.complete:
+        if not quiet:
+            typer.echo(f"{result.output} is complete already ({len(result.layers_kept)} layers): nothing to do")
+        return
     if not quiet:
         typer.echo(f"wrote {result.output} (merged, {result.method.kt_method}, {result.numa} NUMA parts): "
                    f"{len(result.layers_merged)} layers merged, {len(result.layers_kept)} kept, "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktq.errors import KtqError
+from ktq.output_folder import holds_output, refuse_overlap
 from ktq.paths import looks_like_path
 
 QUANT_METHODS = ("GPTQ", "RTN")
@@ -51,6 +52,8 @@ class CpuExpertsOptions:
     numa: int = 1  # --threadpool-count
     merge: bool = True  # merged shards, or the .kt tree
     force: bool = False  # start over an output made with other settings (ktq cpu's --force)
+    option: str = "--output"  # how the command names the folder, and the flag that starts it over
+    force_option: str = "--force"
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class GpuOptions:
         return self
 
     def _check_paths(self) -> None:
+        from ktq.gpu.report import MANIFEST_FILE
+
         model = Path(self.model_id).expanduser()
         if model.exists():
             if not (model / "config.json").is_file():
@@ -126,16 +131,13 @@ class GpuOptions:
             self._check_cpu_experts(model)
         if self.output_dir is None:
             return
-        out = self.output_dir.expanduser()
-        if out.exists() and not self.dry_run:
-            if not self.overwrite:
-                raise KtqError(f"--output_dir {out} already exists; choose a new folder or pass --overwrite")
-            if model.exists() and out.resolve() == model.resolve():
-                raise KtqError("--output_dir is the --model_id folder; write the quantised model elsewhere")
-
+        if model.exists():
+            refuse_overlap(self.output_dir, "--output_dir", model, "--model_id")
+        if not self.dry_run:  # a folder ktq did not write is refused now, before anything is loaded
+            holds_output(self.output_dir.expanduser(), "--output_dir", MANIFEST_FILE, "--overwrite", self.overwrite)
 
     def _check_cpu_experts(self, model: Path) -> None:
-        from ktq.cpu.output import refuse_inside
+        from ktq.cpu.manifest import MANIFEST_NAME
         from ktq.kernels.ktformat import METHODS
 
         cpu = self.cpu_experts
@@ -146,8 +148,8 @@ class GpuOptions:
         if not self.calibrated:
             raise KtqError("calibrated CPU experts need calibration data: --cpu-output takes --quant_method GPTQ")
         if model.exists():
-            refuse_inside(cpu.output, model, "--cpu-output" if self.output_dir else "--output",
-                          "--model_id" if self.output_dir else "--input-path")
+            refuse_overlap(cpu.output, cpu.option, model, "--model_id" if self.output_dir else "--input-path")
         if self.output_dir is not None:
-            refuse_inside(cpu.output, self.output_dir, "--cpu-output", "--output_dir")
-            refuse_inside(self.output_dir, cpu.output, "--output_dir", "--cpu-output")
+            refuse_overlap(cpu.output, cpu.option, self.output_dir, "--output_dir")
+        if not self.dry_run:
+            holds_output(cpu.output.expanduser(), cpu.option, MANIFEST_NAME, cpu.force_option, cpu.force)

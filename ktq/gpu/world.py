@@ -50,14 +50,13 @@ class World:
                 dist.broadcast(tensor, src=owner)
 
     def open_output(self, make):
-        """Rank 0 prepares the staging folder (resumed or cleared) before the other ranks read what it holds."""
-        if not self.distributed:
-            return make(True)
-        import torch.distributed as dist
+        """`make()` reads what the output folder holds on every rank, before rank 0 changes it."""
+        output = make()
+        if self.distributed:
+            import torch.distributed as dist
 
-        output = make(True) if self.is_main else None
-        dist.barrier()
-        return output if output is not None else make(False)
+            dist.barrier()
+        return output
 
     def share_of(self, dataset):
         """This rank's contiguous share of the calibration set: every rank builds the same set (deterministic
