@@ -43,10 +43,14 @@ def test_unknown_dataset_path(src, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_output_exists(src, chat, tmp_path):
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
+def test_a_folder_ktq_did_not_write_is_refused_and_kept(src, chat, tmp_path, overwrite):
     (tmp_path / "out").mkdir()
-    result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat)
-    assert_one_line_error(result, "already exists", "--overwrite")
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    result = ktq_subprocess("gpu", "--model_id", src, "--output_dir", tmp_path / "out", "--dataset", chat, *overwrite)
+    assert_one_line_error(result, "already holds files ktq did not write", "notes.txt")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
 def test_missing_model_folder(tmp_path, chat):

@@ -125,7 +125,8 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
     if all(output.complete for output in outputs):
         if world.is_main and not quiet:
             for output in outputs:
-                console.print(f"{output.folder} is complete already: nothing to do", highlight=False)
+                console.print(f"{output.folder} is complete already: nothing to do", highlight=False,
+                              soft_wrap=True)
         return False
     _show_plan(plan, opts, console, quiet, world)
     for output in outputs:
