@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ktq.errors import KtqError
 from ktq.output_folder import holds_output, refuse_overlap
-from ktq.paths import looks_like_path
+from ktq.paths import hub_download, is_hub_id
 
 QUANT_METHODS = ("GPTQ", "RTN")
 QUANT_TYPES = ("W4A16", "W8A16")
@@ -88,6 +88,11 @@ class GpuOptions:
         return self.quant_method == "GPTQ"
 
     @property
+    def source_option(self) -> str:
+        """How the command names the source checkpoint: ktq gpu's --model_id, ktq cpu --calibrate's --input-path."""
+        return "--model_id" if self.output_dir is not None else "--input-path"
+
+    @property
     def split(self) -> str:
         if self.dataset_split:
             return self.dataset_split
@@ -112,21 +117,25 @@ class GpuOptions:
             raise KtqError("--json prints the plan of --dry_run: add --dry_run")
         validate_patterns(self.ignore_patterns)
         self._check_paths()
-        if self.calibrated:
-            from ktq.gpu.data import dataset_kind
+        if self.calibrated:  # a missing dataset fails now, not after the model has loaded
+            from ktq.gpu.data import dataset_kind, local_dataset
 
-            dataset_kind(self.dataset)  # a missing local dataset fails now, not after the model has loaded
+            dataset_kind(self.dataset) if self.dry_run else local_dataset(self.dataset)  # a plan reads no data
         return self
 
     def _check_paths(self) -> None:
         from ktq.gpu.report import MANIFEST_FILE
 
         model = Path(self.model_id).expanduser()
+        option = self.source_option
         if model.exists():
             if not (model / "config.json").is_file():
-                raise KtqError(f"{model} has no config.json; --model_id takes a Hugging Face checkpoint folder")
-        elif looks_like_path(self.model_id):
-            raise KtqError(f"--model_id {self.model_id}: no such folder")
+                raise KtqError(f"{model} has no config.json; {option} takes a Hugging Face checkpoint folder")
+        elif is_hub_id(self.model_id):
+            raise KtqError(f"{option} {self.model_id} is no folder here; as a Hugging Face hub id, download it first "
+                           f"(ktq reads no network): `{hub_download(self.model_id)}`, then pass {option} DIR")
+        else:
+            raise KtqError(f"{option} {self.model_id}: no such folder")
         if self.cpu_experts is not None:
             self._check_cpu_experts(model)
         if self.output_dir is None:
@@ -148,7 +157,7 @@ class GpuOptions:
         if not self.calibrated:
             raise KtqError("calibrated CPU experts need calibration data: --cpu-output takes --quant_method GPTQ")
         if model.exists():
-            refuse_overlap(cpu.output, cpu.option, model, "--model_id" if self.output_dir else "--input-path")
+            refuse_overlap(cpu.output, cpu.option, model, self.source_option)
         if self.output_dir is not None:
             refuse_overlap(cpu.output, cpu.option, self.output_dir, "--output_dir")
         if not self.dry_run:
