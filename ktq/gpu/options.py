@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,13 +125,17 @@ class GpuOptions:
         return self
 
     def _check_paths(self) -> None:
+        from ktq.cpu.checkpoint import load_config
         from ktq.gpu.report import MANIFEST_FILE
 
         model = Path(self.model_id).expanduser()
         option = self.source_option
-        if model.exists():
-            if not (model / "config.json").is_file():
+        if os.path.lexists(model):
+            if not model.is_dir():
+                raise KtqError(f"{option} {self.model_id} is not a folder")
+            if not os.path.lexists(model / "config.json"):
                 raise KtqError(f"{model} has no config.json; {option} takes a Hugging Face checkpoint folder")
+            load_config(model)  # a regular file holding a JSON object, as ktq cpu reads it
         elif is_hub_id(self.model_id):
             raise KtqError(f"{option} {self.model_id} is no folder here; as a Hugging Face hub id, download it first "
                            f"(ktq reads no network): `{hub_download(self.model_id)}`, then pass {option} DIR")

@@ -46,20 +46,22 @@ def run(opts: GpuOptions, console: Console | None = None, debug: bool = False, w
     console = console or Console(stderr=True)
     quiet = opts.quiet or not world.is_main
     refuse_unconvertible(Path(opts.model_id).expanduser() / "config.json")
-    config_object = read_config(opts)
-    config = config_object.to_dict()
-    layout = MoeLayout.from_config(config, source=f"{opts.model_id}/config.json")
-    rules = ignore_rules(layout, opts.ignore_patterns)
     report = Report(model_id=opts.model_id, output_dir=str(opts.output_dir), quant_method=opts.quant_method,
-                    quant_type=opts.quant_type, options=jsonable(asdict(opts)), plan={},
-                    ignore_patterns=[r.pattern for r in rules], world_size=world.size)
+                    quant_type=opts.quant_type, options=jsonable(asdict(opts)), plan={}, ignore_patterns=[],
+                    world_size=world.size)
     with report.stage("plan"):
+        # the shards' headers, the index and config.json's values checked as ktq cpu checks them (num_hidden_layers
+        # bounded by the layers the shards hold), before transformers reads the config
         source = check_source(opts.model_id)
+        config_object = read_config(opts)
+        config = config_object.to_dict()
+        layout = MoeLayout.from_config(config, source=f"{opts.model_id}/config.json")
+        rules = ignore_rules(layout, opts.ignore_patterns)
         if source is not None and opts.cpu_experts is not None:
             refuse_misaligned(opts.cpu_experts.method, opts.cpu_experts.numa, source.experts.geometry)
         skeleton = meta_model(config_object, opts.torch_dtype, opts.trust_remote_code)
         plan = make_plan(opts, config, skeleton, layout, rules, detect_device(), available_cpu_memory(), source)
-    report.plan = plan.as_dict()
+    report.ignore_patterns, report.plan = [r.pattern for r in rules], plan.as_dict()
     if opts.dry_run:
         _show_plan(plan, opts, console, quiet, world)
         return report
