@@ -60,12 +60,12 @@ def unreachable(*args, **kwargs):
     print("ktq tried the network", file=sys.stderr)
     raise OSError("network is unreachable")
 socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = unreachable
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 from ktq.cli import main
 try:
     main(sys.argv[1:])
 finally:
-    print(f"took {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    print(f"took {time.perf_counter() - started:.2f} {time.process_time() - cpu:.2f}", file=sys.stderr)
 """
 
 
@@ -81,7 +81,9 @@ finally:
 ])
 def test_a_mistyped_path_or_a_hub_id_fails_at_once_without_the_network(src, chat, tmp_path, model, dataset,
                                                                        message):
-    """The network made unreachable (and HF_HUB_OFFLINE unset): one line in well under 2 s, nothing fetched."""
+    """The network made unreachable (and HF_HUB_OFFLINE unset): one line, no socket opened, under 2 s of CPU time
+    from the import of ktq on (0.9 s wall on an idle machine; a CI box busy with other work stretches the wall
+    time, so that is only bounded against waiting: retries of a network call would take tens of seconds)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     argv = ["gpu", "--model_id", model.format(src=src), "--output_dir", tmp_path / "out", "--dataset",
             dataset.format(chat=chat)]
@@ -90,7 +92,8 @@ def test_a_mistyped_path_or_a_hub_id_fails_at_once_without_the_network(src, chat
     *lines, took = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("ktq: error: "), proc.stderr
     assert message in lines[0]
-    assert float(took.split()[1]) < 2.0, took
+    wall, cpu = map(float, took.split()[1:])
+    assert cpu < 2.0 and wall < 10.0, took
     assert not (tmp_path / "out").exists()
 
 
