@@ -80,6 +80,11 @@ def layers_recorded(manifest: Path, key: str) -> int:
         return 0
 
 
+def mtimes(root: Path) -> dict[str, int]:
+    """The modification time of everything below root: a run that writes nothing changes none."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
 def tree_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tree_files
+from conftest import mtimes, tree_files
 from faults import ForkServer
 from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
 from ktq.calibrated.ktgrid import _inverse_factor, clipped_steps, quantize_to_grid
@@ -230,10 +230,6 @@ def both_artifacts(out: Path) -> dict[str, bytes]:
     files = {f"gpu/{name}": data for name, data in tree_files(out / "gpu").items()
              if name not in ("ktq_gpu.log", "ktq_gpu_report.json")}
     return files | {f"cpu/{name}": data for name, data in tree_files(out / "cpu").items()}
-
-
-def mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
 
 
 def test_one_pass_killed_at_every_kind_of_moment_ends_with_the_same_bytes(src, chat, work, tmp_path_factory):

@@ -11,20 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import convert_in_process, interrupt_when, ktq_subprocess, layers_recorded, tree_files
+from conftest import convert_in_process, interrupt_when, ktq_subprocess, layers_recorded, mtimes, tree_files
 from gpu_models import chat_rows, write_jsonl
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.code == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ktq: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], result.stderr
-
-
-def mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+from test_cli_errors import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
