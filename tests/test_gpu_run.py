@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import mtimes
 from gpu_models import chat_rows, deepseek_moe, report, run_ktq, run_ktq_capture, sample_moe, tensors, write_jsonl
 from ktq.safetensors_io import TensorReader
 
@@ -206,6 +208,22 @@ def test_overwrite_starts_over_other_settings_deleting_only_what_ktq_wrote(src, 
         "weights"]["num_bits"] == 4
     assert (out / "model-00002-of-00004.safetensors").read_bytes() != old_shard
     assert not list(work.glob(".again*"))  # nothing written beside the output folder
+
+
+def test_a_complete_output_of_an_older_ktq_re_run_writes_nothing(src, chat, work, rtn_w4, tmp_path):
+    """Older versions renamed a finished staging folder into place: their ktq_gpu.json (format ktq-gpu-stream/1, no
+    `complete`) marks a complete output, which the same command leaves as it is."""
+    out = tmp_path / "older"
+    shutil.copytree(rtn_w4, out)
+    manifest = json.loads((out / "ktq_gpu.json").read_text())
+    older = {"format": "ktq-gpu-stream/1", "run": manifest["run"], "units": manifest["units"]}
+    (out / "ktq_gpu.json").write_text(json.dumps(older))
+    before = mtimes(out)
+    code, _, stderr = run_ktq_capture("gpu", "--model_id", src, "--output_dir", out, "--dataset", chat,
+                                      "--num_calibration_samples", 16, "--max_sequence_length", 64,
+                                      "--quant-method", "RTN", "--quant-type", "W4A16")
+    assert code == 0 and f"{out} is complete already: nothing to do" in stderr, stderr
+    assert mtimes(out) == before
 
 
 def test_deepseek_shared_experts_mla_and_eleven_dense_layers(work, chat):

@@ -41,7 +41,10 @@ from ktq.output_folder import (
 )
 from ktq.safetensors_io import ShardWriter, TensorReader, read_header
 
-FORMAT = "ktq-gpu/2"  # ktq-gpu-stream/1: the manifest of the staging folder older versions renamed into place
+FORMAT = "ktq-gpu/2"
+# older versions wrote a staging folder beside --output_dir and renamed it into place once complete: an output of
+# theirs at --output_dir is complete
+STAGED_FORMAT = "ktq-gpu-stream/1"
 CONFIG = "config.json"
 # files of a source checkpoint that the quantised one replaces rather than copies
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -82,7 +85,7 @@ def _load(folder: Path) -> dict:
 
 def _mismatch(found: dict, fingerprint: dict) -> str | None:
     """The settings that differ, readably, or None."""
-    if found.get("format") != FORMAT:
+    if found.get("format") not in (FORMAT, STAGED_FORMAT):
         return f"format {found.get('format')!r} -> {FORMAT!r}"
     old = found.get("run") if isinstance(found.get("run"), dict) else {}
     diffs = [f"{key} {str(old.get(key))[:40]} -> {str(fingerprint.get(key))[:40]}"
@@ -121,7 +124,8 @@ class GpuOutput:
             else:
                 kept = {unit: record for unit, record in found["units"].items() if self._intact(unit, record)}
                 self._remove = partials(folder)
-                self.complete = (found.get("complete") is True and len(kept) == units and not self._remove
+                finished = found.get("complete") is True or found.get("format") == STAGED_FORMAT
+                self.complete = (finished and len(kept) == units and not self._remove
                                  and all((folder / name).is_file() for name in (INDEX_NAME, CONFIG, REPORT_FILE)))
         self.manifest = {"format": FORMAT, "ktq_version": __version__, "run": fingerprint, "complete": self.complete,
                          "units": kept, "side_files": []}
