@@ -5,6 +5,7 @@ file sglang-kt reads."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,16 @@ def test_one_pass_killed_at_every_kind_of_moment_ends_with_the_same_bytes(src, c
         assert mtimes(root / "reference") == before
     finally:
         forks.close()
+
+
+def test_a_complete_calibrated_output_re_run_writes_nothing(src, chat, work, int4, tmp_path):
+    out = tmp_path / "int4"
+    shutil.copytree(int4, out)  # mtimes kept
+    before = mtimes(out)
+    code, _, stderr = run_ktq_capture(*[a for a in calibrate(src, out, chat, "--quant-method", "int4",
+                                                             "--threadpool-count", 2) if a != "--quiet"])
+    assert code == 0 and f"{out} is complete already: nothing to do" in stderr, stderr
+    assert mtimes(out) == before
 
 
 def test_other_calibration_data_does_not_continue_an_output(src, chat, work, int4):
