@@ -12,7 +12,7 @@ import sys
 import typer
 
 from ktq import __version__
-from ktq.errors import KtqError
+from ktq.errors import Interrupted, KtqError
 
 
 def kebab(name: str) -> str:
@@ -65,6 +65,7 @@ def _root(
     """ktq: one command for both halves of a KTransformers MoE deployment."""
 
 
+_INTERRUPTED = 130  # the exit code of a process ended by Ctrl-C (128 + SIGINT)
 # Numba's error when ktq.kernels asked for its thread-safe layers and neither OpenMP nor TBB loads
 _NO_THREADING_LAYER = "No threading layer could be loaded"
 
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = app(args=args, prog_name="ktq", standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):
-        print("ktq: interrupted", file=sys.stderr)
-        sys.exit(130)
+        result = _INTERRUPTED
     except typer.TyperException as exc:  # bad usage (Typer's vendored click)
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ktq`: the help is the message (Typer tells it so too)
             exc.show()
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     except KtqError as exc:
         if debug:
             raise
-        print(f"ktq: error: {rename_options(_one_line(exc), typed)}", file=sys.stderr)
+        kind = "interrupted" if isinstance(exc, Interrupted) else "error"
+        print(f"ktq: {kind}: {rename_options(_one_line(exc), typed)}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug in ktq, not in the user's input
         if debug:
@@ -106,4 +107,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ktq: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    if result == _INTERRUPTED:  # Typer turns Ctrl-C into this exit code without a word
+        print("ktq: interrupted", file=sys.stderr)
     sys.exit(result if isinstance(result, int) else 0)

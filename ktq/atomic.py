@@ -28,10 +28,14 @@ def json_text(data: object) -> str:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
+    write_text_atomic(path, json_text(data))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, "w") as f:
-            f.write(json_text(data))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,6 +12,12 @@ class KtqError(Exception):
     exit_code = 2
 
 
+class Interrupted(KtqError):
+    """Ctrl-C while an output was being written: the message says how the work continues."""
+
+    exit_code = 130
+
+
 def write_error(path: object, exc: OSError) -> KtqError:
     """An OSError of a write as a KtqError that names the file and says what to do."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -18,12 +18,13 @@ from ktq.cpu.checkpoint import open_checkpoint
 from ktq.cpu.experts import find_experts
 from ktq.cpu.layout import Layout
 from ktq.cpu.manifest import LayerRecord, Manifest, save_manifest
-from ktq.cpu.output import check_disk, finish_output, needed_bytes, plan_output, refuse_inside
+from ktq.cpu.output import check_disk, finish_output, needed_bytes, plan_output
 from ktq.cpu.scan import Found, PieceReader, recognise
 from ktq.cpu.sinks import MergedSink, PackedProjection, packed_slot
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
-from ktq.progress import LayerProgress, counted
+from ktq.output_folder import continuing, refuse_overlap, starting_over
+from ktq.progress import LayerProgress
 
 
 @dataclass
@@ -36,6 +37,7 @@ class MergeResult:
     output_bytes: int = 0
     seconds: float = 0.0
     copied_aux: bool = False
+    complete: bool = False  # OUT was a complete merge of IN already: nothing was written
 
 
 def _source_identity(found: Found, original: Path | None) -> tuple[str, str]:
@@ -64,14 +66,16 @@ def _source_identity(found: Found, original: Path | None) -> tuple[str, str]:
     return model.input_type, ckpt.fingerprint()
 
 
-def _check_input(found: Found, out: Path) -> None:
+def _check_input(found: Found, out: Path, original: Path | None) -> None:
     if not found.is_output or found.layout.form != "kt":
         what = "a checkpoint" if not found.is_output else "already merged"
         raise KtqError(f"{found.path} is {what}: ktq merge takes a low-memory output (_layer_*/_numa_*/*.kt)")
     if found.problems:
         more = f" (and {len(found.problems) - 1} more: see ktq inspect)" if len(found.problems) > 1 else ""
         raise KtqError(f"{found.path} is incomplete or damaged, nothing was written: {found.problems[0]}{more}")
-    refuse_inside(out, found.path, "OUT", "IN")
+    refuse_overlap(out, "OUT", found.path, "IN")
+    if original is not None:
+        refuse_overlap(out, "OUT", original, "--original-path")
 
 
 def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSink, slot: list[PackedProjection],
@@ -99,12 +103,15 @@ def _merge_layer(layer: int, layout: Layout, reader: PieceReader, sink: MergedSi
 def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progress: LayerProgress) -> MergeResult:
     started = time.perf_counter()
     found = recognise(tree)
-    _check_input(found, out)
+    _check_input(found, out, original)
     input_type, fingerprint = _source_identity(found, original)
     layout = replace(found.layout, form="merged")
-    plan = plan_output(out, Manifest(layout, input_type, fingerprint), force)
+    plan = plan_output(out, Manifest(layout, input_type, fingerprint), force, option="OUT")
     manifest = plan.manifest
     todo = [layer for layer in layout.layers if layer not in manifest.layers]
+    if plan.complete:
+        return MergeResult(out, layout.method, layout.numa, [], list(manifest.layers), manifest.output_bytes,
+                           complete=True)
     check_disk(out, needed_bytes(layout, todo, original), plan.freed_bytes(), force, progress.note)
     result = MergeResult(out, layout.method, layout.numa, todo, list(manifest.layers))
     recorded = found.manifest.layers if found.manifest is not None else None
@@ -112,9 +119,10 @@ def merge_tree(tree: Path, out: Path, original: Path | None, force: bool, progre
     slot = packed_slot(layout.pieces)
     layer_input = layout.experts * layout.expert_bytes()
     with plan.writing(), PieceReader(found) as reader:
+        if plan.restarted:
+            progress.note(starting_over(out, len(plan.remove), "--force"))
         if result.layers_kept:
-            progress.note(f"continuing {out}: {counted(len(result.layers_kept), 'layer')} already merged, "
-                          f"{len(todo)} to go")
+            progress.note(continuing(out, len(result.layers_kept), len(todo), "merged"))
         progress.start(todo, len(todo) * layer_input, "merging")
         for layer in todo:
             layer_started = time.perf_counter()

@@ -57,6 +57,34 @@ def ktq_subprocess(*args: object, **kwargs) -> Run:
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
+def interrupt_when(argv: list[object], ready, timeout: float = 300) -> Run:
+    """`ktq ARGV` in a process of its own, sent SIGINT (Ctrl-C) as soon as `ready()` (polled) is true."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ktq", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return Run(proc.returncode, stdout, stderr)
+
+
+def layers_recorded(manifest: Path, key: str) -> int:
+    """How many layers (or units) an output's manifest records; 0 while it is missing or being replaced."""
+    try:
+        return len(json.loads(manifest.read_text())[key])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    """The modification time of everything below root: a run that writes nothing changes none."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
 def tree_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -1,9 +1,9 @@
 """Fault injection for the crash-safety tests: counted file-system events, killed or failed on demand.
 
 `IoFaults` wraps the Python calls through which ktq changes a folder (open or os.open for writing, each write or
-os.write to such a file, rename, unlink, mkdir, rmtree) for paths under one root, numbers those events, and at
-event `at` either SIGKILLs the process (after writing half of the data, when the event is a write: a torn write)
-or raises OSError(ENOSPC).
+os.write to such a file, rename, unlink, mkdir, rmtree) for paths under one root, numbers those events (and lists
+them, as "call path" under the root, so a test can pick the moment it kills at), and at event `at` either SIGKILLs
+the process (after writing half of the data, when the event is a write: a torn write) or raises OSError(ENOSPC).
 ktq itself has no test hooks: the tests see exactly the code a user runs.
 
 Killing needs a process of its own. Starting `python -m ktq` per kill point costs a second (imports, Numba's
@@ -37,6 +37,7 @@ class IoFaults:
         self.root = os.path.abspath(root)
         self.at, self.action = at, action
         self.events = 0
+        self.trace: list[str] = []  # "call path" of every event, in order
         self._saved: list[tuple[object, str, object]] = []
 
     def _under_root(self, path: object) -> bool:
@@ -46,8 +47,15 @@ class IoFaults:
             return False
         return absolute == self.root or absolute.startswith(self.root + os.sep)
 
-    def event(self, write=None) -> None:
+    def _relative(self, path: object) -> str:
+        try:
+            return os.path.relpath(os.path.abspath(os.fspath(path)), self.root)
+        except TypeError:  # a file descriptor
+            return "?"
+
+    def event(self, call: str, path: object, write=None) -> None:
         self.events += 1
+        self.trace.append(f"{call} {self._relative(path)}")
         if self.events != self.at:
             return
         if self.action == "enospc":
@@ -67,8 +75,8 @@ class IoFaults:
         class CountedFile:
             """A file opened for writing whose every write is an event."""
 
-            def __init__(self, file) -> None:
-                self._file = file
+            def __init__(self, file, path) -> None:
+                self._file, self._path = file, path
 
             def write(self, data):
                 def torn() -> None:
@@ -76,7 +84,7 @@ class IoFaults:
                     self._file.write(part[: len(part) // 2])
                     self._file.flush()
 
-                faults.event(torn)
+                faults.event("write", self._path, torn)
                 return self._file.write(data)
 
             def __enter__(self):
@@ -92,27 +100,28 @@ class IoFaults:
             def wrapper(file, mode="r", *args, **kwargs):
                 writing = any(c in mode for c in "wax+")
                 if writing and faults._under_root(file):
-                    faults.event()
-                    return CountedFile(original(file, mode, *args, **kwargs))
+                    faults.event("open", file)
+                    return CountedFile(original(file, mode, *args, **kwargs), file)
                 return original(file, mode, *args, **kwargs)
             return wrapper
 
         def counted(original):
             def wrapper(path, *args, **kwargs):
                 if faults._under_root(path) and "dir_fd" not in kwargs:
-                    faults.event()
+                    faults.event(original.__name__, args[0] if args and original.__name__ in ("replace", "rename")
+                                 else path)
                 return original(path, *args, **kwargs)
             return wrapper
 
-        written: set[int] = set()  # descriptors os.open gave for writing under root
+        written: dict[int, object] = {}  # descriptors os.open gave for writing under root, and their paths
 
         def counted_os_open(original):
             def wrapper(path, flags, *args, **kwargs):
                 writing = flags & (os.O_WRONLY | os.O_RDWR)
                 if writing and faults._under_root(path) and "dir_fd" not in kwargs:
-                    faults.event()
+                    faults.event("open", path)
                     fd = original(path, flags, *args, **kwargs)
-                    written.add(fd)
+                    written[fd] = path
                     return fd
                 return original(path, flags, *args, **kwargs)
             return wrapper
@@ -125,13 +134,13 @@ class IoFaults:
                         half = len(view) // 2
                         original(fd, view[: half - half % 4096 if _direct(fd) else half])
 
-                    faults.event(torn)
+                    faults.event("write", written[fd], torn)
                 return original(fd, data)
             return wrapper
 
         def forget_on_close(original):
             def wrapper(fd):
-                written.discard(fd)
+                written.pop(fd, None)
                 return original(fd)
             return wrapper
 
@@ -162,6 +171,7 @@ class Outcome:
     code: int | None
     events: int  # events counted by a run that was not killed
     log: str
+    trace: list[str]  # "call path" of each of those events, in order (IoFaults.trace)
 
 
 class ForkServer:
@@ -181,7 +191,8 @@ class ForkServer:
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
         reply = json.loads(self._proc.stdout.readline())
-        return Outcome(reply["signal"] == signal.SIGKILL, reply["code"], reply["events"], log.read_text())
+        return Outcome(reply["signal"] == signal.SIGKILL, reply["code"], reply["events"], log.read_text(),
+                       reply["trace"])
 
     def close(self) -> None:
         self._proc.stdin.close()
@@ -223,10 +234,10 @@ def _serve(command: str) -> None:
         if pid == 0:
             _child(request, events_file)
         _, status = os.waitpid(pid, 0)
-        events = int(Path(events_file).read_text()) if os.path.exists(events_file) else -1
+        counted = json.loads(Path(events_file).read_text()) if os.path.exists(events_file) else {}
         print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                           "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                          "events": events}), flush=True)
+                          "events": counted.get("events", -1), "trace": counted.get("trace", [])}), flush=True)
 
 
 def _child(request: dict, events_file: str) -> None:
@@ -244,7 +255,7 @@ def _child(request: dict, events_file: str) -> None:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         faults.uninstall()
-        Path(events_file).write_text(str(faults.events))
+        Path(events_file).write_text(json.dumps({"events": faults.events, "trace": faults.trace}))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -5,13 +5,14 @@ file sglang-kt reads."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tree_files
+from conftest import mtimes, tree_files
 from faults import ForkServer
 from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
 from ktq.calibrated.ktgrid import _inverse_factor, clipped_steps, quantize_to_grid
@@ -217,6 +218,76 @@ def test_killed_anywhere_the_rerun_ends_with_the_same_bytes(src, chat, work, int
             assert tree_files(out) == expected, point
     finally:
         forks.close()
+
+
+def one_pass(src: Path, out: Path, chat: Path) -> list[object]:
+    """ktq gpu writing both artifacts: out/gpu and, calibrated in the same pass, out/cpu."""
+    return ["gpu", "--model_id", src, "--output_dir", out / "gpu", "--cpu-output", out / "cpu", "--dataset", chat,
+            *SAMPLES, "--quant_type", "W4A16", "--threadpool-count", 2, "--force_cpu", "--quiet"]
+
+
+def both_artifacts(out: Path) -> dict[str, bytes]:
+    """Every file of both artifacts but the GPU run's log and report (they hold times)."""
+    files = {f"gpu/{name}": data for name, data in tree_files(out / "gpu").items()
+             if name not in ("ktq_gpu.log", "ktq_gpu_report.json")}
+    return files | {f"cpu/{name}": data for name, data in tree_files(out / "cpu").items()}
+
+
+def test_one_pass_killed_at_every_kind_of_moment_ends_with_the_same_bytes(src, chat, work, tmp_path_factory):
+    """SIGKILL after a layer was calibrated and solved but before anything of it was written; between the GPU shard
+    and the CPU layer of one layer; in the middle of a CPU layer's shard; once the GPU checkpoint is complete and
+    the CPU experts are not: the same command then ends with both artifacts byte-identical to an uninterrupted
+    run. Re-run once more, a complete run writes nothing (no file's mtime changes) and says so."""
+    forks = ForkServer(tmp_path_factory.mktemp("one-pass-forks"), "gpu")
+    try:
+        root = work / "one-pass-kills"
+        reference = forks.run(one_pass(src, root / "reference", chat), root)
+        assert reference.code == 0, reference.log
+        expected = both_artifacts(root / "reference")
+        trace = reference.trace
+
+        def event(entry: str, last: bool = False) -> int:
+            """The number of the (first or last) event `entry` of the reference run, under out/."""
+            found = [n for n, seen in enumerate(trace, 1) if seen == entry.format(out="reference")]
+            assert found, entry
+            return found[-1] if last else found[0]
+
+        gpu_shard = event("open {out}/gpu/.model-00002-of-00004.safetensors.partial")  # layer 1, the first MoE
+        cpu_shard = event("open {out}/cpu/.model-00001-of-00002.safetensors.partial")  # its CPU experts
+        cpu_committed = event("replace {out}/cpu/model-00001-of-00002.safetensors.pending")
+        points = {
+            "calibrated, nothing of the layer written": gpu_shard,
+            "between the GPU shard and the CPU layer": cpu_shard,
+            "inside the CPU layer's shard": (cpu_shard + cpu_committed) // 2,
+            "after the GPU checkpoint is complete": event("replace {out}/gpu/ktq_gpu.json", last=True) + 1,
+        }
+        for moment, point in points.items():
+            out = root / f"killed-at-{point}"
+            killed = forks.run(one_pass(src, out, chat), root, kill_at=point)
+            assert killed.killed, (moment, killed.log)
+            gpu_before = mtimes(out / "gpu")
+            rerun = forks.run(one_pass(src, out, chat), root)
+            assert rerun.code == 0, (moment, rerun.log)
+            assert both_artifacts(out) == expected, moment
+            if moment == "after the GPU checkpoint is complete":  # continued without touching it
+                assert mtimes(out / "gpu") == gpu_before
+        before = mtimes(root / "reference")
+        again = forks.run([a for a in one_pass(src, root / "reference", chat) if a != "--quiet"], root)
+        assert again.code == 0 and again.events == 0, again.log
+        assert again.log.count("is complete already: nothing to do") == 2, again.log
+        assert mtimes(root / "reference") == before
+    finally:
+        forks.close()
+
+
+def test_a_complete_calibrated_output_re_run_writes_nothing(src, chat, work, int4, tmp_path):
+    out = tmp_path / "int4"
+    shutil.copytree(int4, out)  # mtimes kept
+    before = mtimes(out)
+    code, _, stderr = run_ktq_capture(*[a for a in calibrate(src, out, chat, "--quant-method", "int4",
+                                                             "--threadpool-count", 2) if a != "--quiet"])
+    assert code == 0 and f"{out} is complete already: nothing to do" in stderr, stderr
+    assert mtimes(out) == before
 
 
 def test_other_calibration_data_does_not_continue_an_output(src, chat, work, int4):

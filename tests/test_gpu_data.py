@@ -117,6 +117,22 @@ def test_hub_ids_are_hub_ids():
     assert dataset_kind("wikitext") == "hub"
 
 
+def test_a_hub_id_is_read_from_the_local_cache(tmp_path, monkeypatch):
+    """As `hf download ORG/NAME --repo-type dataset` leaves it: the snapshot that refs/main names."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "datasets--org--chat"
+    for folder in ("snapshots/c0ffee", "refs"):
+        (repo / folder).mkdir(parents=True)
+    write_jsonl(repo / "snapshots" / "c0ffee" / "train.jsonl", ROWS)
+    (repo / "refs" / "main").write_text("c0ffee")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert [r["messages"] for r in load_rows("org/chat", "train")] == [r["messages"] for r in ROWS]
+    with pytest.raises(KtqError, match="not in the local cache .* `hf download org/other --repo-type dataset "
+                                       "--local-dir DIR` and pass --dataset DIR"):
+        load_rows("org/other", "train")
+
+
 def test_unknown_file_type(tmp_path):
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(KtqError, match="unknown file type '.xlsx'"):

@@ -173,6 +173,34 @@ def test_inside_torchrun_ktq_joins_the_job(src, chat, work, single):
             assert ra.read(a[name]).tobytes() == rb.read(b[name]).tobytes(), name
 
 
+def test_the_process_group_does_not_outlive_leave(src):
+    """Modules a run imports after joining (transformers imports torch.distributed.nn, whose functions take the
+    default group as a default argument) must not keep the process group alive past `leave`: it would then be torn
+    down during the interpreter's shutdown, where gloo aborts now and then on a busy machine ("terminate called
+    without an active exception", a rank ending with exit code -6: what made a first CI run fail)."""
+    import socket
+
+    code = ("import gc, sys, weakref\n"
+            "from ktq.gpu.world import join, leave\n"
+            "join(force_cpu=True)\n"
+            "import torch.distributed as dist\n"
+            "group = weakref.ref(dist.group.WORLD)\n"
+            "from transformers import AutoConfig\n"
+            "AutoConfig.from_pretrained(sys.argv[1])\n"
+            "leave()\n"
+            "gc.collect()\n"
+            "print('alive' if group() is not None else 'freed')\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, env=env,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["freed"]
+
+
 def test_torchrun_environment_is_detected(monkeypatch):
     for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(variable, raising=False)

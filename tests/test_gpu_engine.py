@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tree_files
+from conftest import interrupt_when, ktq_subprocess, layers_recorded, tree_files
 from faults import ForkServer
 from gpu_models import chat_rows, report, run_ktq, sample_moe, tensors, write_jsonl
 from ktq.safetensors_io import TensorReader
@@ -189,6 +189,19 @@ def test_killed_anywhere_the_rerun_ends_with_the_same_bytes(src, chat, work, tmp
             assert "replayed" in (out / "ktq_gpu.log").read_text() or point < 10, point
     finally:
         forks.close()
+
+
+def test_ctrl_c_says_the_same_command_continues_and_it_does(src, chat, work):
+    out, clean = work / "interrupted", work / "uninterrupted"
+    stopped = interrupt_when(gpu_args(src, out, chat), lambda: layers_recorded(out / "ktq_gpu.json", "units") > 0)
+    assert stopped.code == 130, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == \
+        "ktq: interrupted: run the same command again to continue; finished layers are kept"
+    assert not (out / "config.json").exists()  # an unfinished output is no checkpoint to a loader
+    rerun = ktq_subprocess(*[a for a in gpu_args(src, out, chat) if a != "--quiet"])
+    assert rerun.code == 0 and f"continuing {out}: " in rerun.stderr, rerun.stderr
+    assert run_ktq(*gpu_args(src, clean, chat)) == 0
+    assert checkpoint_files(out) == checkpoint_files(clean)
 
 
 def peak_rss(args: list[object]) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from gpu_models import chat_rows, deepseek_moe, report, run_ktq, sample_moe, tensors, write_jsonl
+from conftest import mtimes
+from gpu_models import chat_rows, deepseek_moe, report, run_ktq, run_ktq_capture, sample_moe, tensors, write_jsonl
 from ktq.safetensors_io import TensorReader
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -193,12 +195,35 @@ def test_trust_remote_code_reaches_config_tokenizer_and_model(src, chat, work, m
     assert seen == {"config": True, "tokenizer": True, "meta model": True}
 
 
-def test_overwrite_replaces_only_when_complete(src, chat, work):
+def test_overwrite_starts_over_other_settings_deleting_only_what_ktq_wrote(src, chat, work):
     out = quantize(src, work / "again", chat, "--quant_method", "RTN")
-    (out / "stale.txt").write_text("from an older run")
-    quantize(src, out, chat, "--quant_method", "RTN", "--overwrite")
-    assert not (out / "stale.txt").exists() and (out / "ktq_gpu_report.json").is_file()
-    assert not list(work.glob(".again.*"))  # neither the staging folder nor the old output is left behind
+    (out / "notes.txt").write_text("the user's")
+    old_shard = (out / "model-00002-of-00004.safetensors").read_bytes()  # layer 1, MoE
+    code, _, stderr = run_ktq_capture("gpu", "--model_id", src, "--output_dir", out, "--quant_method", "RTN",
+                                      "--quant_type", "W4A16", "--quiet")
+    assert code == 2 and "other settings" in stderr and "quant_type" in stderr and "--overwrite" in stderr, stderr
+    quantize(src, out, chat, "--quant_method", "RTN", "--quant_type", "W4A16", "--overwrite")
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["num_bits"] == 4
+    assert (out / "model-00002-of-00004.safetensors").read_bytes() != old_shard
+    assert not list(work.glob(".again*"))  # nothing written beside the output folder
+
+
+def test_a_complete_output_of_an_older_ktq_re_run_writes_nothing(src, chat, work, rtn_w4, tmp_path):
+    """Older versions renamed a finished staging folder into place: their ktq_gpu.json (format ktq-gpu-stream/1, no
+    `complete`) marks a complete output, which the same command leaves as it is."""
+    out = tmp_path / "older"
+    shutil.copytree(rtn_w4, out)
+    manifest = json.loads((out / "ktq_gpu.json").read_text())
+    older = {"format": "ktq-gpu-stream/1", "run": manifest["run"], "units": manifest["units"]}
+    (out / "ktq_gpu.json").write_text(json.dumps(older))
+    before = mtimes(out)
+    code, _, stderr = run_ktq_capture("gpu", "--model_id", src, "--output_dir", out, "--dataset", chat,
+                                      "--num_calibration_samples", 16, "--max_sequence_length", 64,
+                                      "--quant-method", "RTN", "--quant-type", "W4A16")
+    assert code == 0 and f"{out} is complete already: nothing to do" in stderr, stderr
+    assert mtimes(out) == before
 
 
 def test_deepseek_shared_experts_mla_and_eleven_dense_layers(work, chat):

@@ -8,6 +8,7 @@ in this process; a timer turns a hang (a FIFO opened for reading waits for a wri
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -79,8 +80,10 @@ RUNS: dict[str, Callable[[Scene], list[object]]] = {
     "inspect": lambda s: ["inspect", s.src],
     "verify": lambda s: ["inspect", s.src, "--verify"],
     "merge": lambda s: ["merge", s.src, s.out, "--quiet"],
+    "gpu": lambda s: ["gpu", "--model_id", s.src, "--output_dir", s.out, "--quant_method", "RTN", "--force_cpu",
+                      "--quiet"],
 }
-READERS = ("cpu", "dry-run", "inspect")  # every command that reads a checkpoint
+READERS = ("cpu", "dry-run", "inspect", "gpu")  # every command that reads a checkpoint
 
 
 @dataclass(frozen=True)
@@ -507,6 +510,24 @@ option_case("output-a-link-into-the-input",
 option_case("inspect-two-paths", lambda s: ["inspect", s.src, s.src], "unexpected extra argument")
 
 
+def gpu_with(*options: object) -> Callable[[Scene], list[object]]:
+    return lambda s: ["gpu", "--model_id", s.src, "--quant_method", "RTN", "--force_cpu", "--quiet", *options]
+
+
+option_case("gpu-output-inside-the-input", lambda s: gpu_with("--output_dir", s.src / "out")(s),
+            "--output_dir", "must not be --model_id")
+option_case("gpu-output-above-the-input", lambda s: gpu_with("--output_dir", s.root, "--overwrite")(s),
+            "--output_dir", "holds --model_id")
+option_case("gpu-cpu-output-inside-the-input",
+            lambda s: gpu_with("--output_dir", s.out, "--quant_method", "GPTQ", "--cpu-output", s.src / "cpu")(s),
+            "--cpu-output", "must not be --model_id")
+option_case("gpu-unknown-choice", lambda s: gpu_with("--output_dir", s.out, "--quant_type", "W3A16")(s),
+            "--quant_type", "W3A16")
+option_case("gpu-unknown-option", lambda s: gpu_with("--output_dir", s.out, "--merge")(s), "No such option: --merge",
+            "see ktq gpu --help")
+option_case("gpu-missing-output", lambda s: ["gpu", "--model_id", s.src], "Missing option '--output-dir'")
+
+
 # --- outputs: what ktq inspect and ktq merge read ---------------------------------------------------------------
 
 OUTPUT_SHARD = "model-00001-of-00002.safetensors"  # layer 0 of the merged conversion
@@ -609,10 +630,11 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, object]:
 
 
 def assert_nothing_servable(out: Path) -> None:
-    """Nothing in out that kt-kernel would load or ktq would call complete."""
+    """Nothing in out that kt-kernel or a Hugging Face loader would load, or ktq would call complete."""
     if not out.exists():
         return
     assert not list(out.glob("*.safetensors")), sorted(out.iterdir())
+    assert not (out / "config.json").exists()  # what a Hugging Face loader opens first
     manifest = out / "ktq.json"
     assert not manifest.is_file() or not json.loads(manifest.read_text())["complete"]
 
@@ -645,6 +667,8 @@ def _prepare(case: Case, sources: dict[str, Path], tmp_path: Path) -> Scene:
 def test_refused_in_one_line_touching_nothing(ktq, sources, tmp_path, case, run):
     scene = _prepare(case, sources, tmp_path)
     before = snapshot(tmp_path, skip=scene.out)
+    if run.startswith("gpu"):
+        importlib.import_module("ktq.gpu.run")  # torch and transformers imported: their first import is no hang
     with deadline(HANG_SECONDS):
         result = ktq(*RUNS[run](scene))
     assert_one_line_error(result, *case.needles)

@@ -49,20 +49,20 @@ class CalibratedExperts:
         self._solved: tuple | None = None  # (layer, gate, up, down codes, routed) of the layer solved last
 
     @classmethod
-    def open(cls, out: Path, method: str, numa: int, merge: bool, force: bool, source, calibration: dict,
-             num_hidden_layers: int, source_path: Path, no_disk_check: bool, chunk: int, cache_device,
-             device) -> "CalibratedExperts":
-        """The output (a ktq cpu folder) planned, its disk need checked; its identity records the calibration
-        (what the run's `calibration` says of the data, and the solver's settings), so a run with other data or
-        settings does not continue it. Lock it with `with artifact.output`."""
-        fmt = METHODS[method]
+    def open(cls, options, source, calibration: dict, num_hidden_layers: int, source_path: Path,
+             no_disk_check: bool, chunk: int, cache_device, device) -> "CalibratedExperts":
+        """The output (a ktq cpu folder; options: ktq.gpu.options.CpuExpertsOptions) planned, its disk need
+        checked; its identity records the calibration (what the run's `calibration` says of the data, and the
+        solver's settings), so a run with other data or settings does not continue it. Lock it with
+        `with artifact.output`."""
+        out, merge = options.output.expanduser(), options.merge
         g = source.experts.geometry
-        layout = Layout("merged" if merge else "kt", fmt, numa, g.hidden, g.intermediate, g.experts,
-                        tuple(layer.index for layer in source.experts.layers))
+        layout = Layout("merged" if merge else "kt", METHODS[options.method], options.numa, g.hidden, g.intermediate,
+                        g.experts, tuple(layer.index for layer in source.experts.layers))
         calibration = {**calibration, "dampening": DAMPENING, "generic_tokens": GENERIC_TOKENS,
                        "generic_weight": GENERIC_WEIGHT}
         output = CalibratedCpuOutput(out, layout, source.ckpt, source.experts, calibration, num_hidden_layers,
-                                     force)
+                                     options.force, options.option, options.force_option)
         todo = [layer for layer in layout.layers if layer not in output.manifest.layers]
         check_disk(out, needed_bytes(layout, todo, source_path if merge else None), 0, no_disk_check,
                    logger.warning)
@@ -100,7 +100,7 @@ class CalibratedExperts:
             for weight, codes in zip(chunk.projections(), self._solved[1:4]):
                 codes.dequantize_into(weight, self.bits, chunk.block)
         else:
-            for e, *values in dequantized_experts(self.output.out, self.output.layout, index, chunk.block):
+            for e, *values in dequantized_experts(self.output.folder, self.output.layout, index, chunk.block):
                 for weight, value in zip(chunk.projections(), values):
                     weight[e - chunk.block.start].copy_(value)
 

@@ -24,25 +24,35 @@ from ktq.cpu.output import committed_path, finish_output, plan_output
 from ktq.cpu.scan import Found, PieceReader
 from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 from ktq.kernels.amx import pack_codes, unpack_dequantize
+from ktq.output_folder import continuing, starting_over
 from ktq.placement import write_placement
 from ktq.safetensors_io import read_header
 from ktq.serving import PLACEMENT_FILE
 
 
 class CalibratedCpuOutput:
-    """Planned when made (the layers kept from an earlier run known, nothing written); written inside `with`, which
-    holds the folder's lock (ktq.cpu.output.OutputPlan.writing) and removes a folder the run created if it fails
-    before its first layer."""
+    """Planned when made (the layers kept from an earlier run known, nothing written; `complete` when there is
+    nothing to write); written inside `with`, which holds the folder's lock (ktq.cpu.output.OutputPlan.writing) and
+    removes a folder the run created if it fails before its first layer."""
 
     def __init__(self, out: Path, layout: Layout, ckpt: Checkpoint, model: MoeModel, calibration: dict,
-                 num_hidden_layers: int, force: bool) -> None:
-        self.out, self.layout, self.num_hidden_layers = out, layout, num_hidden_layers
+                 num_hidden_layers: int, force: bool, option: str, force_option: str) -> None:
+        """option, force_option: how the command names the folder and its start-over flag."""
+        self.folder, self.layout, self.num_hidden_layers = out, layout, num_hidden_layers
         plan = plan_output(out, Manifest(layout, model.input_type, ckpt.fingerprint(), calibration=calibration),
-                           force)
-        self.manifest, self._plan = plan.manifest, plan
+                           force, option, force_option)
+        self.manifest, self._plan, self.complete = plan.manifest, plan, plan.complete
+        self._force_option = force_option
         self._stack = ExitStack()
         self.sink = MergedSink(out, layout) if layout.form == "merged" else KtTreeSink(out, layout)
         self._slot = packed_slot(layout.pieces)
+
+    def start_note(self) -> str | None:
+        """What the run says first about this folder: started over, or continued."""
+        if self._plan.restarted:
+            return starting_over(self.folder, len(self._plan.remove), self._force_option)
+        kept = len(self.manifest.layers)
+        return continuing(self.folder, kept, len(self.layout.layers) - kept) if kept else None
 
     def __enter__(self) -> "CalibratedCpuOutput":
         self._stack.enter_context(self._plan.writing())
@@ -81,12 +91,12 @@ class CalibratedCpuOutput:
             self.sink.abort()
             raise
         self.manifest.layers[layer] = replace(record, routed=tuple(routed))
-        save_manifest(self.out, self.manifest)
+        save_manifest(self.folder, self.manifest)
 
     def finish(self, source: Path | None) -> None:
         counts = {layer: list(record.routed or ()) for layer, record in self.manifest.layers.items()}
-        write_placement(self.out / PLACEMENT_FILE, counts, self.num_hidden_layers, self.layout.experts)
-        finish_output(self.out, self.manifest, source if self.layout.form == "merged" else None)
+        write_placement(self.folder / PLACEMENT_FILE, counts, self.num_hidden_layers, self.layout.experts)
+        finish_output(self.folder, self.manifest, source if self.layout.form == "merged" else None)
 
 
 def dequantized_experts(out: Path, layout: Layout, layer: int, experts: range | None = None):

@@ -85,15 +85,15 @@ def cpu(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numba
 
-    from ktq.cpu.output import refuse_inside
     from ktq.cpu.pipeline import CpuJob, convert_cpu
     from ktq.cpu.plan import numa_warning, plan_cpu, plan_table
     from ktq.kernels.ktformat import METHODS
+    from ktq.output_folder import refuse_overlap
     from ktq.progress import LayerProgress, counted, gb
 
     if as_json and not dry_run:
         raise KtqError("--json prints the plan of --dry-run: add --dry-run")
-    refuse_inside(output, input_path, "--output", "--input-path")
+    refuse_overlap(output, "--output", input_path, "--input-path")
     if calibrate is not None:
         if resume_layer is not None:
             raise KtqError("--resume-layer: a calibrated conversion resumes by itself after its last finished "
@@ -143,6 +143,10 @@ def cpu(
         typer.echo(f"ktq: warning: {warning}", err=True)
     with LayerProgress(quiet=quiet) as progress:
         result = convert_cpu(job, progress)
+    if result.complete:
+        if not quiet:
+            typer.echo(f"{result.output} is complete already ({len(result.layers_kept)} layers): nothing to do")
+        return
     if not quiet:
         rate = result.input_bytes / result.seconds / 1e9 if result.seconds else 0.0
         typer.echo(f"wrote {result.output} ({result.form}, {result.method.kt_method}, "

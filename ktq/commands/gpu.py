@@ -101,7 +101,8 @@ def gpu(
         as_json=as_json, overwrite=overwrite, no_memory_check=no_memory_check, quiet=quiet,
         expert_chunk=expert_chunk, sample_group=sample_group,
         cpu_experts=CpuExpertsOptions(cpu_output, cpu_method.value,
-                                      numa_nodes() if threadpool_count is None else threadpool_count, force=overwrite)
+                                      numa_nodes() if threadpool_count is None else threadpool_count, force=overwrite,
+                                      option="--cpu-output", force_option="--overwrite")
         if cpu_output is not None else None,
     ).validate()
     from ktq.gpu import launch

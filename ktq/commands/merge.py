@@ -34,6 +34,10 @@ def merge(
 
     with LayerProgress(quiet=quiet) as progress, common.options_named(CPU_OPTIONS):
         result = merge_tree(tree, out, original_path, force, progress)
+    if result.complete:
+        if not quiet:
+            typer.echo(f"{result.output} is complete already ({len(result.layers_kept)} layers): nothing to do")
+        return
     if not quiet:
         typer.echo(f"wrote {result.output} (merged, {result.method.kt_method}, {counted(result.numa, 'NUMA part')}): "
                    f"{counted(len(result.layers_merged), 'layer')} merged, {len(result.layers_kept)} kept, "

@@ -1,11 +1,10 @@
-"""The life of an output folder: start it, continue it, start it over (--force), check the disk, finish it.
+"""The life of a ktq cpu output folder: start it, continue it, leave it when complete, start it over (--force),
+check the disk, finish it; by the rule every output folder follows (ktq.output_folder).
 
-A folder is a ktq output when it holds ktq.json. ktq writes into a new or empty folder, continues a ktq output made
-with the same settings (keeping every committed layer whose files are intact), and refuses anything else. --force
-starts over a ktq output made with other settings by deleting what ktq wrote there, and nothing else; a folder that
-is not a ktq output is never touched. `plan_output` decides without writing, so that a refusal (other settings,
-too little disk) leaves the folder as it was; `OutputPlan.writing` then acts, under the folder's lock until the
-output is complete.
+A folder is a ktq cpu output when it holds ktq.json. A run continues one made with the same settings, keeping every
+committed layer whose files are intact; one that is complete is left as it is. `plan_output` decides without
+writing, so that a refusal (other settings, too little disk) leaves the folder as it was; `OutputPlan.writing` then
+acts, under the folder's lock until the output is complete.
 
 An unfinished merged output holds no *.safetensors at its top level, where kt-kernel would load (and serve) them:
 committed shards wait under their pending names (`model-…safetensors.pending`) and `finish_output` gives them their
@@ -15,7 +14,6 @@ shard under its name back to its pending one.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -30,6 +28,15 @@ from ktq.cpu.layout import Layout
 from ktq.cpu.manifest import MANIFEST_NAME, LayerRecord, Manifest, identity_mismatch, load_manifest, save_manifest
 from ktq.cpu.sinks import merged_pending_path
 from ktq.errors import KtqError, write_error
+from ktq.output_folder import (
+    delete,
+    first_manifest_partial,
+    holds_output,
+    partials,
+    refuse_other_settings,
+    used_bytes,
+    writing_into,
+)
 from ktq.progress import gb
 from ktq.safetensors_io import open_regular
 from ktq.serving import PLACEMENT_FILE
@@ -47,60 +54,21 @@ class OutputPlan:
     remove: list[Path] = field(default_factory=list)  # ktq's own files to delete first
     created: bool = False  # the folder does not exist yet
     restarted: bool = False  # --force starts over an output made with other settings
+    complete: bool = False  # a complete output of these settings: nothing to write
 
     def freed_bytes(self) -> int:
-        return sum(_size(path) for path in self.remove)
+        return sum(used_bytes(path) for path in self.remove)
 
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Create and lock the folder, delete what is to be deleted, write the starting manifest; then the caller
         writes. If it fails before a layer is committed into a folder this run created, the folder goes: nothing of
         value was written, leave no trace."""
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(self.out, exc) from exc
-        with _exclusive(self.out):
-            try:
-                _delete(self.remove)
-                save_manifest(self.out, self.manifest)  # until here a killed run leaves the old one in charge
-                _unpublish(self.out, self.manifest)
-                yield
-            except BaseException:
-                if self.created and not self.manifest.layers:
-                    shutil.rmtree(self.out, ignore_errors=True)
-                raise
-
-
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One ktq process at a time writes into a folder: a second one would delete the first one's layer in flight
-    as a leftover. The lock is on the folder itself (no lock file to clean up); the kernel drops it when the
-    process ends, however it ends."""
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KtqError(f"another ktq process is writing into {out}: wait until it ends (or stop it), then "
-                           "re-run this command") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _delete(paths: list[Path]) -> None:
-    try:
-        for path in paths:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-    except OSError as exc:
-        raise write_error(exc.filename, exc) from exc
-
-
-def _size(path: Path) -> int:
-    if path.is_dir() and not path.is_symlink():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size if path.exists() else 0
+        with writing_into(self.out, self.created, lambda: not self.manifest.layers):
+            delete(self.remove)
+            save_manifest(self.out, self.manifest)  # until here a killed run leaves the old one in charge
+            _unpublish(self.out, self.manifest)
+            yield
 
 
 def committed_path(out: Path, layout: Layout, layer: int) -> Path:
@@ -139,10 +107,6 @@ def _publish(out: Path, manifest: Manifest) -> None:
               for layer in layout.layers if os.path.lexists(merged_pending_path(out, layout, layer))], out)
 
 
-def _is_partial(path: Path) -> bool:
-    return path.name.endswith(PARTIAL_SUFFIX)
-
-
 def ktq_files(out: Path, manifest: Manifest) -> list[Path]:
     """Everything in out that ktq wrote for this manifest, or would have: layers, index, copied files,
     temporaries. ktq.json itself is not listed."""
@@ -152,7 +116,7 @@ def ktq_files(out: Path, manifest: Manifest) -> list[Path]:
         names |= {merged_pending_path(out, layout, layer).name for layer in layout.layers}
     found = [out / name for name in sorted(names) if (out / name).exists()]
     found += sorted(p for pattern in AUX_PATTERNS for p in out.glob(pattern) if p.is_file())
-    found += sorted(p for p in out.iterdir() if _is_partial(p))
+    found += partials(out)
     return list(dict.fromkeys(found))
 
 
@@ -183,41 +147,34 @@ def layer_intact(out: Path, layout: Layout, layer: int, record: LayerRecord) -> 
     return len(files) == layout.experts * len(layout.pieces) * 2
 
 
-def plan_output(out: Path, wanted: Manifest, force: bool) -> OutputPlan:
-    """What to do with --output for a run of wanted's identity; raises KtqError to refuse. Writes nothing."""
-    if out.exists() and not out.is_dir():
-        raise KtqError(f"--output {out} is a file, not a folder")
-    if not out.exists():
-        return OutputPlan(out, wanted.fresh(), created=True)
+def plan_output(out: Path, wanted: Manifest, force: bool, option: str = "--output",
+                force_option: str = "--force") -> OutputPlan:
+    """What to do with the output folder for a run of wanted's identity; raises KtqError to refuse. Writes
+    nothing. option, force_option: how the command names the folder and its start-over flag."""
+    if not holds_output(out, option, MANIFEST_NAME, force_option, force):
+        first_manifest = out / first_manifest_partial(MANIFEST_NAME)
+        return OutputPlan(out, wanted.fresh(), remove=[first_manifest] if first_manifest.exists() else [],
+                          created=not out.exists())
     existing = load_manifest(out)
-    if existing is None:
-        # the only file a run can leave before its first ktq.json exists is that manifest's temporary
-        first_manifest = out / f".{MANIFEST_NAME}{PARTIAL_SUFFIX}"
-        foreign = sorted(p.name for p in out.iterdir() if p != first_manifest)
-        if foreign:
-            listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise KtqError(f"--output {out} already holds files ktq did not write ({listed}); choose a new or "
-                           "empty folder" + (" (--force only starts over a ktq output)" if force else ""))
-        return OutputPlan(out, wanted.fresh(), remove=[first_manifest] if first_manifest.exists() else [])
     mismatch = identity_mismatch(existing, wanted)
     if mismatch:
         if not force:
-            raise KtqError(f"--output {out} holds a ktq conversion with other settings ({mismatch}); pass --force "
-                           "to start it over (deletes only the files ktq wrote there) or choose another --output")
+            refuse_other_settings(out, option, mismatch, force_option)
         return OutputPlan(out, wanted.fresh(), remove=ktq_files(out, existing), restarted=True)
     layout = wanted.layout
     kept = {layer: record for layer, record in existing.layers.items()
             if layer in layout.layers and layer_intact(out, layout, layer, record)}
-    return OutputPlan(out, wanted.fresh(kept), remove=[p for p in out.iterdir() if _is_partial(p)])
+    leftovers = partials(out)
+    complete = existing.complete and len(kept) == len(layout.layers) and not leftovers and all(
+        (out / name).is_file() for name in finished_files(existing))
+    return OutputPlan(out, wanted.fresh(kept), remove=leftovers, complete=complete)
 
 
-def refuse_inside(out: Path, source: Path, out_option: str, source_option: str) -> None:
-    """The output folder must not be the input folder or lie inside it (links resolved): the run would write into
-    what it reads, and the input would then hold a second copy of the weights that loaders would find."""
-    src, dst = Path(os.path.realpath(source)), Path(os.path.realpath(out))  # Path.resolve raises on a link loop
-    if dst == src or src in dst.parents:
-        raise KtqError(f"{out_option} {out} must not be {source_option} {source} or inside it: choose a folder "
-                       "beside it")
+def finished_files(manifest: Manifest) -> list[str]:
+    """What a complete output holds besides its layers and ktq.json: the merged form's index, a calibrated
+    output's placement file."""
+    return ([hfformat.INDEX_NAME] if manifest.layout.form == "merged" else []) + \
+        ([PLACEMENT_FILE] if manifest.calibration is not None else [])
 
 
 def _existing_parent(path: Path) -> Path:

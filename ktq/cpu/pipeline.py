@@ -30,7 +30,8 @@ from ktq.cpu.sinks import KtTreeSink, MergedSink, packed_slot
 from ktq.errors import KtqError
 from ktq.kernels import ktformat as fmt
 from ktq.kernels.amx import quantize_pack_expert
-from ktq.progress import LayerProgress, counted
+from ktq.output_folder import continuing, starting_over
+from ktq.progress import LayerProgress
 from ktq.safetensors_io import TensorReader
 
 READ_AHEAD = 3  # experts read before their turn to be quantised
@@ -60,6 +61,7 @@ class CpuResult:
     input_bytes: int = 0
     output_bytes: int = 0
     seconds: float = 0.0
+    complete: bool = False  # the output was complete already: nothing was written
 
 
 class _ExpertSlot:
@@ -262,17 +264,19 @@ def convert_cpu(job: CpuJob, progress: LayerProgress) -> CpuResult:
     todo, kept = _layers_to_convert(job, model, manifest)  # whether they fit was checked by ktq.cpu.plan
     source = job.input_path if job.merge else None
     if plan.restarted:
-        progress.note(f"starting {job.output} over (--force): deleting the {len(plan.remove)} files and folders "
-                      "ktq wrote there with other settings")
+        progress.note(starting_over(job.output, len(plan.remove), "--force"))
     sink = MergedSink(job.output, layout) if job.merge else KtTreeSink(job.output, layout)
     result = CpuResult(job.output, job.method, job.numa, layout.form, [layer.index for layer in todo], kept)
+    result.output_bytes = manifest.output_bytes
+    if plan.complete and not todo:
+        result.complete = True
+        return result
     result.input_bytes = sum(layer.input_bytes for layer in todo)
     with plan.writing(), TensorReader() as reader:
         for warning in model.warnings:
             progress.note(f"ktq: warning: {warning}")
         if kept:
-            progress.note(f"continuing {job.output}: {counted(len(kept), 'layer')} already converted, "
-                          f"{len(todo)} to go")
+            progress.note(continuing(job.output, len(kept), len(todo), "converted"))
         progress.start(result.layers_converted, result.input_bytes)
         _Pipeline(job, model, layout, sink, manifest, progress, reader).run(todo)
         finish_output(job.output, manifest, source)  # under the lock: a second run must not finish it meanwhile

@@ -11,7 +11,7 @@ Modules, in the order a run uses them:
     source           the source checkpoint one decoder layer at a time: tensors by layer, FP8 decoded
     plan             per-layer memory on GPU and host, disk and time, before any weight is read
     data             calibration samples: local files, saved datasets or hub ids; chat rendered by the tokenizer
-    run              the stages in order, the artifacts opened, the staging folder renamed into place when complete
+    run              the stages in order, the output folders decided, the artifacts opened and completed in turn
     world            the processes of a run: rank, and what they sum and broadcast over torch.distributed
     engine           the layer loop: read, calibration pass, each artifact's solve and write, propagation pass
     capture          the calibration samples at the first decoder layer
@@ -19,7 +19,7 @@ Modules, in the order a run uses them:
     checkpoint       the GPU checkpoint artifact: GPTQ of a layer shared out between ranks, its shard, its config
     serving          that config as sglang-kt, vLLM and transformers read it (FP8 Linears, the NextN draft's names)
     gptq             llm-compressor's solver against one shared gate/up Hessian, compressed-tensors' packing
-    output           the staging folder: one committed shard per layer, the manifest that lets a run resume
+    output           the GPU output folder: one committed shard per layer, ktq_gpu.json, config.json last
     progress         the progress bar or lines
     report           the JSON report and its printed summary
 """

@@ -1,7 +1,7 @@
 """The GPU checkpoint, one artifact of the streaming engine: GPTQ (or RTN) of every layer's routed experts in
-compressed-tensors' pack-quantized form, one committed shard per decoder layer in the staging folder
-(output.StreamOutput), then the index, config.json with its quantization_config, the placement file and the
-source's side files.
+compressed-tensors' pack-quantized form, one committed shard per decoder layer in the output folder
+(output.GpuOutput), then the index, the placement file, the source's side files and config.json with its
+quantization_config.
 
 GPTQ needs the layer's Hessians from the calibration pass (gptq.LayerHessians); chunks of experts are solved on the
 ranks in turn and each result broadcast, so every rank holds the same quantised layer. Every quantised weight is
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ktq.atomic import json_text
 from ktq.gpu.gptq import (
     DOWN_BATCH,
     LayerHessians,
@@ -35,7 +36,7 @@ from ktq.gpu.gptq import (
 from ktq.gpu.layer_experts import Chunk, DeviceExperts
 from ktq.gpu.layout import ignore_reason
 from ktq.gpu.model import ModelMap, linear_reasons
-from ktq.gpu.output import StreamOutput, copy_side_files, tensor_entry
+from ktq.gpu.output import CONFIG, GpuOutput, tensor_entry
 from ktq.gpu.serving import (
     EXPERT_WEIGHT,
     NEXTN_LINEARS,
@@ -127,7 +128,7 @@ class GpuCheckpoint:
 
     stages = ("solve", "write")
 
-    def __init__(self, opts, source: SourceCheckpoint, model: ModelMap, rules, world, output: StreamOutput,
+    def __init__(self, opts, source: SourceCheckpoint, model: ModelMap, rules, world, output: GpuOutput,
                  device) -> None:
         self.opts, self.source, self.model, self.rules, self.world, self.output = opts, source, model, rules, world, \
             output
@@ -347,18 +348,21 @@ class GpuCheckpoint:
         return make
 
     def finish(self, routed: dict[int, list[int]]) -> None:
-        """Everything outside the decoder layers, then the index, config with quantization_config, the placement
-        file (routed: the calibration's routed tokens by decoder layer) and the source's side files, once every
-        shard is in."""
+        """Everything outside the decoder layers, then the index, the placement file (routed: the calibration's
+        routed tokens by decoder layer), the source's side files and, last, config.json with its
+        quantization_config, once every shard is in."""
         from ktq.placement import write_placement
 
         if self.output.done("rest") is None:
             self.write_unit(None)
         self.output.check_complete()
-        staging = self.output.folder
-        index = {"metadata": {"total_size": self.output.total_size()}, "weight_map": self.output.weight_map()}
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        self.output.write_text(INDEX_NAME, json_text({"metadata": {"total_size": self.output.total_size()},
+                                                      "weight_map": self.output.weight_map()}))
+        if routed:
+            write_placement(self.output.folder / PLACEMENT_FILE, routed, len(self.model.layers),
+                            self.source.experts.geometry.experts)
         source = Path(self.opts.model_id).expanduser()
+        self.output.copy_side_files(source)
         config = json.loads((source / "config.json").read_text())
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
         for holder in (config, text):
@@ -366,11 +370,7 @@ class GpuCheckpoint:
                 del holder["quantization_config"]  # the source's FP8 scheme: its weights are decoded now
                 holder["torch_dtype"] = self.opts.torch_dtype
         config["quantization_config"] = self.quantization_config()
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if routed:
-            write_placement(staging / PLACEMENT_FILE, routed, len(self.model.layers),
-                            self.source.experts.geometry.experts)
-        copy_side_files(source, staging)
+        self.output.write_text(CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # ---- what the checkpoint says about itself ----------------------------------------------------------------
 

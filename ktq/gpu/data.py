@@ -1,7 +1,8 @@
 """Calibration samples for GPTQ: read, picked, rendered and tokenised before llm-compressor sees them.
 
 --dataset is a local file (json, jsonl, parquet, arrow, csv, txt), a folder written by `Dataset.save_to_disk`,
-a folder of data files, or a Hugging Face hub id handed to `datasets.load_dataset` as usual. Rows are rendered by
+a folder of data files, or a Hugging Face hub id, read from the local Hugging Face cache (ktq reads no network: one
+that is not there is refused with the `hf download` command that fetches it). Rows are rendered by
 column type: a list of {role, content} messages goes through the tokenizer's chat template, a string is used as
 it is. ktq picks the samples itself (a seeded shuffle, then the first N non-empty ones), so the same options give
 the same calibration set on every run and on every rank of a distributed run.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ktq.errors import KtqError
-from ktq.paths import looks_like_path
+from ktq.paths import hub_download, is_hub_id
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv",
                 ".txt": "text"}
@@ -31,37 +32,56 @@ def dataset_kind(dataset: str) -> str:
     if path.is_dir():
         saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
         return "saved" if saved else "folder"
-    if looks_like_path(dataset) or path.suffix.lower() in FILE_FORMATS:
+    if not is_hub_id(dataset):
         raise KtqError(f"--dataset {dataset}: no such file or folder")
     return "hub"
+
+
+def local_dataset(dataset: str) -> tuple[str, Path]:
+    """What --dataset is (dataset_kind) and the local file or folder it is read from: a hub id's folder in the
+    local Hugging Face cache. Never touches the network."""
+    kind = dataset_kind(dataset)
+    if kind != "hub":
+        return kind, Path(dataset).expanduser()
+    # where `snapshot_download(dataset, repo_type="dataset", local_files_only=True)` looks, without the second
+    # that importing it takes: the cache's folder of the repo, the snapshot its main ref names
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("datasets--" + dataset.replace("/", "--"))
+    try:
+        snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        snapshot = None
+    if snapshot is None or not snapshot.is_dir():
+        raise KtqError(f"--dataset {dataset} is no file or folder here, and as a Hugging Face hub id it is not in "
+                       f"the local cache (ktq reads no network): fetch it with `{hub_download(dataset, 'dataset')}` "
+                       "and pass --dataset DIR")
+    return "folder", snapshot
 
 
 def load_rows(dataset: str, split: str):
     """The rows of --dataset as one `datasets.Dataset` (not yet tokenised)."""
     import datasets
 
-    kind = dataset_kind(dataset)
-    path = str(Path(dataset).expanduser())
+    datasets.disable_progress_bars()  # ktq draws its own progress; datasets' bars would break its one-line errors
+
+    kind, path = local_dataset(dataset)
     if kind == "file":
-        fmt = FILE_FORMATS[Path(path).suffix.lower()]
-        return _guard(lambda: datasets.load_dataset(fmt, data_files=path, split="train"), dataset)
+        fmt = FILE_FORMATS[path.suffix.lower()]
+        return _guard(lambda: datasets.load_dataset(fmt, data_files=str(path), split="train"), dataset)
     if kind == "saved":
-        return _pick_split(_guard(lambda: datasets.load_from_disk(path), dataset), split, dataset)
-    if kind == "folder":
-        return _pick_split(_guard(lambda: datasets.load_dataset(path), dataset), split, dataset)
-    return _guard(lambda: datasets.load_dataset(dataset, split=split), dataset, hub=True)
+        return _pick_split(_guard(lambda: datasets.load_from_disk(str(path)), dataset), split, dataset)
+    return _pick_split(_guard(lambda: datasets.load_dataset(str(path)), dataset), split, dataset)
 
 
-def _guard(load, dataset: str, hub: bool = False):
+def _guard(load, dataset: str):
     try:
         return load()
     except KtqError:
         raise
-    except Exception as exc:  # datasets raises many types; the user needs the first line and what to try
+    except Exception as exc:  # datasets raises many types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = ("from the Hugging Face hub (offline? pass a local json/jsonl/parquet/arrow file or a saved "
-                 "dataset folder instead)") if hub else "as a dataset"
-        raise KtqError(f"cannot load --dataset {dataset} {where}: {first}") from exc
+        raise KtqError(f"cannot load --dataset {dataset} as a dataset: {first}") from exc
 
 
 def _pick_split(loaded, split: str, dataset: str):

@@ -125,9 +125,11 @@ def run_as_rank(opts: GpuOptions, debug: bool):
     show_own_gpu()
     from ktq.gpu.run import run
 
-    report = run(opts, debug=debug, world=join(opts.force_cpu))
-    leave()
-    return report
+    world = join(opts.force_cpu)
+    try:
+        return run(opts, debug=debug, world=world)
+    finally:
+        leave()
 
 
 def worker_main(argv: list[str]) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktq.errors import KtqError
-from ktq.paths import looks_like_path
+from ktq.output_folder import holds_output, refuse_overlap
+from ktq.paths import hub_download, is_hub_id
 
 QUANT_METHODS = ("GPTQ", "RTN")
 QUANT_TYPES = ("W4A16", "W8A16")
@@ -56,6 +58,8 @@ class CpuExpertsOptions:
     numa: int = 1  # --threadpool-count
     merge: bool = True  # merged shards, or the .kt tree
     force: bool = False  # start over an output made with other settings (ktq cpu's --force)
+    option: str = "--output"  # how the command names the folder, and the flag that starts it over
+    force_option: str = "--force"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,11 @@ class GpuOptions:
         return self.quant_method == "GPTQ"
 
     @property
+    def source_option(self) -> str:
+        """How the command names the source checkpoint: ktq gpu's --model_id, ktq cpu --calibrate's --input-path."""
+        return "--model_id" if self.output_dir is not None else "--input-path"
+
+    @property
     def split(self) -> str:
         if self.dataset_split:
             return self.dataset_split
@@ -123,33 +132,40 @@ class GpuOptions:
             raise KtqError("--json prints the plan of --dry_run: add --dry_run")
         validate_patterns(self.ignore_patterns)
         self._check_paths()
-        if self.calibrated:
-            from ktq.gpu.data import dataset_kind
+        if self.calibrated:  # a missing dataset fails now, not after the model has loaded
+            from ktq.gpu.data import dataset_kind, local_dataset
 
-            dataset_kind(self.dataset)  # a missing local dataset fails now, not after the model has loaded
+            dataset_kind(self.dataset) if self.dry_run else local_dataset(self.dataset)  # a plan reads no data
         return self
 
     def _check_paths(self) -> None:
+        from ktq.cpu.checkpoint import load_config
+        from ktq.gpu.report import MANIFEST_FILE
+
         model = Path(self.model_id).expanduser()
-        if model.exists():
-            if not (model / "config.json").is_file():
-                raise KtqError(f"{model} has no config.json; --model_id takes a Hugging Face checkpoint folder")
-        elif looks_like_path(self.model_id):
-            raise KtqError(f"--model_id {self.model_id}: no such folder")
+        option = self.source_option
+        if os.path.lexists(model):
+            if not model.is_dir():
+                raise KtqError(f"{option} {self.model_id} is not a folder")
+            if not os.path.lexists(model / "config.json"):
+                raise KtqError(f"{model} has no config.json; {option} takes a Hugging Face checkpoint folder")
+            load_config(model)  # a regular file holding a JSON object, as ktq cpu reads it
+        elif is_hub_id(self.model_id):
+            raise KtqError(f"{option} {self.model_id} is no folder here; as a Hugging Face hub id, download it first "
+                           f"(ktq reads no network): `{hub_download(self.model_id)}`, then pass {option} DIR")
+        else:
+            raise KtqError(f"{option} {self.model_id}: no such folder")
         if self.cpu_experts is not None:
             self._check_cpu_experts(model)
         if self.output_dir is None:
             return
-        out = self.output_dir.expanduser()
-        if out.exists() and not self.dry_run:
-            if not self.overwrite:
-                raise KtqError(f"--output_dir {out} already exists; choose a new folder or pass --overwrite")
-            if model.exists() and out.resolve() == model.resolve():
-                raise KtqError("--output_dir is the --model_id folder; write the quantised model elsewhere")
-
+        if model.exists():
+            refuse_overlap(self.output_dir, "--output_dir", model, "--model_id")
+        if not self.dry_run:  # a folder ktq did not write is refused now, before anything is loaded
+            holds_output(self.output_dir.expanduser(), "--output_dir", MANIFEST_FILE, "--overwrite", self.overwrite)
 
     def _check_cpu_experts(self, model: Path) -> None:
-        from ktq.cpu.output import refuse_inside
+        from ktq.cpu.manifest import MANIFEST_NAME
         from ktq.kernels.ktformat import METHODS
 
         cpu = self.cpu_experts
@@ -160,8 +176,8 @@ class GpuOptions:
         if not self.calibrated:
             raise KtqError("calibrated CPU experts need calibration data: --cpu-output takes --quant_method GPTQ")
         if model.exists():
-            refuse_inside(cpu.output, model, "--cpu-output" if self.output_dir else "--output",
-                          "--model_id" if self.output_dir else "--input-path")
+            refuse_overlap(cpu.output, cpu.option, model, self.source_option)
         if self.output_dir is not None:
-            refuse_inside(cpu.output, self.output_dir, "--cpu-output", "--output_dir")
-            refuse_inside(self.output_dir, cpu.output, "--output_dir", "--cpu-output")
+            refuse_overlap(cpu.output, cpu.option, self.output_dir, "--output_dir")
+        if not self.dry_run:
+            holds_output(cpu.output.expanduser(), cpu.option, MANIFEST_NAME, cpu.force_option, cpu.force)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -10,8 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ktq import __version__
+from ktq.atomic import write_json_atomic
 from ktq.progress import counted, gb
 
+# ktq's own files in a GPU checkpoint it writes: the manifest (ktq.gpu.output), the report and the log
+MANIFEST_FILE = "ktq_gpu.json"
 REPORT_FILE = "ktq_gpu_report.json"
 LOG_FILE = "ktq_gpu.log"
 
@@ -56,7 +58,7 @@ class Report:
 
     def write(self, folder: Path) -> Path:
         path = folder / REPORT_FILE
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        write_json_atomic(path, asdict(self))
         return path
 
     def summary_lines(self) -> list[str]:

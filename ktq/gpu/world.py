@@ -50,14 +50,13 @@ class World:
                 dist.broadcast(tensor, src=owner)
 
     def open_output(self, make):
-        """Rank 0 prepares the staging folder (resumed or cleared) before the other ranks read what it holds."""
-        if not self.distributed:
-            return make(True)
-        import torch.distributed as dist
+        """`make()` reads what the output folder holds on every rank, before rank 0 changes it."""
+        output = make()
+        if self.distributed:
+            import torch.distributed as dist
 
-        output = make(True) if self.is_main else None
-        dist.barrier()
-        return output if output is not None else make(False)
+            dist.barrier()
+        return output
 
     def share_of(self, dataset):
         """This rank's contiguous share of the calibration set: every rank builds the same set (deterministic
@@ -83,6 +82,12 @@ def join(force_cpu: bool) -> World:
     import torch
     import torch.distributed as dist
 
+    # imported before the group exists: its functions take the default group as a default argument, bound when the
+    # module is first imported (transformers imports it during a run), which would keep the group alive past
+    # destroy_process_group into the interpreter's shutdown, where gloo's teardown aborts now and then on a busy
+    # machine ("terminate called without an active exception", the rank's exit code -6)
+    import torch.distributed.nn  # noqa: F401
+
     rank, size, local_rank = (int(os.environ[v]) for v in TORCHRUN_VARIABLES)
     if torch.cuda.is_available() and not force_cpu:
         torch.cuda.set_device(0)  # the only GPU this rank sees (launch.show_own_gpu)
@@ -93,6 +98,8 @@ def join(force_cpu: bool) -> World:
 
 
 def leave() -> None:
+    """Destroy the process group, however the run ended: a group still alive when the interpreter shuts down is torn
+    down there, where gloo may abort (see join)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
