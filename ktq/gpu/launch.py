@@ -142,11 +142,12 @@ def worker_main(argv: list[str]) -> None:
 
     debug = "--debug" in argv
     opts = options_from_json(Path(argv[0]).read_text())
-    error_file = Path(os.environ.get(ERROR_DIR_VARIABLE) or ".") / f"rank{os.environ.get('RANK', '?')}.txt"
+    error_dir = os.environ.get(ERROR_DIR_VARIABLE)
 
     def failed(exc: BaseException) -> None:
         """The rank's error for the launcher, written once, before its peers fail in its wake."""
-        if ERROR_DIR_VARIABLE in os.environ and not error_file.exists():
+        error_file = Path(error_dir) / f"rank{os.environ.get('RANK', '?')}.txt" if error_dir else None
+        if error_file is not None and not error_file.exists():
             text = " ".join(str(exc).split()) or type(exc).__name__
             error_file.write_text((text if isinstance(exc, KtqError) else f"{type(exc).__name__}: {text}") + "\n")
 
