@@ -63,8 +63,7 @@ def load_rows(dataset: str, split: str):
     """The rows of --dataset as one `datasets.Dataset` (not yet tokenised)."""
     import datasets
 
-    datasets.disable_progress_bars()  # ktq draws its own progress; datasets' bars would break its one-line errors
-
+    datasets.disable_progress_bars()  # its bars ("Generating train split") would come between ktq's own lines
     kind, path = local_dataset(dataset)
     if kind == "file":
         fmt = FILE_FORMATS[path.suffix.lower()]

@@ -120,14 +120,18 @@ def show_own_gpu() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank]
 
 
-def run_as_rank(opts: GpuOptions, debug: bool):
-    """`ktq gpu` as one rank of a torchrun job (started by `launch` or by the user); after prepare_environment."""
+def run_as_rank(opts: GpuOptions, debug: bool, failed=lambda exc: None):
+    """`ktq gpu` as one rank of a torchrun job (started by `launch` or by the user); after prepare_environment.
+    `failed(exc)` hears of a failure before this rank leaves the process group, which its peers notice at once."""
     show_own_gpu()
     from ktq.gpu.run import run
 
     world = join(opts.force_cpu)
     try:
         return run(opts, debug=debug, world=world)
+    except BaseException as exc:
+        failed(exc)
+        raise
     finally:
         leave()
 
@@ -138,19 +142,22 @@ def worker_main(argv: list[str]) -> None:
 
     debug = "--debug" in argv
     opts = options_from_json(Path(argv[0]).read_text())
-    rank = os.environ.get("RANK", "?")
+    error_dir = os.environ.get(ERROR_DIR_VARIABLE)
+
+    def failed(exc: BaseException) -> None:
+        """The rank's error for the launcher, written once, before its peers fail in its wake."""
+        error_file = Path(error_dir) / f"rank{os.environ.get('RANK', '?')}.txt" if error_dir else None
+        if error_file is not None and not error_file.exists():
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            error_file.write_text((text if isinstance(exc, KtqError) else f"{type(exc).__name__}: {text}") + "\n")
+
     try:
         prepare_environment(opts.force_cpu, debug)
-        run_as_rank(opts, debug)
+        run_as_rank(opts, debug, failed)
     except BaseException as exc:
         if debug:
             raise
-        error_dir = os.environ.get(ERROR_DIR_VARIABLE)
-        if error_dir:
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            if not isinstance(exc, KtqError):
-                text = f"{type(exc).__name__}: {text}"
-            (Path(error_dir) / f"rank{rank}.txt").write_text(text + "\n")
+        failed(exc)  # a failure before the rank joined the group
         time.sleep(0.1)  # the first failure's file is written before the agent stops the others
         sys.exit(2 if isinstance(exc, KtqError) else 1)
 
