@@ -20,6 +20,7 @@ import torch
 
 from ktq.calibrated.ktgrid import GridCodes, quantize_to_grid
 from ktq.calibrated.routed import RoutedInputs
+from ktq.held_buffers import HeldBuffers
 from ktq.precision import tf32_products
 
 GENERIC_TOKENS = 512
@@ -31,26 +32,14 @@ DOWN_AFTER_ROUNDED_GATE_UP = True  # the down Hessian from the rounded gate and 
 ROWS_PER_BATCH = 1 << 14  # routed tokens gathered and multiplied at a time: a hot expert's are not held at once
 
 
-class LayerCodes:
+class LayerCodes(HeldBuffers):
     """One MoE layer's codes, scales and fallback flags on the host, written chunk by chunk, the same buffers for
-    every layer. Pinned when they come from a GPU: a copy into pageable memory crawls (1.6 GB/s on an H200: 7 s of
-    a DeepSeek-V3 layer), a pinned one runs at the bus's speed; and allocated once, since pinning is slow too."""
-
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        held = self._buffers.get(name)
-        if held is None or held.shape != shape or held.dtype != dtype:
-            self._buffers.pop(name, None)
-            held = self._buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
-        return held
+    every layer (pinned when they come from a GPU: 7 s of a DeepSeek-V3 layer went to pageable copies)."""
 
     def grid(self, name: str, experts: int, rows: int, columns: int, groups: int) -> GridCodes:
-        return GridCodes(self.buffer(f"{name} codes", (experts, rows, columns), torch.int8),
-                         self.buffer(f"{name} scales", (experts, rows, groups), torch.float32), groups,
-                         self.buffer(f"{name} rounded", (experts,), torch.bool))
+        return GridCodes(self.get(f"{name} codes", (experts, rows, columns), torch.int8),
+                         self.get(f"{name} scales", (experts, rows, groups), torch.float32), groups,
+                         self.get(f"{name} rounded", (experts,), torch.bool))
 
 
 def _store(target: GridCodes, first: int, part: GridCodes) -> None:

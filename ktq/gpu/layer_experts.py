@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ktq.gpu.source import decode_fp8
+from ktq.held_buffers import HeldBuffers
 from ktq.kernels.ktformat import PROJECTIONS
 
 
@@ -41,19 +42,13 @@ class HostBuffers:
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
-        self._free: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._free = [HeldBuffers(pin), HeldBuffers(pin)]
 
-    def take(self) -> dict[str, torch.Tensor]:
-        return self._free.pop() if self._free else {}
+    def take(self) -> HeldBuffers:
+        return self._free.pop() if self._free else HeldBuffers(self.pin)
 
-    def give_back(self, held: dict[str, torch.Tensor]) -> None:
+    def give_back(self, held: HeldBuffers) -> None:
         self._free.append(held)
-
-    def array(self, held: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype):
-        tensor = held.get(name)
-        if tensor is None or tensor.shape != shape or tensor.dtype != dtype:
-            tensor = held[name] = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
-        return tensor
 
 
 @dataclass
@@ -65,7 +60,7 @@ class HostExperts:
     experts: int
     intermediate: int
     hidden: int
-    held: dict
+    held: HeldBuffers
     bits: torch.Tensor | None = None
     fp8: torch.Tensor | None = None
     scales: torch.Tensor | None = None
@@ -88,8 +83,8 @@ def read_host_experts(source, layer: int, buffers: HostBuffers) -> HostExperts:
         first = moe_layer.experts[0][PROJECTIONS[0]].fp8
         found.block = first[2]
         blocks = max(expert[proj].fp8[1].numel for expert in moe_layer.experts for proj in PROJECTIONS)
-        found.fp8 = buffers.array(held, "fp8", (g.experts, 3, size), torch.uint8)
-        found.scales = buffers.array(held, "scales", (g.experts, 3, blocks), torch.float32)
+        found.fp8 = held.get("fp8", (g.experts, 3, size), torch.uint8)
+        found.scales = held.get("scales", (g.experts, 3, blocks), torch.float32)
         raw, scales = found.fp8.numpy(), found.scales.numpy()
         for e, expert in enumerate(moe_layer.experts):
             for p, proj in enumerate(PROJECTIONS):
@@ -100,7 +95,7 @@ def read_host_experts(source, layer: int, buffers: HostBuffers) -> HostExperts:
                 scales[e, p, :stored.size] = (stored.view(np.uint16).astype(np.uint32) << 16).view(np.float32) \
                     if scale_inv.dtype == "BF16" else stored.view(np.float32)
         return found
-    found.bits = buffers.array(held, "bits", (g.experts, 3, size), torch.int16)
+    found.bits = held.get("bits", (g.experts, 3, size), torch.int16)
     bits = found.bits.numpy().view(np.uint16)
     scratch = np.empty(max(source.experts.scratch_bytes, 1), np.uint8)
     for e, expert in enumerate(moe_layer.experts):
