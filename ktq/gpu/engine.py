@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from loguru import logger
 
 from ktq.errors import KtqError
+from ktq.gpu.budget import Sizes
 from ktq.gpu.capture import Captured, capture
 from ktq.gpu.layer_experts import Chunk, DeviceExperts, HostBuffers, HostExperts, read_host_experts
 from ktq.gpu.model import ModelMap
@@ -77,19 +77,11 @@ class Artifact(Protocol):
         earlier): the propagation pass computes with them."""
 
 
-@dataclass(frozen=True)
-class Memory:
-    """The plan's sizes: experts on the device at once, samples whose expert inputs it holds at once."""
-
-    expert_chunk: int
-    sample_group: int
-
-
 class Engine:
     def __init__(self, source: SourceCheckpoint, model: ModelMap, artifacts: list[Artifact], hidden_act: str,
-                 dtype: torch.dtype, device, cache_device, memory: Memory, world, progress) -> None:
+                 dtype: torch.dtype, device, cache_device, sizes: Sizes, world, progress) -> None:
         self.source, self.model, self.artifacts = source, model, artifacts
-        self.hidden_act, self.dtype, self.memory = hidden_act, dtype, memory
+        self.hidden_act, self.dtype, self.sizes = hidden_act, dtype, sizes
         self.device, self.cache_device = torch.device(device), cache_device
         self.world, self.progress = world, progress
         self._buffers = HostBuffers(pin=self.device.type == "cuda")
@@ -174,7 +166,7 @@ class Engine:
 
     def _groups(self, samples: int) -> list[range]:
         """The samples in groups of the plan's size, a whole number of SAMPLES_PER_PRODUCT each."""
-        size = max(SAMPLES_PER_PRODUCT, self.memory.sample_group // SAMPLES_PER_PRODUCT * SAMPLES_PER_PRODUCT)
+        size = max(SAMPLES_PER_PRODUCT, self.sizes.sample_group // SAMPLES_PER_PRODUCT * SAMPLES_PER_PRODUCT)
         return [range(first, min(first + size, samples)) for first in range(0, samples, size)]
 
     def _layer(self, index: int, captured: Captured | None) -> None:
@@ -200,7 +192,7 @@ class Engine:
         layer = self.materialise(index) if captured is not None else None
         streamed = experts = None
         if is_moe:
-            experts = DeviceExperts(host, self.memory.expert_chunk, self.device, self.dtype)
+            experts = DeviceExperts(host, self.sizes.expert_chunk, self.device, self.dtype)
             if layer is not None:
                 streamed = StreamedExperts(self.hidden_act)
                 layer.set_submodule(path[len(name) + 1:], streamed)

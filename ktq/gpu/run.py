@@ -187,12 +187,12 @@ def _quantize_and_save(opts: GpuOptions, source, skeleton, plan: Plan, rules, re
 def _quantize(opts: GpuOptions, source, model, skeleton, plan: Plan, report: Report, world: World, progress,
               dataset, artifacts: list, gpu) -> None:
     """The engine over every decoder layer, then the GPU checkpoint's last files (unless it was complete)."""
-    from ktq.gpu.engine import Engine, Memory
+    from ktq.gpu.engine import Engine
 
     text = skeleton.config.get_text_config()
     engine = Engine(source, model, artifacts, getattr(text, "hidden_act", None) or "silu",
                     getattr(torch, opts.torch_dtype), plan.device.torch_device, plan.cache_device,
-                    Memory(plan.sizes.expert_chunk, plan.sizes.sample_group), world, progress)
+                    plan.sizes, world, progress)
     progress.start(len(model.layers), len(dataset) if dataset is not None else 0,
                    "calibrating" if dataset is not None else "rounding")
     with report.stage("quantize"), torch.no_grad():
