@@ -241,10 +241,11 @@ def test_any_chunk_of_experts_and_group_of_samples_writes_the_same_bytes(src, ch
         plan = report(out)["plan"]
         assert (plan["expert_chunk"], plan["sample_group"], plan["cpu_chunk"]) == \
             ((8, 32, 8) if not sizes else (1, 16, 1))
-        # the plan's time for the layers, from rates measured on this machine, within 2x of the run's (its
-        # start-up is a nominal constant, and this in-process run has paid for most of it already)
+        # the plan's time for the layers, from rates measured on this machine, within 4x of the run's: its
+        # start-up is a nominal constant (this in-process run has paid for most of it already), and a shared
+        # 2-core machine's timings swing by 2x; this catches a model off by an order of magnitude
         stages, estimate = report(out)["stages"], plan["seconds_total"] - plan["seconds"]["start-up"]
-        assert 0.5 <= estimate / (stages["quantize"] + stages["save"]) <= 2, (plan["seconds"], stages)
+        assert 0.25 <= estimate / (stages["quantize"] + stages["save"]) <= 4, (plan["seconds"], stages)
         outputs.append((checkpoint_files(out), tree_files(Path(f"{out}-cpu"))))
     assert outputs[0][0] == outputs[1][0]
     assert outputs[0][1] == outputs[1][1]

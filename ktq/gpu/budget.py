@@ -79,8 +79,18 @@ def solve_bytes(t: Terms, cpu_chunk: int) -> int:
     return max(t.gptq, t.cpu_fixed + cpu_chunk * t.cpu_expert if t.cpu_expert else 0)
 
 
+def working_set(t: Terms, cpu_chunk: int) -> int:
+    """The largest of what one step holds at a time: a sample through the layer and a product, or a solve."""
+    return max(t.activations + t.products, solve_bytes(t, cpu_chunk))
+
+
+def cpu_chunk_for(t: Terms, room: int, chunk: int) -> int:
+    """As many CPU experts solved together as `room` holds, within one chunk of `chunk` experts."""
+    return max(1, min(chunk, t.experts, (room - t.cpu_fixed) // t.cpu_expert))
+
+
 def device_peak(t: Terms, s: Sizes) -> int:
-    working = max(t.activations + t.products, solve_bytes(t, s.cpu_chunk))
+    working = working_set(t, s.cpu_chunk)
     return (t.dense + experts_on_device(t, s.expert_chunk) + t.hessians + s.sample_group * t.per_sample + working
             + t.kwargs + (t.cache if s.cache_on_device else 0) + t.overhead)
 
@@ -90,16 +100,20 @@ def pinned(nbytes: int) -> int:
     return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
+def host_experts(t: Terms, device_is_host: bool) -> int:
+    """Two layers of experts as read (this one and the next): pinned buffers when a GPU computes."""
+    return 2 * (t.experts * t.expert_host if device_is_host else pinned(t.experts * t.expert_host))
+
+
 def host_peak(t: Terms, s: Sizes, device_is_host: bool) -> int:
     if not device_is_host:  # pinned buffers (two layers of experts, the codes, each sample's hidden states)
         cache = 0 if s.cache_on_device else t.samples * pinned(t.sample_hidden) + 2 * t.routed  # joined once
-        return (t.process + CUDA_HOST + 2 * pinned(t.experts * t.expert_host) + t.packed
+        return (t.process + CUDA_HOST + host_experts(t, False) + t.packed
                 + (3 * pinned(t.codes // 3) if t.codes else 0) + cache)
     # calibrating on the CPU: the experts as read serve as they are unless they are decoded (FP8) into a copy
     decoded = 0 if t.expert_host == t.expert else experts_on_device(t, s.expert_chunk)
-    return (t.process + 2 * t.experts * t.expert_host + t.packed + t.codes + t.cache + t.dense + decoded
-            + t.hessians + s.sample_group * t.per_sample + t.kwargs
-            + max(t.activations + t.products, solve_bytes(t, s.cpu_chunk)))
+    return (t.process + host_experts(t, True) + t.packed + t.codes + t.cache + t.dense + decoded
+            + t.hessians + s.sample_group * t.per_sample + t.kwargs + working_set(t, s.cpu_chunk))
 
 
 def round_group(samples: int, fit: int) -> int:
@@ -112,7 +126,7 @@ def round_group(samples: int, fit: int) -> int:
 def fit(t: Terms, budget: int, chunk: int | None = None, group: int | None = None) -> Sizes:
     """The largest sizes whose device peak fits `budget` (as much of the layer's experts as fits, then as many
     samples), or the smallest sizes when nothing fits; `chunk` / `group` force a size."""
-    base = t.dense + t.hessians + max(t.activations + t.products, solve_bytes(t, 1)) + t.kwargs + t.overhead
+    base = t.dense + t.hessians + working_set(t, 1) + t.kwargs + t.overhead
     free = budget - base
     smallest_group = min(SAMPLES_PER_PRODUCT, max(t.samples, 1)) * t.per_sample
     if chunk is None:
@@ -131,7 +145,7 @@ def fit(t: Terms, budget: int, chunk: int | None = None, group: int | None = Non
     cpu_chunk = 1
     if t.cpu_expert:  # as many CPU experts as the working set's slot and what is left hold, within one chunk
         slot = max(t.activations + t.products, t.gptq) + max(room, 0)
-        cpu_chunk = max(1, min(chunk, t.experts, (slot - t.cpu_fixed) // t.cpu_expert))
+        cpu_chunk = cpu_chunk_for(t, slot, chunk)
     return Sizes(chunk, group, cache, cpu_chunk)
 
 

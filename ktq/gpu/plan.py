@@ -148,7 +148,8 @@ class Plan:
             "largest_layer": largest.name, "layer_bytes": largest.weight_bytes, "dense_bytes": t.dense,
             "experts": moe.experts if moe else 0, "expert_chunk": self.sizes.expert_chunk,
             "experts_device_bytes": budget.experts_on_device(t, self.sizes.expert_chunk),
-            "host_experts_bytes": 2 * t.experts * t.expert_host, "sample_group": self.sizes.sample_group,
+            "host_experts_bytes": budget.host_experts(t, not self.device.is_gpu),
+            "sample_group": self.sizes.sample_group,
             "group_bytes": self.sizes.sample_group * t.per_sample, "hessian_bytes": t.hessians,
             "hessians": moe.experts + 1 if moe and t.hessians else 0,
             "activation_bytes": t.activations, "product_bytes": t.products, "solve_bytes": t.gptq,
@@ -225,8 +226,10 @@ def make_plan(opts: GpuOptions, config: dict, model, layout: MoeLayout, rules: l
         (text.get("quantization_config") or config.get("quantization_config") or {}).get("quant_method") == "fp8"
     dense = max(spec.dense_bytes for spec in specs)
 
+    process = _process_bytes()
+
     def terms(samples: int, seq: int) -> Terms:
-        return layer_terms(opts, text, largest_moe, dense, fp8, samples, seq, _process_bytes())
+        return layer_terms(opts, text, largest_moe, dense, fp8, samples, seq, process)
 
     gpu_budget = (opts.max_gpu_memory or int(device.free_bytes * DEFAULT_GPU_SHARE)) if device.is_gpu else 0
     plan = Plan(device=device, planned_gpu=planned, method=opts.quant_method, dtype=opts.torch_dtype,
@@ -279,7 +282,7 @@ def _sizes(plan: Plan, opts: GpuOptions) -> Sizes:
     if not t.cpu_expert:
         return sizes
     room = plan.cpu_budget - budget.host_peak(t, sizes, True) + budget.solve_bytes(t, 1)
-    return Sizes(chunk, sizes.sample_group, False, max(1, min(chunk, (room - t.cpu_fixed) // t.cpu_expert)))
+    return Sizes(chunk, sizes.sample_group, False, budget.cpu_chunk_for(t, room, chunk))
 
 
 def _parts(named: dict[str, int]) -> str:
@@ -293,7 +296,7 @@ def _gpu_problem(plan: Plan, terms) -> str:
     need = budget.device_peak(t, least)
     parts = _parts({"layer outside its experts": t.dense, "one expert at a time": budget.experts_on_device(t, 1),
                     "Hessians": t.hessians, f"a group of {least.sample_group} samples": least.sample_group
-                    * t.per_sample, "working set": max(t.activations + t.products, budget.solve_bytes(t, 1)),
+                    * t.per_sample, "working set": budget.working_set(t, 1),
                     "CUDA workspaces": t.overhead})
     would = [f"a GPU with {gb(need / DEFAULT_GPU_SHARE)} or more (--max_gpu_memory {gb(need)})"]
     shorter = next((seq for seq in (1024, 512, 256, 128) if seq < plan.seq_len
@@ -307,7 +310,8 @@ def _gpu_problem(plan: Plan, terms) -> str:
 def _host_problem(plan: Plan, terms) -> str:
     """The host cannot hold its share: by how much, and what would."""
     t, s = plan.terms, plan.sizes
-    parts = _parts({"this process": t.process, "two layers of experts as read": 2 * t.experts * t.expert_host,
+    parts = _parts({"this process": t.process, "two layers of experts as read":
+                    budget.host_experts(t, not plan.device.is_gpu),
                     f"hidden states of {plan.samples} samples of {plan.seq_len} tokens":
                     0 if s.cache_on_device else t.cache, "packed layer": t.packed, "CPU codes": t.codes})
     would = [f"{gb(plan.cpu_peak)} of RAM (--max_cpu_memory)"]
@@ -357,7 +361,7 @@ def plan_table(plan: Plan, opts: GpuOptions):
         held = f"all {moe.experts} of the layer" if s.expert_chunk >= moe.experts else \
             f"{moe.experts} in chunks of {s.expert_chunk}: two chunks and the next as read"
         table.add_row("experts on the device", gb(budget.experts_on_device(t, s.expert_chunk)), place, held)
-        table.add_row("experts on the host", gb(2 * t.experts * t.expert_host), "CPU",
+        table.add_row("experts on the host", gb(budget.host_experts(t, not plan.device.is_gpu)), "CPU",
                       "this layer and the next, read ahead, " + ("FP8 as stored" if t.expert_host < t.expert
                                                                   else "bf16"))
     if t.hessians:

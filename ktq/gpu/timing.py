@@ -16,7 +16,11 @@ Per MoE layer, with T calibration tokens, E experts, top-k K, hidden H, expert i
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+
+from ktq.gpu.streamed_experts import SAMPLES_PER_PRODUCT
+from ktq.precision import tf32_products
 
 REACHED = 0.8  # of the datasheet peaks: an H200 reached 790 of its 989 TFLOP/s bf16 in ktq's benchmark
 GPTQ_SHARE = 0.25  # of the FP32 rate, GPTQ's column loop (7 s for a DeepSeek-V3 layer on an H200)
@@ -58,15 +62,13 @@ def measured_rates(torch_device: str) -> dict[str, float]:
     gpu = torch_device != "cpu"
     size = 4096 if gpu else 512
     rates: dict[str, float] = {"read": READ, "kind": "cuda" if gpu else "cpu"}
-    for label, dtype, precision in (("bf16", torch.bfloat16, "ieee"), ("tf32", torch.float32, "tf32"),
-                                    ("fp32", torch.float32, "ieee")):
+    for label, dtype, precision in (("bf16", torch.bfloat16, nullcontext), ("tf32", torch.float32, tf32_products),
+                                    ("fp32", torch.float32, nullcontext)):
         if not gpu and label == "tf32":
             continue
-        saved = torch.backends.cuda.matmul.fp32_precision
-        torch.backends.cuda.matmul.fp32_precision = precision
         a = torch.randn(size, size, device=torch_device, dtype=dtype)
-        rates[label] = 2 * size**3 / _seconds(lambda: torch.mm(a, a), gpu)
-        torch.backends.cuda.matmul.fp32_precision = saved
+        with precision():
+            rates[label] = 2 * size**3 / _seconds(lambda: torch.mm(a, a), gpu)
     if gpu:
         host = torch.empty(64 * 2**20, dtype=torch.uint8, pin_memory=True)
         rates["link"] = host.numel() / _seconds(lambda: host.to(torch_device, non_blocking=True), gpu)
@@ -95,7 +97,7 @@ def seconds(plan, rates: dict[str, float], sizes) -> dict[str, float]:
     on_host = kind == "cpu"
     tokens, samples = plan.samples * plan.seq_len, plan.samples
     groups = -(-samples // sizes.sample_group) if samples else 0
-    batches = -(-samples // 16) if samples else 0
+    batches = -(-samples // SAMPLES_PER_PRODUCT) if samples else 0
     stages = {"start-up": STARTUP + tokens * TOKENIZE, "read": 0.0, "calibrate": 0.0, "hessians": 0.0,
               "solve": 0.0, "cpu experts": 0.0, "propagate": 0.0, "transfers": 0.0}
     hessian_rate = rates["tf32"] if not on_host else rates["fp32"]
