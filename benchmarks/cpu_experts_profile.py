@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ktq.calibrated import ktgrid  # noqa: E402
 from ktq.calibrated.routed import RoutedInputs  # noqa: E402
 from ktq.calibrated.solve import LayerCodes, StageClock, calibrate_layer, stacked_bytes  # noqa: E402
+from ktq.gpu.layer_experts import Chunk  # noqa: E402
+from ktq.held_buffers import HeldBuffers  # noqa: E402
 
 
 def synthetic(experts: int, hidden: int, inter: int, tokens: int, top_k: int, device):
@@ -43,11 +46,24 @@ def synthetic(experts: int, hidden: int, inter: int, tokens: int, top_k: int, de
 
 
 def routed_inputs(parts, device) -> RoutedInputs:
-    """A fresh RoutedInputs (calibrate_layer consumes its own) over the same tensors."""
-    inputs = RoutedInputs(device)
-    for part in parts:
-        inputs.add(*part)
+    """A RoutedInputs over the same tensors, as the engine gives it when one group holds every sample."""
+    x, ids, weights = (torch.cat(tensors) for tensors in zip(*parts))
+    inputs = RoutedInputs(HeldBuffers(pin=device.type == "cuda"))
+    inputs.add_group(SimpleNamespace(x=x, index=ids, weights=weights), slice(0, len(x)), len(x))
     return inputs
+
+
+class Resident:
+    """A layer's experts already on the device, handed out in chunks as ktq.gpu.layer_experts.DeviceExperts does."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.gate_up, self.down = torch.cat([gate, up], dim=1), down
+        self.experts, self.device = len(down), down.device
+
+    def chunks(self, size: int):
+        for first in range(0, self.experts, size):
+            block = range(first, min(first + size, self.experts))
+            yield Chunk(block, self.gate_up[block.start:block.stop], self.down[block.start:block.stop])
 
 
 def sync() -> None:
@@ -92,7 +108,7 @@ def main() -> None:
         clock = StageClock(device)
         torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
         start = time.perf_counter()
-        calibrate_layer(*weights, routed_inputs(parts, device), act, args.bits, 1, chunk, host, clock)
+        calibrate_layer(Resident(*weights), routed_inputs(parts, device), act, args.bits, 1, chunk, host, clock)
         say(f"calibrate_layer, {args.experts} experts, {chunk} at a time: {time.perf_counter() - start:.2f} s; "
             + ", ".join(f"{k} {v:.2f} s" for k, v in clock.seconds.items()))
         if device.type == "cuda":
@@ -104,7 +120,7 @@ def main() -> None:
         one = [w[:chunk] for w in weights]
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            calibrate_layer(*one, routed_inputs(parts, device), act, args.bits, 1, chunk, host)
+            calibrate_layer(Resident(*one), routed_inputs(parts, device), act, args.bits, 1, chunk, host)
         say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
 
     # the inverse factor of 8 gate/up Hessians: ktgrid's against GPTQ's own three factorisations, the same matrices

@@ -23,6 +23,7 @@ from ktq.calibrated.solve import (
 from ktq.cpu.layout import Layout
 from ktq.cpu.output import check_disk, needed_bytes
 from ktq.errors import KtqError
+from ktq.held_buffers import HeldBuffers
 from ktq.kernels.ktformat import METHODS, alignment_problem
 
 
@@ -38,19 +39,21 @@ class CalibratedExperts:
 
     stages = ("cpu experts", "cpu write")
 
-    def __init__(self, output: CalibratedCpuOutput, chunk: int, cache_device, device) -> None:
-        """chunk: experts solved at a time (the plan's); cache_device: where the routed inputs wait."""
-        self.output, self.chunk, self.cache_device = output, chunk, cache_device
+    def __init__(self, output: CalibratedCpuOutput, chunk: int, device) -> None:
+        """chunk: experts solved at a time (the plan's)."""
+        self.output, self.chunk = output, chunk
         self.bits, self.numa = output.layout.method.bits, output.layout.numa
         self.device = torch.device(device)
         # the codes of one layer on the host, the same (pinned) buffers for every layer
         self.codes = LayerCodes(pin=self.device.type == "cuda")
+        # the routed inputs when the calibration pass holds them in several groups, and the solve's staging buffers
+        self.inputs = HeldBuffers(pin=self.device.type == "cuda")
         self._act_fn = None
         self._solved: tuple | None = None  # (layer, gate, up, down codes, routed) of the layer solved last
 
     @classmethod
     def open(cls, options, source, calibration: dict, num_hidden_layers: int, source_path: Path,
-             no_disk_check: bool, chunk: int, cache_device, device) -> "CalibratedExperts":
+             no_disk_check: bool, chunk: int, device) -> "CalibratedExperts":
         """The output (a ktq cpu folder; options: ktq.gpu.options.CpuExpertsOptions) planned, its disk need
         checked; its identity records the calibration (what the run's `calibration` says of the data, and the
         solver's settings), so a run with other data or settings does not continue it. Lock it with
@@ -66,7 +69,7 @@ class CalibratedExperts:
         todo = [layer for layer in layout.layers if layer not in output.manifest.layers]
         check_disk(out, needed_bytes(layout, todo, source_path if merge else None), 0, no_disk_check,
                    logger.warning)
-        return cls(output, chunk, cache_device, device)
+        return cls(output, chunk, device)
 
     # ---- the engine's calls -----------------------------------------------------------------------------------
 
@@ -81,7 +84,7 @@ class CalibratedExperts:
 
     def collector(self, index: int, act_fn) -> RoutedInputs:
         self._act_fn = act_fn
-        return RoutedInputs(self.cache_device)
+        return RoutedInputs(self.inputs)
 
     def solve(self, index: int, experts, inputs: RoutedInputs, routed: list[int]) -> None:
         stages = StageClock(self.device)

@@ -8,8 +8,9 @@ projections already rounded, so the down rounding also makes up for theirs. A fe
 (GENERIC_TOKENS, every expert's the same) are blended in at GENERIC_WEIGHT: they keep an expert that the router
 rarely picks from being fitted to a handful of tokens, and give one that it never picks a Hessian at all.
 
-The calibration pass collects each sample's MoE inputs and routing (routed.RoutedInputs, on the device the plan puts
-the hidden states on); experts are then solved in chunks the plan sizes to the memory the device has spare.
+The calibration pass collects each token's MoE input and routing (routed.RoutedInputs: the recorded group itself when
+it holds every sample, else host buffers); experts are then solved in chunks the plan sizes to the memory the device
+has spare, each one's routed tokens brought to the device in batches (routed.RoutedRows).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import torch
 
 from ktq.calibrated.ktgrid import GridCodes, quantize_to_grid
-from ktq.calibrated.routed import RoutedInputs
+from ktq.calibrated.routed import RoutedInputs, RoutedRows
 from ktq.held_buffers import HeldBuffers
 from ktq.precision import tf32_products
 
@@ -121,12 +122,8 @@ def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa
     experts = layer_experts.experts
     x, ids, weights = inputs.gathered()
     device = layer_experts.device
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)[:experts]
-    starts = (torch.cumsum(counts, 0) - counts).tolist()
-    sizes = counts.tolist()
-    k = ids.shape[1]
+    rows_of = RoutedRows(x, ids, weights, experts, device, ROWS_PER_BATCH, inputs.held)
+    del ids, weights
     generic = x[:GENERIC_TOKENS].to(device)
     out = None
 
@@ -136,9 +133,8 @@ def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa
 
     def routed(e: int):
         """Expert e's routed tokens and routing weights, in batches of ROWS_PER_BATCH, on the solve device."""
-        for first in range(starts[e], starts[e] + sizes[e], ROWS_PER_BATCH):
-            picked = order[first:min(first + ROWS_PER_BATCH, starts[e] + sizes[e])]
-            yield x[picked // k].to(device), weights.reshape(-1)[picked].to(device) if ROUTING_WEIGHTED else None
+        for rows, w in rows_of.expert(e):
+            yield rows, w if ROUTING_WEIGHTED else None
 
     def blended(routed_hessian: _Hessian, generic_part: torch.Tensor) -> torch.Tensor:
         if routed_hessian.weight == 0:  # no token routed here: the generic tokens alone
@@ -197,4 +193,4 @@ def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa
         lap("down solve")
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the last copies to the host have landed
-    return out[0], out[1], out[2], sizes
+    return out[0], out[1], out[2], rows_of.counts

@@ -51,9 +51,10 @@ class Terms:
     gptq: int  # GPTQ's working set of one solve
     cpu_expert: int  # the calibrated CPU experts' solve, per expert of a chunk (0: none written)
     cpu_fixed: int  # ... and per chunk
-    cache: int  # the hidden states of every sample and, for calibrated CPU experts, their inputs to the experts
+    cache: int  # the hidden states of every sample
     sample_hidden: int  # one sample's hidden states (a pinned buffer of its own on the host)
-    routed: int  # the calibrated CPU experts' share of cache: every token's input to the experts
+    routed: int  # for calibrated CPU experts, every token's input to the experts, its expert ids and weights ...
+    staging: int  # ... and a batch of routed rows on its way to the device, when the host holds them
     kwargs: int  # each sample's rotary embeddings, on the device
     packed: int  # one layer as the GPU checkpoint writes it
     codes: int  # one layer's CPU codes and scales
@@ -107,13 +108,23 @@ def host_experts(t: Terms, device_is_host: bool) -> int:
 
 def host_peak(t: Terms, s: Sizes, device_is_host: bool) -> int:
     if not device_is_host:  # pinned buffers (two layers of experts, the codes, each sample's hidden states)
-        cache = 0 if s.cache_on_device else t.samples * pinned(t.sample_hidden) + 2 * t.routed  # joined once
+        cache = 0 if s.cache_on_device else t.samples * pinned(t.sample_hidden)
         return (t.process + CUDA_HOST + host_experts(t, False) + t.packed
-                + (3 * pinned(t.codes // 3) if t.codes else 0) + cache)
+                + (3 * pinned(t.codes // 3) if t.codes else 0) + cache + routed_on_host(t, s, pin=True))
     # calibrating on the CPU: the experts as read serve as they are unless they are decoded (FP8) into a copy
     decoded = 0 if t.expert_host == t.expert else experts_on_device(t, s.expert_chunk)
-    return (t.process + host_experts(t, True) + t.packed + t.codes + t.cache + t.dense + decoded
+    return (t.process + host_experts(t, True) + t.packed + t.codes + t.cache + routed_on_host(t, s, pin=False)
+            + t.dense + decoded
             + t.hessians + s.sample_group * t.per_sample + t.kwargs + working_set(t, s.cpu_chunk))
+
+
+def routed_on_host(t: Terms, s: Sizes, pin: bool) -> int:
+    """The calibrated CPU experts' copy of every token's input to the experts, held on the host (with two staging
+    buffers when a GPU solves) when the samples pass in several groups; one group holding every sample serves as it
+    is (ktq.calibrated.routed)."""
+    if not t.routed or s.sample_group >= t.samples:
+        return 0
+    return pinned(t.routed) + 2 * pinned(t.staging) if pin else t.routed
 
 
 def round_group(samples: int, fit: int) -> int:
@@ -194,13 +205,13 @@ def layer_terms(opts: GpuOptions, text: dict, spec: LayerSpec | None, dense: int
                 seq: int, process: int) -> Terms:
     """The memory terms of the largest MoE layer for `samples` of `seq` tokens (dense: the largest layer outside
     its experts; fp8: the experts are stored as block-scaled FP8, which the host keeps as it is)."""
-    from ktq.calibrated.solve import chunk_solve_bytes, expert_solve_bytes
+    from ktq.calibrated.solve import ROWS_PER_BATCH, chunk_solve_bytes, expert_solve_bytes
     from ktq.gpu.gptq import working_set_bytes  # llm-compressor's solver: imported when a plan is made
 
     width = DTYPE_BYTES[opts.torch_dtype]
     gptq, gpu, cpu = opts.calibrated, opts.output_dir is not None, opts.cpu_experts
     if spec is None:
-        return Terms(dense, 0, 0, 0, 0, 0, 0, 0, samples, 0, 0, 0, 0, 0, 0, 0, 0, 0, process)
+        return Terms(dense, 0, 0, 0, 0, 0, 0, 0, samples, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, process)
     h, i, e, k = spec.hidden, spec.intermediate, spec.experts, int(text.get("num_experts_per_tok") or 1)
     blocks = 3 * -(-h // 128) * -(-i // 128)  # FP8 scales of one expert (128 x 128 blocks)
     return Terms(
@@ -212,10 +223,10 @@ def layer_terms(opts: GpuOptions, text: dict, spec: LayerSpec | None, dense: int
         per_sample=seq * (2 * h * width + 12 * k) if gptq else 0, samples=samples,
         gptq=working_set_bytes(e, h, i, width) if gpu else 0,
         cpu_expert=expert_solve_bytes(h, i) if cpu else 0, cpu_fixed=chunk_solve_bytes(h, i) if cpu else 0,
-        # calibrating CPU experts keeps each token's input to the experts as well (ktq.calibrated.routed)
-        cache=cache_bytes(text, samples, seq, width) * (2 if cpu else 1) if gptq else 0,
+        cache=cache_bytes(text, samples, seq, width) if gptq else 0,
         sample_hidden=cache_bytes(text, 1, seq, width) if gptq else 0,
-        routed=cache_bytes(text, samples, seq, width) if gptq and cpu else 0,
+        routed=cache_bytes(text, samples, seq, width) + samples * seq * 12 * k if gptq and cpu else 0,
+        staging=ROWS_PER_BATCH * h * width if gptq and cpu else 0,
         kwargs=kwargs_bytes(text, samples, seq) if gptq else 0,
         packed=packed_bytes(spec, opts.quant_type, opts.group_size, width) if gpu else 0,
         codes=e * (3 * h * i + 4 * (2 * i + h * cpu.numa)) if cpu else 0, process=process)

@@ -244,10 +244,10 @@ class Engine:
     # ---- the two passes ---------------------------------------------------------------------------------------
 
     def _record(self, index: int, layer, streamed: StreamedExperts, captured: Captured, samples: range,
-                collectors: list[Collector], calibrating: bool) -> SampleGroup:
+                calibrating: bool) -> SampleGroup:
         """The layer run on `samples`, their inputs to the experts and the router's choices kept on the device."""
         lengths = [captured.hidden[s].shape[-2] for s in samples]
-        group = SampleGroup(lengths, captured.hidden[samples[0]].shape[-1], self.dtype, self.device, collectors)
+        group = SampleGroup(lengths, captured.hidden[samples[0]].shape[-1], self.dtype, self.device)
         streamed.recording = group
         for s in samples:
             layer(captured.hidden[s].to(self.device, non_blocking=True), **captured.kwargs[s][index])
@@ -266,10 +266,15 @@ class Engine:
         the recorded group when there is only one (the propagation pass reuses it)."""
         wanting = [c for c in collectors if c.wants_intermediates]
         groups = self._groups(len(captured.hidden))
+        first_row = [0]
+        for hidden in captured.hidden:
+            first_row.append(first_row[-1] + hidden.shape[-2])
         routed = torch.zeros(experts.experts, dtype=torch.int64, device=self.device)
         group = None
         for samples in groups:
-            group = self._record(index, layer, streamed, captured, samples, collectors, calibrating=True)
+            group = self._record(index, layer, streamed, captured, samples, calibrating=True)
+            for collector in collectors:
+                collector.add_group(group, slice(first_row[samples.start], first_row[samples.stop]), first_row[-1])
             routed += group.routed(experts.experts)
             if wanting:
                 for chunk in experts.chunks():
@@ -289,7 +294,7 @@ class Engine:
                        captured: Captured, kept: SampleGroup | None) -> None:
         """Each group's experts' output from the written weights, then each sample through the layer with it."""
         for samples in self._groups(len(captured.hidden)):
-            group = kept or self._record(index, layer, streamed, captured, samples, [], calibrating=False)
+            group = kept or self._record(index, layer, streamed, captured, samples, calibrating=False)
             output = RoutedOutput(group, experts.experts, streamed.act_fn)
             for chunk in experts.chunks():
                 output.add(chunk.block, chunk.gate_up, chunk.down)

@@ -85,9 +85,10 @@ class LayerHessians:
         self.down = torch.zeros((experts, intermediate, intermediate), dtype=torch.float32, device=device)
         self.samples = torch.zeros((), dtype=torch.float32, device=device)
 
-    def add(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        _accumulate(x, self.gate_up)
-        self.samples += 1
+    def add_group(self, group, rows: slice, total: int) -> None:
+        for sample in range(group.samples):  # sample by sample, as llm-compressor does
+            _accumulate(group.x[group.rows(sample)], self.gate_up)
+            self.samples += 1
 
     def add_intermediate(self, expert: int, h: torch.Tensor) -> None:
         _accumulate(h, self.down[expert])

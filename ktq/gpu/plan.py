@@ -313,7 +313,9 @@ def _host_problem(plan: Plan, terms) -> str:
     parts = _parts({"this process": t.process, "two layers of experts as read":
                     budget.host_experts(t, not plan.device.is_gpu),
                     f"hidden states of {plan.samples} samples of {plan.seq_len} tokens":
-                    0 if s.cache_on_device else t.cache, "packed layer": t.packed, "CPU codes": t.codes})
+                    0 if s.cache_on_device else t.cache, "routed inputs":
+                    budget.routed_on_host(t, s, pin=plan.device.is_gpu), "packed layer": t.packed,
+                    "CPU codes": t.codes})
     would = [f"{gb(plan.cpu_peak)} of RAM (--max_cpu_memory)"]
     fewer = next((n for n in range(plan.samples - 1, 0, -max(1, plan.samples // 64))
                   if budget.host_peak(terms(n, plan.seq_len), s, not plan.device.is_gpu) <= plan.cpu_budget), None)
@@ -376,8 +378,11 @@ def plan_table(plan: Plan, opts: GpuOptions):
                       f"one sample of {opts.max_sequence_length} tokens through one layer")
         table.add_row("expert products", gb(t.products), place, f"{SAMPLES_PER_PRODUCT} samples through one expert")
         table.add_row("hidden states", gb(t.cache), "GPU" if plan.cache_on_gpu else "CPU",
-                      f"{opts.num_calibration_samples} samples x {opts.max_sequence_length} tokens"
-                      + (", and their inputs to the experts" if plan.cpu_experts else ""))
+                      f"{opts.num_calibration_samples} samples x {opts.max_sequence_length} tokens")
+        routed = budget.routed_on_host(t, s, pin=plan.device.is_gpu)
+        if routed:
+            table.add_row("routed inputs", gb(routed), "CPU", "every token's input to the experts and routing, for "
+                          "the CPU experts (the sample group holds them when it holds every sample)")
     if plan.gpu_artifact:
         table.add_row("GPTQ working set", gb(t.gptq), place, "one solve of stacked experts")
         table.add_row("packed layer", gb(t.packed), "CPU", "on its way to the disk")

@@ -234,8 +234,7 @@ def _open_cpu_experts(opts: GpuOptions, source, dataset, fingerprint: dict, num_
                    "tokens_fingerprint": fingerprint["calibration_tokens"], "device": fingerprint["device"],
                    "torch_dtype": opts.torch_dtype}
     return CalibratedExperts.open(cpu, source, calibration, num_hidden_layers, Path(opts.model_id).expanduser(),
-                                  opts.no_memory_check, plan.sizes.cpu_chunk, plan.cache_device,
-                                  plan.device.torch_device)
+                                  opts.no_memory_check, plan.sizes.cpu_chunk, plan.device.torch_device)
 
 
 def _run_fingerprint(opts: GpuOptions, source, dataset, plan: Plan, world: World) -> dict:

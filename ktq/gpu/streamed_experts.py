@@ -29,8 +29,9 @@ class Collector(Protocol):
 
     wants_intermediates: bool  # intermediates of every expert on every token (the all-experts forward)
 
-    def add(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        """One sample's input to the layer's experts [T, H] and the router's choice [T, K] with its weights."""
+    def add_group(self, group: "SampleGroup", rows: slice, total: int) -> None:
+        """A recorded group of samples: their inputs to the layer's experts, the router's choice and weights, rows
+        `rows` of the layer's `total` calibration tokens."""
 
     def add_intermediate(self, expert: int, h: torch.Tensor) -> None:
         """Expert `expert`'s down-projection input [rows, I] on a batch of every token (wants_intermediates)."""
@@ -38,17 +39,15 @@ class Collector(Protocol):
 
 class SampleGroup:
     """The experts' inputs of a group of calibration samples on the device, sample after sample: x [N, H], the
-    router's choice [N, K] and weights [N, K]; collectors see each sample as it is recorded."""
+    router's choice [N, K] and weights [N, K]."""
 
-    def __init__(self, lengths: list[int], hidden: int, dtype: torch.dtype, device,
-                 collectors: list[Collector]) -> None:
+    def __init__(self, lengths: list[int], hidden: int, dtype: torch.dtype, device) -> None:
         self.offsets = [0]
         for length in lengths:
             self.offsets.append(self.offsets[-1] + length)
         self.x = torch.empty((self.offsets[-1], hidden), dtype=dtype, device=device)
         self.index: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
-        self.collectors = collectors
         self.recorded = 0
 
     @property
@@ -71,8 +70,6 @@ class SampleGroup:
         self.x[rows] = x
         self.index[rows] = top_k_index
         self.weights[rows] = top_k_weights
-        for collector in self.collectors:
-            collector.add(x, top_k_index, top_k_weights)
         self.recorded += 1
 
     def batches(self) -> list[tuple[slice, range]]:

@@ -9,7 +9,8 @@ Per MoE layer, with T calibration tokens, E experts, top-k K, hidden H, expert i
     solve      GPTQ, 2 E (2 I H^2 + H I^2) at the share of the FP32 rate its column loop reaches
     propagate  the routed experts (6 T K H I)
     transfers  the layer's experts to the device once per group and pass when they do not all fit; the hidden
-               states to and from the device each pass when the host holds them
+               states to and from the device each pass when the host holds them; the CPU experts' routed rows
+               twice when the host holds them (several groups)
     read       the next layer read ahead from the disk meanwhile (only what outlasts the computation counts)
 """
 
@@ -123,6 +124,8 @@ def seconds(plan, rates: dict[str, float], sizes) -> dict[str, float]:
             routed = tokens * k
             stages["cpu experts"] += (routed * 2 * (h * h + i * i + 2 * h * i) / hessian_rate
                                       + 2 * e * (2 * i * h * h + h * i * i) / (GPTQ_SHARE * rates["fp32"]))
+            if not on_host and groups > 1:  # the routed rows come from the host, twice (gate/up, then down)
+                stages["transfers"] += 2 * routed * h * plan.dtype_bytes / rates["link"]
         if not last:
             passes = (2 if groups > 1 else 1) * samples
             stages["propagate"] += passes * forward + 6 * tokens * k * h * i / rates["bf16"] \
