@@ -1,6 +1,6 @@
 """The streaming engine on one GPU, in the same call: main before the chunked engine (`--base-site`, an installed
 copy of that ktq) against this one, uncapped and with the process capped as a 24 GiB or 48 GiB card, and with
-`--cpu-output`.
+`--cpu-output` (`cpu`, and `cpu24` capped as a 24 GiB card).
 
     python benchmarks/engine_bench.py --work /tmp/eb --out results/ --runs base new cap24 cap48 cpu \\
         [--base-site /tmp/base-site] [sample options of gpu_bench.py]
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -29,7 +30,9 @@ from pathlib import Path
 
 from gpu_bench import PEAK_RSS, agreement, gb, log, peak_rss, prepare, run, sample_parser
 
-CAPS = {"cap24": 24 * 2**30, "cap48": 48 * 2**30}
+CAPS = {"cap24": 24 * 2**30, "cap48": 48 * 2**30, "cpu24": 24 * 2**30}
+CPU_OUTPUT = ("cpu", "cpu24")  # runs with --cpu-output
+CPU_STAGES = re.compile(r"layer (\d+) CPU experts, \d+ at a time: (.*)$")
 
 
 def capped(cap: int) -> str:
@@ -53,10 +56,21 @@ def losses(a: dict, b: dict) -> dict | None:
             "sum_ratio": sum(a.values()) / sum(b.values())}
 
 
+def cpu_expert_stages(log_file: Path) -> dict[str, dict[str, float]]:
+    """The CPU-expert solve's sub-stages of each layer, from the lines ktq logs (ktq.calibrated.artifact)."""
+    found = {}
+    for line in log_file.read_text().splitlines() if log_file.exists() else []:
+        match = CPU_STAGES.search(line)
+        if match:
+            found[f"model.layers.{match[1]}"] = {part.rsplit(" ", 2)[0]: float(part.rsplit(" ", 2)[1])
+                                                 for part in match[2].split(", ")}
+    return found
+
+
 def main() -> None:
     parser = sample_parser(samples=512, timeout=590)
     parser.add_argument("--runs", nargs="+", default=["base", "new"],
-                        choices=("base", "new", "cap24", "cap48", "cpu", "fp32", "chunked"))
+                        choices=("base", "new", "cap24", "cap48", "cpu", "cpu24", "fp32", "chunked"))
     parser.add_argument("--base-site", type=Path, help="site folder of main's ktq before the chunked engine")
     parser.add_argument("--keep", action="store_true", help="keep every output (default: only base and new)")
     args = parser.parse_args()
@@ -73,8 +87,8 @@ def main() -> None:
         env = None
         wrapper = capped(CAPS[name]) if name in CAPS else FP32_HESSIANS if name == "fp32" else PEAK_RSS
         extra = ["--max_gpu_memory", f"{CAPS[name] // 2**30}GiB"] if name in CAPS else []
-        if name == "cpu":
-            extra = ["--cpu-output", str(args.work / f"{name}-cpu")]
+        if name in CPU_OUTPUT:
+            extra += ["--cpu-output", str(args.work / f"{name}-cpu")]
         if name == "chunked":  # a few experts and the smallest group at a time, whatever the GPU holds
             extra = ["--expert_chunk", "5", "--sample_group", "16"]
         if name == "base":
@@ -90,7 +104,7 @@ def main() -> None:
                "plan_seconds": report["plan"].get("seconds_total"),
                "plan_sizes": {k: report["plan"].get(k) for k in ("expert_chunk", "sample_group", "cache_device",
                                                                   "cpu_chunk")},
-               "digests": shard_digests(out)}
+               "digests": shard_digests(out), "cpu_expert_stages": cpu_expert_stages(out / "ktq_gpu.log")}
         base = args.work / "base"
         if name != "base" and base.exists():
             base_report = json.loads((base / "ktq_gpu_report.json").read_text())
@@ -128,6 +142,9 @@ def table(results: dict, args) -> None:
     for name, r in results["runs"].items():
         for layer, stages in r["moe_layers"].items():
             lines.append(f"- {name} {layer}: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+            parts = r.get("cpu_expert_stages", {}).get(layer)
+            if parts:
+                lines.append("  - of which cpu experts: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     log(args.out, "\n".join(lines))
 
