@@ -461,7 +461,7 @@ def encode_e4m3(values: np.ndarray) -> np.ndarray:
     return (code | np.where(np.signbit(values), 0x80, 0)).astype(np.uint8)
 
 
-def _fp8_blocks(values: np.ndarray) -> list[np.ndarray]:
+def fp8_blocks(values: np.ndarray) -> list[np.ndarray]:
     """Per 128 x 128 block: scale_inv = amax / 448, weights = e4m3(w / scale_inv); edge blocks partly filled."""
     (n, k), (bn, bk) = values.shape, FP8_BLOCK
     rows, cols = -(-n // bn), -(-k // bk)
@@ -492,7 +492,7 @@ def _arrays(values: np.ndarray, storage: str) -> list[np.ndarray]:
     if storage == "F32":
         return [values]
     if storage == "FP8":
-        return _fp8_blocks(values)
+        return fp8_blocks(values)
     if storage == "INT4":
         return _int4_groups(values)
     return [encode(values, storage)]
