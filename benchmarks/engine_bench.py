@@ -1,6 +1,7 @@
 """The streaming engine on one GPU, in the same call: main before the chunked engine (`--base-site`, an installed
 copy of that ktq) against this one, uncapped and with the process capped as a 24 GiB or 48 GiB card, and with
-`--cpu-output` (`cpu`, and `cpu24` capped as a 24 GiB card).
+`--cpu-output` (`cpu`; `cpu24` capped as a 24 GiB card; `cpuchunked` forced to 5 experts and 16 samples at a time,
+whose CPU experts must equal `cpu`'s byte for byte).
 
     python benchmarks/engine_bench.py --work /tmp/eb --out results/ --runs base new cap24 cap48 cpu \\
         [--base-site /tmp/base-site] [sample options of gpu_bench.py]
@@ -31,7 +32,7 @@ from pathlib import Path
 from gpu_bench import PEAK_RSS, agreement, gb, log, peak_rss, prepare, run, sample_parser
 
 CAPS = {"cap24": 24 * 2**30, "cap48": 48 * 2**30, "cpu24": 24 * 2**30}
-CPU_OUTPUT = ("cpu", "cpu24")  # runs with --cpu-output
+CPU_OUTPUT = ("cpu", "cpu24", "cpuchunked")  # runs with --cpu-output
 CPU_STAGES = re.compile(r"layer (\d+) CPU experts, \d+ at a time: (.*)$")
 
 
@@ -70,7 +71,7 @@ def cpu_expert_stages(log_file: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = sample_parser(samples=512, timeout=590)
     parser.add_argument("--runs", nargs="+", default=["base", "new"],
-                        choices=("base", "new", "cap24", "cap48", "cpu", "cpu24", "fp32", "chunked"))
+                        choices=("base", "new", "cap24", "cap48", "cpu", "cpu24", "cpuchunked", "fp32", "chunked"))
     parser.add_argument("--base-site", type=Path, help="site folder of main's ktq before the chunked engine")
     parser.add_argument("--keep", action="store_true", help="keep every output (default: only base and new)")
     args = parser.parse_args()
@@ -89,8 +90,8 @@ def main() -> None:
         extra = ["--max_gpu_memory", f"{CAPS[name] // 2**30}GiB"] if name in CAPS else []
         if name in CPU_OUTPUT:
             extra += ["--cpu-output", str(args.work / f"{name}-cpu")]
-        if name == "chunked":  # a few experts and the smallest group at a time, whatever the GPU holds
-            extra = ["--expert_chunk", "5", "--sample_group", "16"]
+        if name in ("chunked", "cpuchunked"):  # a few experts and the smallest group at a time, whatever the GPU holds
+            extra += ["--expert_chunk", "5", "--sample_group", "16"]
         if name == "base":
             env = {**os.environ, "PYTHONPATH": f"{args.base_site}:{os.environ.get('PYTHONPATH', '')}"}
         proc, wall = run([py, "-c", wrapper, "ktq", "gpu", *common, "--output_dir", str(out), *extra], args.out,
@@ -104,7 +105,8 @@ def main() -> None:
                "plan_seconds": report["plan"].get("seconds_total"),
                "plan_sizes": {k: report["plan"].get(k) for k in ("expert_chunk", "sample_group", "cache_device",
                                                                   "cpu_chunk")},
-               "digests": shard_digests(out), "cpu_expert_stages": cpu_expert_stages(out / "ktq_gpu.log")}
+               "digests": shard_digests(out), "cpu_expert_stages": cpu_expert_stages(out / "ktq_gpu.log"),
+               "cpu_digests": shard_digests(args.work / f"{name}-cpu")}
         base = args.work / "base"
         if name != "base" and base.exists():
             base_report = json.loads((base / "ktq_gpu_report.json").read_text())
@@ -112,6 +114,8 @@ def main() -> None:
                                    "losses": losses(report["gptq_loss"], base_report["gptq_loss"])}
         if name != "new" and "new" in results["runs"] and name != "base":
             row["identical_to_new"] = row["digests"] == results["runs"]["new"]["digests"]
+        if name in CPU_OUTPUT and name != "cpu" and "cpu" in results["runs"]:
+            row["cpu_experts_identical_to_cpu"] = row["cpu_digests"] == results["runs"]["cpu"]["cpu_digests"]
         results["runs"][name] = row
         results_file.write_text(json.dumps(results, indent=1))
         if name not in ("base", "new") and not args.keep:
@@ -137,7 +141,9 @@ def table(results: dict, args) -> None:
             + (f"{100 * packed['identical']:.2f}% | {100 * packed['codes_more_than_one_step']:.4f}% | "
                if packed else "| | ")
             + (f"{loss['max']:.2e} / {loss['mean']:.2e} | " if loss else "| ")
-            + f"{r.get('identical_to_new', '')} |")
+            + f"{r.get('identical_to_new', '')}"
+            + (f", CPU experts {r['cpu_experts_identical_to_cpu']}" if "cpu_experts_identical_to_cpu" in r else "")
+            + " |")
     lines += ["", "Stages per MoE layer (s):"]
     for name, r in results["runs"].items():
         for layer, stages in r["moe_layers"].items():
