@@ -291,10 +291,16 @@ def cpu_command(src: Path, out: Path, method: str, args: argparse.Namespace, dat
     return cmd
 
 
-def gpu_command(src: Path, out: Path, data: Path, samples: int, seq: int) -> list[str]:
-    return [*KTQ, "gpu", "--model_id", str(src), "--output_dir", str(out), "--quant_method", "GPTQ",
-            "--quant_type", "W4A16", "--dataset", str(data), "--num_calibration_samples", str(samples),
-            "--max_sequence_length", str(seq), "--text_column", "text", "--force_cpu"]
+def gpu_command(src: Path, out: Path, data: Path | None, samples: int, seq: int, quant_type: str = "W4A16",
+                group_size: int | None = None) -> list[str]:
+    """`ktq gpu` on the CPU: GPTQ on data, or RTN (no data) when data is None; ktq's group size unless given."""
+    cmd = [*KTQ, "gpu", "--model_id", str(src), "--output_dir", str(out), "--quant_type", quant_type]
+    if group_size is not None:
+        cmd += ["--group_size", str(group_size)]
+    if data is None:
+        return cmd + ["--quant_method", "RTN", "--force_cpu"]
+    return cmd + ["--quant_method", "GPTQ", "--dataset", str(data), "--num_calibration_samples", str(samples),
+                  "--max_sequence_length", str(seq), "--text_column", "text", "--force_cpu"]
 
 
 def owner(constant: str) -> str:
@@ -413,20 +419,39 @@ def read_experts(folder: Path, bits: int, hidden: int, inter: int, experts: int
 
 # ---- measuring -----------------------------------------------------------------------------------------------
 
+def read_tensor(folder: Path, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint: from the shard its index names, or from its single model.safetensors (what
+    transformers saves of a small model, with no index)."""
+    index = folder / "model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
+    with safe_open(folder / shard, framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def token_rows(src: Path, texts: list[str], seq: int) -> torch.Tensor:
+    """The first seq tokens of each text, one row each [texts, seq] (special tokens as the tokenizer adds them)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = [tokenizer(t, add_special_tokens=True, truncation=True, max_length=seq)["input_ids"] for t in texts]
+    assert all(len(row) == seq for row in ids), "a held-out row is shorter than --seq"
+    return torch.tensor(ids)
+
+
 class Evaluator:
     """The reference model on the held-out text: its MoE blocks' inputs and outputs, and its next-token
     log-probabilities, kept to compare every quantised variant with."""
 
-    def __init__(self, src: Path, texts: list[str], seq: int, batch: int):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, src: Path, rows: torch.Tensor, batch: int):
+        """rows: the held-out token ids [rows, seq] (token_rows), run through the model `batch` rows at a time."""
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # DeepSeek's MTP layer is "unexpected": transformers does not model it
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        ids = [tokenizer(t, add_special_tokens=True, truncation=True, max_length=seq)["input_ids"] for t in texts]
-        assert all(len(row) == seq for row in ids), "a held-out row is shorter than --seq"
-        self.batches = torch.tensor(ids).split(batch)
-        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        self.batches = rows.split(batch)
+        # eager: the experts one at a time; transformers' default grouped_mm is ~5x slower on the CPU
+        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                          experts_implementation="eager").eval()
         layers = self.model.model.layers
         self.moe = {i: layer.mlp for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")}
         self.original = {i: (mlp.experts.gate_up_proj.detach().clone(), mlp.experts.down_proj.detach().clone())
@@ -463,14 +488,12 @@ class Evaluator:
     def _check_layout(self, src: Path) -> None:
         """The fused [E, 2I, H] gate_up / [E, H, I] down tensors hold the checkpoint's experts as read_experts
         assumes (gate first; with hidden == 2 * intermediate the shapes alone cannot tell)."""
-        weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
         for i, (gate_up, down) in self.original.items():
             inter = down.shape[2]
             for e in (0, gate_up.shape[0] - 1):
                 for proj, mine in (("gate", gate_up[e, :inter]), ("up", gate_up[e, inter:]), ("down", down[e])):
                     name = f"model.layers.{i}.mlp.experts.{e}.{proj}_proj.weight"
-                    with safe_open(src / weight_map[name], framework="pt") as f:
-                        assert torch.equal(f.get_tensor(name).float(), mine), f"{name} is not where it is expected"
+                    assert torch.equal(read_tensor(src, name).float(), mine), f"{name} is not where it is expected"
 
     def _count(self, layer: int, top_k_index: torch.Tensor) -> None:
         experts = self.original[layer][0].shape[0]
@@ -481,6 +504,12 @@ class Evaluator:
     @torch.no_grad()
     def _log_probs(self) -> torch.Tensor:
         return torch.cat([torch.log_softmax(self.model(ids).logits.float(), -1) for ids in self.batches])
+
+    def nll_rows(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Each row's mean negative log-likelihood of its next tokens under log_probs (the rows have one length:
+        their mean is the text's, and its exp the perplexity)."""
+        ids = torch.cat(self.batches)
+        return -log_probs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
 
     @torch.no_grad()
     def measure(self, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -523,13 +552,14 @@ class Evaluator:
             p = self.reference.exp()
             kl = (p * (self.reference - quantised)).sum(-1)
             top1 = (self.reference.argmax(-1) == quantised.argmax(-1)).double()
+            nll = self.nll_rows(quantised)
         finally:
             for i, (gate_up, down) in self.original.items():
                 self.moe[i].experts.gate_up_proj.copy_(gate_up)
                 self.moe[i].experts.down_proj.copy_(down)
         return {"layer_output_rel_err": layers, "layer_output_rel_err_token_mean": per_token,
-                "kl_mean": kl.mean().item(), "kl_rows": kl.mean(-1).tolist(), "top1": top1.mean().item(),
-                "rerouted": rerouted,
+                "nll": nll.mean().item(), "nll_rows": nll.tolist(), "kl_mean": kl.mean().item(),
+                "kl_rows": kl.mean(-1).tolist(), "top1": top1.mean().item(), "rerouted": rerouted,
                 "weight_rel_err": weight_err / weight_norm}
 
 
@@ -843,7 +873,7 @@ def main() -> None:
                 log(f"{job}: {times[job]['seconds']:.1f} s")
 
     log("reference model on the held-out text")
-    evaluator = Evaluator(model, heldout_texts, args.seq, args.batch)
+    evaluator = Evaluator(model, token_rows(model, heldout_texts, args.seq), args.batch)
     experts = args.experts
     tokens = sum(b.numel() for b in evaluator.batches)
     model_info["moe_layers"] = sorted(evaluator.moe)
