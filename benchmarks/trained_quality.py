@@ -364,10 +364,17 @@ def summarise(rows: list[dict]) -> None:
         fmt = BY_KEY.get(r["key"])
         rtn = by.get((r["source"], fmt.rtn)) if fmt and fmt.rtn else None
         r["rtn_gap_recovered"] = 1 - r["ppl_gap"] / rtn["ppl_gap"] if rtn and rtn["ppl_gap"] else None
-        # the share means something only where RTN's gap stands out of the noise: the table says when it does not
-        r["rtn_gap_significant"] = rtn["nll_gap"] > rtn["nll_gap_2se"] if rtn else None
+        # a share of a gap means something only where that gap stands out of the noise: the table says when not
+        r["rtn_gap_significant"] = significant(rtn) if rtn else None
+        r["kl_over_rtn"] = r["kl_mean"] / rtn["kl_mean"] if rtn and rtn["kl_mean"] else None
         amx = by.get((r["source"], "amxint4-rtn"))
         r["gap_over_amxint4_rtn"] = r["ppl_gap"] / amx["ppl_gap"] if fmt and amx and r is not amx else None
+        r["amxint4_rtn_gap_significant"] = significant(amx) if amx else None
+
+
+def significant(row: dict) -> bool:
+    """Whether a format's perplexity gap to BF16 is more than twice its standard error."""
+    return row["nll_gap"] > row["nll_gap_2se"]
 
 
 # ---- report --------------------------------------------------------------------------------------------------
@@ -391,21 +398,22 @@ def report(results: dict) -> str:
              f"{a['calibration_samples']} documents of at most {a['calibration_seq']} tokens (~"
              f"{d['calibration_tokens_per_run']} tokens) for every calibrated conversion", "",
              "| format | source | bits | ppl | gap to BF16 (+- 2 s.e.) | share of RTN gap recovered | gap / AMXINT4 "
-             "RTN's | mean KL (nats) | mean MoE-output error | top-1 | conversion s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "RTN's | mean KL (nats) | KL / RTN's | mean MoE-output error | top-1 | conversion s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def cell(value, fmt: str) -> str:
-        return "" if value is None else fmt.format(value)
+    def cell(value, fmt: str, meaningful: bool | None = True) -> str:
+        """value, or "n/s" where the gap it divides by is within the noise."""
+        return "" if value is None else fmt.format(value) if meaningful in (None, True) else "n/s"
 
     for r in results["rows"]:
         gap = "" if r["key"] == "bf16" else \
             f"{r['ppl_gap']:+.4f} ({r['ppl_gap_share']:+.2%}, nll " \
             f"{r['nll_gap']:+.5f} +- {r['nll_gap_2se']:.5f})"
-        recovered = cell(r["rtn_gap_recovered"], "{:.0%}") + ("" if r["rtn_gap_significant"] in (None, True)
-                                                              else " (RTN gap not > 2 s.e.)")
-        lines.append(f"| {r['label']} | {r['source']} | {r['bits']} | {r['ppl']:.4f} | {gap} | {recovered} | "
-                     f"{cell(r['gap_over_amxint4_rtn'], '{:.2f}x')} | "
-                     f"{r['kl_mean']:.3e} | {r['moe_err_mean']:.3e} | {r['top1']:.2%} | "
+        lines.append(f"| {r['label']} | {r['source']} | {r['bits']} | {r['ppl']:.4f} | {gap} | "
+                     f"{cell(r['rtn_gap_recovered'], '{:.0%}', r['rtn_gap_significant'])} | "
+                     f"{cell(r['gap_over_amxint4_rtn'], '{:.2f}x', r['amxint4_rtn_gap_significant'])} | "
+                     f"{r['kl_mean']:.3e} | {cell(r['kl_over_rtn'], '{:.3f}x')} | {r['moe_err_mean']:.3e} | "
+                     f"{r['top1']:.2%} | "
                      f"{cell(r.get('seconds'), '{:.1f}')} |")
     lines += ["", f"Unigram perplexity (calibration text's token frequencies, add-one): {results['unigram_ppl']:.1f}",
               "", "Rows: CPU formats (AMXINT4, AMXINT8, RAWINT4) are kt-kernel's own forward on the files; GPU "
@@ -413,9 +421,10 @@ def report(results: dict) -> str:
               "compared with the BF16 model, also when made from the FP8 copy (whose own rows show what its FP8 "
               "experts, and its FP8 attention on top, cost). Gap: perplexity minus BF16's (its per-token NLL "
               "difference, +- twice the standard error over the held-out rows). Share recovered: 1 - gap / the "
-              "RTN format's gap (same source). Conversion seconds: the whole command, start-up included; a RAWINT4 "
-              "row reads the W4A16 checkpoint of the row above it. Raw figures, per-layer errors included: the "
-              ".json beside this file.", ""]
+              "RTN format's gap (same source); n/s: the gap it divides by is within 2 s.e. of zero, so the share is "
+              "noise. KL / RTN's: the same comparison on the KL to BF16. Conversion seconds: the whole command, "
+              "start-up included; a RAWINT4 row reads the W4A16 checkpoint of the row above it. Raw figures, "
+              "per-layer errors included: the .json beside this file.", ""]
     return "\n".join(lines)
 
 

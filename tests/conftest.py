@@ -34,6 +34,25 @@ def golden() -> Path:
     return GOLDEN
 
 
+@pytest.fixture(scope="session")
+def tiny_trained_moe(tmp_path_factory) -> Path:
+    """benchmarks/trained_moe.py's tiny preset trained on the CPU for a fixed step count (the same model on a slow
+    machine), on the prose of networkx's docstrings (its whole-venv corpus takes 1.5 minutes to gather), packed as
+    the device machine returns it and unpacked: corpus/ (its text splits), returned/ (the packed files) and
+    model/bf16. Shared by the tests of trained_moe.py and trained_quality.py, which would each train it."""
+    import networkx
+
+    base = tmp_path_factory.mktemp("trained-moe")
+    script = REPO / "benchmarks" / "trained_moe.py"
+    for args in (("corpus", "--out", base / "corpus", "--site", Path(networkx.__file__).parent),
+                 ("train", "--corpus", base / "corpus", "--out", base / "returned", "--preset", "tiny", "--device",
+                  "cpu", "--steps", 150, "--minutes", 3, "--pack"),
+                 ("unpack", "--parts", base / "returned", "--out", base / "model")):
+        run = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True)
+        assert run.returncode == 0, f"trained_moe.py {args[0]} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return base
+
+
 @pytest.fixture
 def ktq(capsys):
     """Run `ktq ARGS` in this process; returns exit code, stdout and stderr."""

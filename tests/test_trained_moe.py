@@ -30,18 +30,13 @@ def lines(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    import networkx  # prose-rich docstrings, and its corpus takes 2 s to gather
+def built(tiny_trained_moe) -> Path:
+    """The shared tiny model (conftest.tiny_trained_moe), its corpus built again, and its FP8 copy."""
+    import networkx
 
-    base = tmp_path_factory.mktemp("trained-moe")
-    site = Path(networkx.__file__).parent
-    for name in ("corpus", "corpus-again"):
-        python(SCRIPT, "corpus", "--out", base / name, "--site", site)
-    python(SCRIPT, "train", "--corpus", base / "corpus", "--out", base / "returned", "--preset", "tiny",
-           "--device", "cpu", "--steps", 150, "--minutes", 3, "--pack")
-    python(SCRIPT, "unpack", "--parts", base / "returned", "--out", base / "model")
-    python(SCRIPT, "fp8", "--bf16", base / "model" / "bf16", "--out", base / "model" / "fp8")
-    return base
+    python(SCRIPT, "corpus", "--out", tiny_trained_moe / "corpus-again", "--site", Path(networkx.__file__).parent)
+    python(SCRIPT, "fp8", "--bf16", tiny_trained_moe / "model" / "bf16", "--out", tiny_trained_moe / "model" / "fp8")
+    return tiny_trained_moe
 
 
 def test_corpus_is_reproducible_and_split_by_paragraph(built):

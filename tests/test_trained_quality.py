@@ -1,10 +1,9 @@
 """benchmarks/trained_quality.py end to end on a model with trained weights (issue 25), reduced to fit CI.
 
-benchmarks/trained_moe.py trains its tiny preset (2 layers, 8 experts top-2, hidden 128) on the CPU for a fixed
-number of steps, on the prose of networkx's docstrings (its `corpus --site`, as tests/test_trained_moe.py does: the
-whole venv's text takes 1.5 minutes to gather); then trained_quality.py converts it to AMXINT4 RTN and calibrated,
-W4A16 RTN and GPTQ (groups of 32, also served as RAWINT4), and measures each on held-out text the model never saw,
-kt-kernel computing the CPU formats. About 80 seconds on 2 cores.
+On benchmarks/trained_moe.py's tiny preset (2 layers, 8 experts top-2, hidden 128) trained on the CPU for a fixed
+number of steps (conftest.tiny_trained_moe, shared with tests/test_trained_moe.py), trained_quality.py converts it to
+AMXINT4 RTN and calibrated, W4A16 RTN and GPTQ (groups of 32, also served as RAWINT4), and measures each on held-out
+text the model never saw, kt-kernel computing the CPU formats. About 80 seconds on 2 cores (40 of them training).
 """
 
 from __future__ import annotations
@@ -35,15 +34,9 @@ def python(*args: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    import networkx
-
+def results(tiny_trained_moe, tmp_path_factory) -> dict:
+    corpus, model = tiny_trained_moe / "corpus", tiny_trained_moe / "model"
     base = tmp_path_factory.mktemp("trained-quality")
-    corpus, model = base / "corpus", base / "model"
-    python(BENCHMARKS / "trained_moe.py", "corpus", "--out", corpus, "--site", Path(networkx.__file__).parent)
-    # a fixed step count, with time to spare, so that a slow machine trains the same model
-    python(BENCHMARKS / "trained_moe.py", "train", "--corpus", corpus, "--out", model, "--preset", "tiny",
-           "--device", "cpu", "--steps", 150, "--minutes", 3)
     python(BENCHMARKS / "trained_quality.py", "--bf16", model / "bf16", "--calibration", corpus / "calibration.jsonl",
            "--heldout", corpus / "heldout.jsonl", "--work", base / "work", "--out", base / "result",
            "--eval-tokens", EVAL_TOKENS, "--seq", SEQ, "--calibration-samples", 32, "--calibration-seq", SEQ,
