@@ -60,16 +60,22 @@ class RoutedRows:
         self.counts = counts.tolist()  # routed rows of each expert
         self.tokens = (order // ids.shape[1]).to(x.device)  # the token of each routed row, expert after expert
         self.weights = weights.reshape(-1)[order].to(self.device, torch.float32)
-        self._staged = x.device != self.device and self.device.type == "cuda"
+        # each batch's sum of squared weights, all read back at once: read batch by batch, each would wait for the
+        # device and keep the host from gathering the next batch while the last one crosses the bus
+        self._batches = [[(first, min(first + batch, start + count)) for first in range(start, start + count, batch)]
+                         for start, count in zip(self.starts, self.counts)]
+        spans = [span for expert in self._batches for span in expert]
+        sums = torch.stack([self.weights[a:b].square().sum() for a, b in spans]).tolist() if spans else []
+        self._square_sums = dict(zip(spans, sums))
+        self._staged = x.device.type == "cpu" and self.device.type == "cuda"
         self._landed: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 
     def expert(self, e: int):
-        """Expert e's routed tokens [n, H] and routing weights [n], in batches, on the solve device."""
-        stop = self.starts[e] + self.counts[e]
-        for first in range(self.starts[e], stop, self.batch):
-            last = min(first + self.batch, stop)
-            yield self._rows(self.tokens[first:last]), self.weights[first:last]
+        """Expert e's routed tokens [n, H], routing weights [n] and the sum of their squares, in batches, on the
+        solve device."""
+        for first, last in self._batches[e]:
+            yield self._rows(self.tokens[first:last]), self.weights[first:last], self._square_sums[first, last]
 
     def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self._staged:
@@ -81,5 +87,5 @@ class RoutedRows:
         torch.index_select(self.x, 0, tokens, out=stage)
         rows = stage.to(self.device, non_blocking=True)
         self._landed[turn] = torch.cuda.Event()
-        self._landed[turn].record()
+        self._landed[turn].record(torch.cuda.current_stream(self.device))
         return rows

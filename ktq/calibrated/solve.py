@@ -74,13 +74,14 @@ class _Hessian:
         self.sum = torch.zeros((columns, columns), dtype=torch.float32, device=device)
         self.weight = 0.0
 
-    def add(self, rows: torch.Tensor, weights: torch.Tensor | None) -> None:
+    def add(self, rows: torch.Tensor, weights: torch.Tensor | None, square_sum: float = 0.0) -> None:
+        """rows [T, C] and their weights [T] with the sum of their squares (read from the device beforehand)."""
         rows = rows.float()
         if weights is None:
             self.weight += rows.shape[0]
         else:
             rows = rows * weights[:, None]
-            self.weight += float(weights.square().sum())
+            self.weight += square_sum
         self.sum.addmm_(rows.T, rows)
 
     def mean(self) -> torch.Tensor:
@@ -132,9 +133,10 @@ def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa
             clock.lap(stage)
 
     def routed(e: int):
-        """Expert e's routed tokens and routing weights, in batches of ROWS_PER_BATCH, on the solve device."""
-        for rows, w in rows_of.expert(e):
-            yield rows, w if ROUTING_WEIGHTED else None
+        """Expert e's routed tokens, routing weights and their sum of squares, in batches of ROWS_PER_BATCH, on the
+        solve device."""
+        for rows, w, square_sum in rows_of.expert(e):
+            yield rows, w if ROUTING_WEIGHTED else None, square_sum
 
     def blended(routed_hessian: _Hessian, generic_part: torch.Tensor) -> torch.Tensor:
         if routed_hessian.weight == 0:  # no token routed here: the generic tokens alone
@@ -146,8 +148,8 @@ def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa
         with tf32_products():
             for j, e in enumerate(block):
                 hessian = _Hessian(hidden, device)
-                for rows, w in routed(e):
-                    hessian.add(rows, w)
+                for rows, w, square_sum in routed(e):
+                    hessian.add(rows, w, square_sum)
                 hessians[j] = blended(hessian, generic_hessian)
         return hessians
 
@@ -159,8 +161,8 @@ def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa
                 generic_part = _Hessian(inter, device)
                 generic_part.add(_intermediate(generic, g, u, act_fn), None)
                 hessian = _Hessian(inter, device)
-                for rows, w in routed(e):
-                    hessian.add(_intermediate(rows, g, u, act_fn), w)
+                for rows, w, square_sum in routed(e):
+                    hessian.add(_intermediate(rows, g, u, act_fn), w, square_sum)
                 hessians[j] = blended(hessian, generic_part.mean())
         return hessians
 

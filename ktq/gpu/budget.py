@@ -53,7 +53,8 @@ class Terms:
     cpu_fixed: int  # ... and per chunk
     cache: int  # the hidden states of every sample
     sample_hidden: int  # one sample's hidden states (a pinned buffer of its own on the host)
-    routed: int  # for calibrated CPU experts, every token's input to the experts, its expert ids and weights ...
+    routed: int  # for calibrated CPU experts, every token's input to the experts ...
+    routing: int  # ... its top-k expert ids and weights (entries) ...
     staging: int  # ... and a batch of routed rows on its way to the device, when the host holds them
     kwargs: int  # each sample's rotary embeddings, on the device
     packed: int  # one layer as the GPU checkpoint writes it
@@ -124,7 +125,10 @@ def routed_on_host(t: Terms, s: Sizes, pin: bool) -> int:
     is (ktq.calibrated.routed)."""
     if not t.routed or s.sample_group >= t.samples:
         return 0
-    return pinned(t.routed) + 2 * pinned(t.staging) if pin else t.routed
+    ids, weights = 8 * t.routing, 4 * t.routing  # int64 ids; fp32 weights at most
+    if not pin:
+        return t.routed + ids + weights
+    return pinned(t.routed) + pinned(ids) + pinned(weights) + 2 * pinned(t.staging)
 
 
 def round_group(samples: int, fit: int) -> int:
@@ -211,7 +215,7 @@ def layer_terms(opts: GpuOptions, text: dict, spec: LayerSpec | None, dense: int
     width = DTYPE_BYTES[opts.torch_dtype]
     gptq, gpu, cpu = opts.calibrated, opts.output_dir is not None, opts.cpu_experts
     if spec is None:
-        return Terms(dense, 0, 0, 0, 0, 0, 0, 0, samples, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, process)
+        return Terms(dense, 0, 0, 0, 0, 0, 0, 0, samples, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, process)
     h, i, e, k = spec.hidden, spec.intermediate, spec.experts, int(text.get("num_experts_per_tok") or 1)
     blocks = 3 * -(-h // 128) * -(-i // 128)  # FP8 scales of one expert (128 x 128 blocks)
     return Terms(
@@ -225,7 +229,8 @@ def layer_terms(opts: GpuOptions, text: dict, spec: LayerSpec | None, dense: int
         cpu_expert=expert_solve_bytes(h, i) if cpu else 0, cpu_fixed=chunk_solve_bytes(h, i) if cpu else 0,
         cache=cache_bytes(text, samples, seq, width) if gptq else 0,
         sample_hidden=cache_bytes(text, 1, seq, width) if gptq else 0,
-        routed=cache_bytes(text, samples, seq, width) + samples * seq * 12 * k if gptq and cpu else 0,
+        routed=cache_bytes(text, samples, seq, width) if gptq and cpu else 0,
+        routing=samples * seq * k if gptq and cpu else 0,
         staging=ROWS_PER_BATCH * h * width if gptq and cpu else 0,
         kwargs=kwargs_bytes(text, samples, seq) if gptq else 0,
         packed=packed_bytes(spec, opts.quant_type, opts.group_size, width) if gpu else 0,

@@ -165,8 +165,10 @@ class Engine:
         return next((i for i in range(after + 1, layers) if i in self.source.moe_layers), layers)
 
     def _groups(self, samples: int) -> list[range]:
-        """The samples in groups of the plan's size, a whole number of SAMPLES_PER_PRODUCT each."""
-        size = max(SAMPLES_PER_PRODUCT, self.sizes.sample_group // SAMPLES_PER_PRODUCT * SAMPLES_PER_PRODUCT)
+        """The samples in groups of the plan's size, a whole number of SAMPLES_PER_PRODUCT each, or all of them in
+        one when the plan's group holds them all (as the plan counts it: budget.round_group)."""
+        size = samples if self.sizes.sample_group >= samples else \
+            max(SAMPLES_PER_PRODUCT, self.sizes.sample_group // SAMPLES_PER_PRODUCT * SAMPLES_PER_PRODUCT)
         return [range(first, min(first + size, samples)) for first in range(0, samples, size)]
 
     def _layer(self, index: int, captured: Captured | None) -> None:
