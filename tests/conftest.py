@@ -81,11 +81,18 @@ def interrupt_when(argv: list[object], ready, timeout: float = 300) -> Run:
     import signal
     import time
 
+    def as_from_a_shell() -> None:
+        """SIGINT delivered and handled as a terminal's Ctrl-C would be: a child inherits its parent's blocked
+        signals and ignored ones, and a library in this test process may have left SIGINT either way."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "ktq", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_shell)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and not ready() and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it was ready to be interrupted"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=timeout)
     return Run(proc.returncode, stdout, stderr)
