@@ -56,14 +56,14 @@ class RoutedRows:
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=experts)[:experts]
-        self.starts = (torch.cumsum(counts, 0) - counts).tolist()
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
         self.counts = counts.tolist()  # routed rows of each expert
         self.tokens = (order // ids.shape[1]).to(x.device)  # the token of each routed row, expert after expert
         self.weights = weights.reshape(-1)[order].to(self.device, torch.float32)
         # each batch's sum of squared weights, all read back at once: read batch by batch, each would wait for the
         # device and keep the host from gathering the next batch while the last one crosses the bus
         self._batches = [[(first, min(first + batch, start + count)) for first in range(start, start + count, batch)]
-                         for start, count in zip(self.starts, self.counts)]
+                         for start, count in zip(starts, self.counts)]
         spans = [span for expert in self._batches for span in expert]
         sums = torch.stack([self.weights[a:b].square().sum() for a, b in spans]).tolist() if spans else []
         self._square_sums = dict(zip(spans, sums))

@@ -31,13 +31,12 @@ import torch
 from loguru import logger
 
 from ktq.errors import KtqError
-from ktq.gpu.budget import Sizes
+from ktq.gpu.budget import Sizes, round_group
 from ktq.gpu.capture import Captured, capture
 from ktq.gpu.layer_experts import Chunk, DeviceExperts, HostBuffers, HostExperts, read_host_experts
 from ktq.gpu.model import ModelMap
 from ktq.gpu.source import SourceCheckpoint
 from ktq.gpu.streamed_experts import (
-    SAMPLES_PER_PRODUCT,
     Collector,
     RoutedOutput,
     SampleGroup,
@@ -165,10 +164,9 @@ class Engine:
         return next((i for i in range(after + 1, layers) if i in self.source.moe_layers), layers)
 
     def _groups(self, samples: int) -> list[range]:
-        """The samples in groups of the plan's size, a whole number of SAMPLES_PER_PRODUCT each, or all of them in
-        one when the plan's group holds them all (as the plan counts it: budget.round_group)."""
-        size = samples if self.sizes.sample_group >= samples else \
-            max(SAMPLES_PER_PRODUCT, self.sizes.sample_group // SAMPLES_PER_PRODUCT * SAMPLES_PER_PRODUCT)
+        """The samples in groups of the plan's size, as the plan counts them (round_group): all of them in one
+        when it holds them all, else a whole number of SAMPLES_PER_PRODUCT each."""
+        size = round_group(samples, self.sizes.sample_group)
         return [range(first, min(first + size, samples)) for first in range(0, samples, size)]
 
     def _layer(self, index: int, captured: Captured | None) -> None:
