@@ -58,6 +58,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+MARK = ".trained_quality"  # in --work: its out/ and logs/ are this script's to replace
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from cpu_quality import Evaluator, cpu_command, gpu_command, log, machine, read_experts, read_tensor, run  # noqa: E402
@@ -437,7 +438,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fp8", type=Path, help="its FP8 block-scaled copy (left out: BF16 source only)")
     p.add_argument("--calibration", type=Path, required=True, help="jsonl, a `text` per line")
     p.add_argument("--heldout", type=Path, required=True, help="jsonl, a `text` per line, never seen in training")
-    p.add_argument("--work", type=Path, required=True, help="conversions and logs (its out/ and logs/ are replaced)")
+    p.add_argument("--work", type=Path, required=True,
+                   help="conversions and logs (its out/ and logs/ are replaced when this script made them)")
     p.add_argument("--out", type=Path, required=True, help="PREFIX: writes PREFIX.md and PREFIX.json")
     p.add_argument("--formats", nargs="+", choices=list(BY_KEY), default=list(BY_KEY))
     p.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens (rounded down to whole rows)")
@@ -455,9 +457,14 @@ def parse_args() -> argparse.Namespace:
 
 def convert(args: argparse.Namespace, sources: dict[str, Path], formats: list[Format]) -> dict:
     """Every conversion the formats read, from each source, each a timed child process."""
+    # out/ and logs/ are replaced only where an earlier run of this script made them: nothing else is deleted
+    mark = args.work / MARK
+    if not mark.exists() and any((args.work / name).exists() for name in ("out", "logs")):
+        raise SystemExit(f"{args.work} holds out/ or logs/ that this script did not make: give another --work")
     for name in ("out", "logs"):
         shutil.rmtree(args.work / name, ignore_errors=True)
         (args.work / name).mkdir(parents=True)
+    mark.touch()
     times = {}
     for source, src in sources.items():
         for name in dict.fromkeys(f.conversion for f in formats):
