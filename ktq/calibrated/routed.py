@@ -53,13 +53,16 @@ class RoutedRows:
     def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: int, device,
                  batch: int, held: HeldBuffers) -> None:
         self.x, self.device, self.batch, self.held = x, torch.device(device), batch, held
-        flat = ids.reshape(-1)
+        # sorted on the solve device (a DeepSeek-V3 layer's 8.4 M routed rows took the host 0.7 s); stable, so
+        # each expert's rows stay in token order wherever it runs
+        flat = ids.reshape(-1).to(self.device)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=experts)[:experts]
         starts = (torch.cumsum(counts, 0) - counts).tolist()
         self.counts = counts.tolist()  # routed rows of each expert
         self.tokens = (order // ids.shape[1]).to(x.device)  # the token of each routed row, expert after expert
-        self.weights = weights.reshape(-1)[order].to(self.device, torch.float32)
+        self.weights = weights.reshape(-1).to(self.device)[order].float()
+        del flat, order
         # each batch's sum of squared weights, all read back at once: read batch by batch, each would wait for the
         # device and keep the host from gathering the next batch while the last one crosses the bus
         self._batches = [[(first, min(first + batch, start + count)) for first in range(start, start + count, batch)]
