@@ -63,24 +63,26 @@ class GpuProgress:
 
     def layer_done(self, layer: int) -> None:
         """Decoder layer `layer` is done: calibrated, solved, written and propagated where it had to be."""
-        self._finish_layer(layer, worked=True)
+        seconds = self._finish_layer(layer, worked=True)
         if self._progress is None and not self.quiet:
             left = self._countdown.seconds_left()
             eta = "" if left is None or layer == self._layers - 1 else f", ETA {clock(left)}"
-            print(f"layer {layer} done ({self._layers_done}/{counted(self._layers, 'layer')}) in "
-                  f"{time.perf_counter() - self._layer_started:.1f} s{eta}", file=sys.stderr, flush=True)
-        self._layer_started = time.perf_counter()
+            print(f"layer {layer} done ({self._layers_done}/{counted(self._layers, 'layer')}) in {seconds:.1f} s{eta}",
+                  file=sys.stderr, flush=True)
 
     def skip(self, layer: int) -> None:
         """Decoder layer `layer` had nothing left to do (committed before a resume, no pass to replay)."""
         self._finish_layer(layer, worked=False)
-        self._layer_started = time.perf_counter()
 
-    def _finish_layer(self, layer: int, worked: bool) -> None:
+    def _finish_layer(self, layer: int, worked: bool) -> float:
+        """The layer's seconds since the last one finished (or the run started)."""
+        now = time.perf_counter()
+        seconds, self._layer_started = now - self._layer_started, now
         self._countdown.advance(1 - self._layer_done_units, worked)
         self._layer_done_units = 0.0
         self._layers_done += 1
         self._show(f"{self._verb} layer {layer + 1}" if layer + 1 < self._layers else f"{self._verb}: done")
+        return seconds
 
     def _show(self, description: str) -> None:
         if self._progress is not None:
