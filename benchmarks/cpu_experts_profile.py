@@ -123,6 +123,26 @@ def main() -> None:
             calibrate_layer(Resident(*one), routed_inputs(parts, device), act, args.bits, 1, chunk, host)
         say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
 
+    # one chunk's gate/up solve by part: the clipping search, the inverse factors, and the whole of it (the column
+    # loop and its lazy updates are the rest), on the chunk's weights and one Hessian from the routed tokens
+    chunk = args.chunk[0]
+    gate_up = torch.cat([weights[0][:chunk], weights[1][:chunk]], dim=1)
+    x = torch.cat([p[0] for p in parts])[:16384].float()
+    hessian = x.T @ x / x.shape[0]
+    del x
+
+    def hessians() -> torch.Tensor:
+        return hessian.expand(chunk, *hessian.shape).clone()
+
+    diag = torch.diagonal(hessian).expand(chunk, -1).contiguous()
+    order = torch.argsort(diag, dim=1, descending=True, stable=True)
+    # each timing includes making its inputs (one copy of the chunk's weights or Hessians: milliseconds)
+    clip = timed(lambda: ktgrid.clipped_steps(gate_up.float(), diag, args.bits, 1))
+    inverse = timed(lambda: ktgrid._inverse_factor(hessians(), order, 0.01))
+    whole = timed(lambda: ktgrid.quantize_to_grid(gate_up, hessians(), args.bits))
+    say(f"gate/up solve of {chunk} experts: {whole:.2f} s; clipping search {clip:.2f} s, inverse factors "
+        f"{inverse:.2f} s, the rest (column loop, lazy updates, layout copies) {whole - clip - inverse:.2f} s")
+
     # the inverse factor of 8 gate/up Hessians: ktgrid's against GPTQ's own three factorisations, the same matrices
     b, c = 8, args.hidden
     x = torch.cat([p[0] for p in parts])[:16384].float()
