@@ -365,12 +365,27 @@ def summarise(rows: list[dict]) -> None:
         fmt = BY_KEY.get(r["key"])
         rtn = by.get((r["source"], fmt.rtn)) if fmt and fmt.rtn else None
         r["rtn_gap_recovered"] = 1 - r["ppl_gap"] / rtn["ppl_gap"] if rtn and rtn["ppl_gap"] else None
+        r["rtn_gap_recovered_2se"] = share_2se(r, rtn, bf16) if rtn and rtn is not r else None
         # a share of a gap means something only where that gap stands out of the noise: the table says when not
         r["rtn_gap_significant"] = significant(rtn) if rtn else None
         r["kl_over_rtn"] = r["kl_mean"] / rtn["kl_mean"] if rtn and rtn["kl_mean"] else None
         amx = by.get((r["source"], "amxint4-rtn"))
         r["gap_over_amxint4_rtn"] = r["ppl_gap"] / amx["ppl_gap"] if fmt and amx and r is not amx else None
         r["amxint4_rtn_gap_significant"] = significant(amx) if amx else None
+
+
+def share_2se(row: dict, rtn: dict, bf16: dict) -> float:
+    """Twice the standard error of the share recovered, 1 - a / b with a and b the mean NLL gaps to BF16 of a
+    format and of its RTN format over the held-out rows: the delta method, with their covariance (both are measured
+    on the same rows, so much of their noise is shared)."""
+    a = [x - z for x, z in zip(row["nll_rows"], bf16["nll_rows"])]
+    b = [y - z for y, z in zip(rtn["nll_rows"], bf16["nll_rows"])]
+    n, ma, mb = len(a), statistics.fmean(a), statistics.fmean(b)
+    if mb == 0:
+        return math.inf
+    var = (statistics.variance(a) / mb ** 2 + ma ** 2 * statistics.variance(b) / mb ** 4
+           - 2 * ma * statistics.covariance(a, b) / mb ** 3) / n
+    return 2 * math.sqrt(max(var, 0.0))
 
 
 def significant(row: dict) -> bool:
@@ -406,12 +421,17 @@ def report(results: dict) -> str:
         """value, or "n/s" where the gap it divides by is within the noise."""
         return "" if value is None else fmt.format(value) if meaningful in (None, True) else "n/s"
 
+    def share(r: dict) -> str:
+        text = cell(r["rtn_gap_recovered"], "{:.0%}", r["rtn_gap_significant"])
+        spread = r.get("rtn_gap_recovered_2se")  # absent from results measured before it was added
+        return text + (f" +- {spread:.0%}" if spread is not None and text not in ("", "n/s") else "")
+
     for r in results["rows"]:
         gap = "" if r["key"] == "bf16" else \
             f"{r['ppl_gap']:+.4f} ({r['ppl_gap_share']:+.2%}, nll " \
             f"{r['nll_gap']:+.5f} +- {r['nll_gap_2se']:.5f})"
         lines.append(f"| {r['label']} | {r['source']} | {r['bits']} | {r['ppl']:.4f} | {gap} | "
-                     f"{cell(r['rtn_gap_recovered'], '{:.0%}', r['rtn_gap_significant'])} | "
+                     f"{share(r)} | "
                      f"{cell(r['gap_over_amxint4_rtn'], '{:.2f}x', r['amxint4_rtn_gap_significant'])} | "
                      f"{r['kl_mean']:.3e} | {cell(r['kl_over_rtn'], '{:.3f}x')} | {r['moe_err_mean']:.3e} | "
                      f"{r['top1']:.2%} | "
@@ -422,7 +442,8 @@ def report(results: dict) -> str:
               "compared with the BF16 model, also when made from the FP8 copy (whose own rows show what its FP8 "
               "experts, and its FP8 attention on top, cost). Gap: perplexity minus BF16's (its per-token NLL "
               "difference, +- twice the standard error over the held-out rows). Share recovered: 1 - gap / the "
-              "RTN format's gap (same source); n/s: the gap it divides by is within 2 s.e. of zero, so the share is "
+              "RTN format's gap (same source), +- twice its standard error (paired rows, delta method); "
+              "n/s: the gap it divides by is within 2 s.e. of zero, so the share is "
               "noise. KL / RTN's: the same comparison on the KL to BF16. Conversion seconds: the whole command, "
               "start-up included; a RAWINT4 row reads the W4A16 checkpoint of the row above it. Raw figures, "
               "per-layer errors included: the .json beside this file.", ""]
