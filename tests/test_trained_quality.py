@@ -8,6 +8,7 @@ text the model never saw, kt-kernel computing the CPU formats. About 80 seconds 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -83,3 +84,19 @@ def test_cpu_formats_are_computed_by_kt_kernel(results):
     for raw, gpu in (("rawint4-rtn", "w4a16-rtn"), ("rawint4-gptq", "w4a16-gptq")):
         errors = by[gpu]["moe_err_mean"], by[raw]["moe_err_mean"]
         assert errors[0] < errors[1] < 0.05, errors
+
+
+def test_share_recovered_counts_the_noise_both_gaps_share():
+    """The share's spread comes from the paired rows: a format that is exactly RTN, or exactly halfway between RTN
+    and BF16 on every row, has a share known without noise (0 and 50%), however noisy each gap is; with the two
+    gaps' noise independent, it is not zero."""
+    spec = importlib.util.spec_from_file_location("trained_quality", BENCHMARKS / "trained_quality.py")
+    trained_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trained_quality)
+    bf16 = {"nll_rows": [3.0, 3.2, 2.9, 3.1]}
+    rtn = {"nll_rows": [3.05, 3.4, 2.91, 3.2]}
+    for factor in (1.0, 0.5):
+        row = {"nll_rows": [b + factor * (r - b) for b, r in zip(bf16["nll_rows"], rtn["nll_rows"])]}
+        assert trained_quality.share_2se(row, rtn, bf16) == pytest.approx(0.0, abs=1e-6)
+    other = {"nll_rows": [3.04, 3.21, 2.95, 3.16]}
+    assert trained_quality.share_2se(other, rtn, bf16) > 0.1
