@@ -7,25 +7,27 @@ peak against the plan's working set for that chunk; with --profile, the kernels 
 cholesky) on the same eight Hessians, time and largest difference.
 
     python benchmarks/cpu_experts_profile.py --out results/cpu-experts-profile.txt [--experts 256 --chunk 44 96]
+
+ktq must be installed (the venv's editable install, or the device wheels: benchmarks/device_wheels.sh), since its
+Numba kernels install as ktq.kernels from the top-level kernels/ folder; on the device machine:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site python3 benchmarks/cpu_experts_profile.py --chunk 64 --out "$OUT/profile.txt"
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ktq.calibrated import ktgrid  # noqa: E402
-from ktq.calibrated.routed import RoutedInputs  # noqa: E402
-from ktq.calibrated.solve import LayerCodes, StageClock, calibrate_layer, stacked_bytes  # noqa: E402
-from ktq.gpu.layer_experts import Chunk  # noqa: E402
-from ktq.held_buffers import HeldBuffers  # noqa: E402
+from ktq.calibrated import ktgrid
+from ktq.calibrated.routed import RoutedInputs
+from ktq.calibrated.solve import LayerCodes, StageClock, calibrate_layer, stacked_bytes
+from ktq.gpu.layer_experts import Chunk
+from ktq.held_buffers import HeldBuffers
 
 
 def synthetic(experts: int, hidden: int, inter: int, tokens: int, top_k: int, device):
