@@ -10,10 +10,15 @@ import torch
 
 
 @contextmanager
-def tf32_products():
+def matmul_precision(kind: str):
+    """CUDA fp32 matrix products in `kind` ("tf32", or "ieee": full fp32) within the block, whatever was set."""
     saved = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = kind
     try:
         yield
     finally:
         torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def tf32_products():
+    return matmul_precision("tf32")

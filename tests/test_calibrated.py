@@ -15,7 +15,7 @@ import torch
 from conftest import mtimes, tree_files
 from faults import ForkServer
 from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
-from ktq.calibrated.ktgrid import _inverse_factor, clipped_steps, quantize_to_grid
+from ktq.calibrated.ktgrid import LEAF, _inverse_factor, _lower_inverse, clipped_steps, quantize_to_grid
 from ktq.calibrated.output import dequantized_layer
 from ktq.cpu.layout import Layout
 from ktq.cpu.scan import recognise
@@ -403,6 +403,24 @@ def test_block_loop_gives_the_codes_of_textbook_gptq():
     for bits in (4, 8):
         codes = quantize_to_grid(weights, hessians.clone(), bits).codes
         assert torch.equal(codes.double(), _textbook_gptq(weights, hessians, bits))
+
+
+def test_lower_inverse_by_halves_is_the_inverse():
+    """1100 rows split unevenly down to blocks of at most LEAF: as close to float64's inverse as a triangular solve
+    gets, and exactly zero above the diagonal."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn((2200, 1100), generator=generator) * torch.exp(torch.randn(1100, generator=generator) * 0.7)
+    hessian = x.T @ x / 2200
+    hessian.diagonal().add_(0.01 * hessian.diagonal().mean())
+    lower = torch.linalg.cholesky(hessian)
+    eye = torch.eye(1100, dtype=torch.float64)
+    reference = torch.linalg.solve_triangular(lower.double(), eye, upper=False)
+    solved = torch.linalg.solve_triangular(lower, eye.float(), upper=False)
+    halves = _lower_inverse(lower)
+    assert 1100 > 2 * LEAF
+    error = (halves.double() - reference).abs().max()
+    assert error <= 2 * (solved.double() - reference).abs().max() + 1e-7 * reference.abs().max()
+    assert torch.equal(halves.triu(1), torch.zeros_like(halves))
 
 
 def test_inverse_factor_is_gptqs_and_gives_up_on_indefinite_matrices():
