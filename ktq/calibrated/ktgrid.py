@@ -136,9 +136,9 @@ def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
 def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
     """L^-1 of a lower triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], blocks of
     at most LEAF solved against the identity (LAPACK's blocked trtri, which PyTorch does not expose). One triangular
-    solve against the whole identity does 1.5x the arithmetic at a solve's rate: 2.2x the time at 4096^2 on a
-    2-core EPYC (benchmarks/cpu_experts_profile.py prints both, same run). Products in full fp32 whatever the
-    caller set: a TF32 inverse would carry its 1e-3 errors into every column GPTQ updates."""
+    solve against the whole identity does 1.5x the arithmetic at a solve's rate: 2.5x the time at 4096^2 on a
+    2-core EPYC (benchmarks/cpu_experts_profile.py prints both, same run). Its products are in whatever precision
+    the caller set: _inverse_factor holds full fp32."""
     n = lower.shape[0]
     if n <= LEAF:
         return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
@@ -146,8 +146,7 @@ def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(lower)
     out[:k, :k] = first = _lower_inverse(lower[:k, :k])
     out[k:, k:] = second = _lower_inverse(lower[k:, k:])
-    with matmul_precision("ieee"):
-        torch.matmul(second, lower[k:, :k] @ first, out=out[k:, :k]).neg_()
+    torch.matmul(second, lower[k:, :k] @ first, out=out[k:, :k]).neg_()
     return out
 
 
@@ -166,20 +165,21 @@ def _inverse_factor(hessians: torch.Tensor, order: torch.Tensor, dampening: floa
     eye = torch.eye(c, dtype=hessians.dtype, device=hessians.device)
     fallback = torch.zeros(b, dtype=torch.bool)
     reverse = order.flip(1)
-    for j in range(b):
-        h = hessians[j].index_select(0, reverse[j]).index_select(1, reverse[j])
-        mean, added, factor = h.diagonal().mean(), 0.0, None
-        for attempt in (dampening, 10 * dampening):
-            h.diagonal().add_((attempt - added) * mean)
-            added = attempt
-            chol, info = torch.linalg.cholesky_ex(h)
-            inverse = _lower_inverse(chol)
-            if bool((info == 0) & torch.isfinite(inverse).all()):
-                factor = inverse
-                break
-        if factor is None:
-            fallback[j] = True
-            hessians[j].copy_(eye)
-        else:
-            hessians[j].copy_(factor.flip(0, 1))
+    with matmul_precision("ieee"):  # whatever the caller set: a TF32 factor carries 1e-3 errors into every column
+        for j in range(b):
+            h = hessians[j].index_select(0, reverse[j]).index_select(1, reverse[j])
+            mean, added, factor = h.diagonal().mean(), 0.0, None
+            for attempt in (dampening, 10 * dampening):
+                h.diagonal().add_((attempt - added) * mean)
+                added = attempt
+                chol, info = torch.linalg.cholesky_ex(h)
+                inverse = _lower_inverse(chol)
+                if bool((info == 0) & torch.isfinite(inverse).all()):
+                    factor = inverse
+                    break
+            if factor is None:
+                fallback[j] = True
+                hessians[j].copy_(eye)
+            else:
+                hessians[j].copy_(factor.flip(0, 1))
     return hessians, fallback.to(hessians.device)

@@ -32,9 +32,9 @@ GPU_OVERHEAD = 256 * 2**20  # cuBLAS / cuSOLVER workspaces and allocator slack b
 # host memory a GPU run adds after the plan: CUDA context, cuBLAS, Triton, llm-compressor (measured on an H100)
 CUDA_HOST = 1200 * 2**20
 WEIGHT_BITS = {"W4A16": 4, "W8A16": 8}
-# per routed row (token x top-k), held by the CPU experts' solve on its device: the token (int64) and the routing
-# weight (fp32) of each, sorted by expert (ktq.calibrated.routed.RoutedRows)
-ROUTED_ROW_BYTES = 12
+# each routing entry (token x top-k): an int64 index (the expert's id in a group and on the host; the token's, once
+# the CPU experts' solve has sorted them by expert: ktq.calibrated.routed.RoutedRows) and an fp32 weight at most
+INDEX_BYTES, WEIGHT_BYTES = 8, 4
 EXPERTS_SHARE = 1 / 3  # of the memory left for experts and samples, what streamed chunks of experts may take
 
 
@@ -128,7 +128,7 @@ def routed_on_host(t: Terms, s: Sizes, pin: bool) -> int:
     is (ktq.calibrated.routed)."""
     if not t.routed or s.sample_group >= t.samples:
         return 0
-    ids, weights = 8 * t.routing, 4 * t.routing  # int64 ids; fp32 weights at most
+    ids, weights = INDEX_BYTES * t.routing, WEIGHT_BYTES * t.routing
     if not pin:
         return t.routed + ids + weights
     return pinned(t.routed) + pinned(ids) + pinned(weights) + 2 * pinned(t.staging)
@@ -227,10 +227,10 @@ def layer_terms(opts: GpuOptions, text: dict, spec: LayerSpec | None, dense: int
         activations=activation_bytes(text, seq, width, spec) if gptq else 0,
         # one batch: gate|up and their product in the model dtype; one sample's fp32 rows for its Hessians
         products=(SAMPLES_PER_PRODUCT * seq * 3 * i * width + seq * 4 * (h + i)) if gptq else 0,
-        per_sample=seq * (2 * h * width + 12 * k) if gptq else 0, samples=samples,
+        per_sample=seq * (2 * h * width + (INDEX_BYTES + WEIGHT_BYTES) * k) if gptq else 0, samples=samples,
         gptq=working_set_bytes(e, h, i, width) if gpu else 0,
         cpu_expert=expert_solve_bytes(h, i) if cpu else 0,
-        cpu_fixed=chunk_solve_bytes(h, i) + ROUTED_ROW_BYTES * samples * seq * k if cpu else 0,
+        cpu_fixed=chunk_solve_bytes(h, i) + (INDEX_BYTES + WEIGHT_BYTES) * samples * seq * k if cpu else 0,
         cache=cache_bytes(text, samples, seq, width) if gptq else 0,
         sample_hidden=cache_bytes(text, 1, seq, width) if gptq else 0,
         routed=cache_bytes(text, samples, seq, width) if gptq and cpu else 0,
