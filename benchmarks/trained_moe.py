@@ -219,9 +219,10 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def read_jsonl(path: Path) -> list[str]:
+    """The `text` of each line of a jsonl file (gzip-compressed when it ends in .gz); blank lines are skipped."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+        return [json.loads(line)["text"] for line in f if line.strip()]
 
 
 # ---- presets and the model's config ----------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from pathlib import Path
 # and kt-kernel's child inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -62,6 +63,7 @@ MARK = ".trained_quality"  # in --work: its out/ and logs/ are this script's to 
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from cpu_quality import Evaluator, cpu_command, gpu_command, log, machine, read_experts, read_tensor, run  # noqa: E402
+from trained_moe import read_jsonl, unigram_perplexity  # noqa: E402
 
 from kt_kernel_check import _kt_env, kt_kernel_variant  # noqa: E402
 
@@ -109,10 +111,6 @@ def conversion_command(name: str, src: Path, out: Path, args: argparse.Namespace
 
 # ---- the text ------------------------------------------------------------------------------------------------
 
-def documents(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-
-
 def token_stream(tokenizer, texts: list[str]) -> list[int]:
     """The documents' tokens, each document followed by the EOS token (the separator of packed training text)."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -128,12 +126,6 @@ def packed_rows(tokenizer, texts: list[str], tokens: int, seq: int) -> torch.Ten
     if len(stream) < tokens:
         log(f"the held-out text has {len(stream)} tokens, fewer than --eval-tokens {tokens}: measuring {rows * seq}")
     return torch.tensor(stream[:rows * seq]).view(rows, seq)
-
-
-def unigram_nll(tokenizer, texts: list[str], rows: torch.Tensor, vocab: int) -> float:
-    """Mean NLL of the rows' next tokens under the calibration text's token frequencies (add-one smoothing)."""
-    counts = torch.bincount(torch.tensor(token_stream(tokenizer, texts)), minlength=vocab).double() + 1
-    return -(counts / counts.sum()).log()[rows[:, 1:]].mean().item()
 
 
 # ---- reading the formats -------------------------------------------------------------------------------------
@@ -543,8 +535,8 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()  # the held-out documents are tokenised whole, longer than the model's context
     tokenizer = AutoTokenizer.from_pretrained(args.bf16)
-    heldout = packed_rows(tokenizer, documents(args.heldout), args.eval_tokens, args.seq)
-    calibration = documents(args.calibration)
+    heldout = packed_rows(tokenizer, read_jsonl(args.heldout), args.eval_tokens, args.seq)
+    calibration = read_jsonl(args.calibration)
     log(f"reference: the BF16 model on {heldout.numel()} held-out tokens")
     evaluator = Evaluator(args.bf16, heldout, args.batch)
     rows = evaluate(args, sources, formats, times, evaluator)
@@ -565,7 +557,8 @@ def main() -> None:
         "data": {"eval_tokens": heldout.numel(), "eval_rows": heldout.shape[0], "calibration_docs": len(calibration),
                  "calibration_tokens": sum(lengths), "calibration_doc_tokens_median": statistics.median(lengths),
                  "calibration_tokens_per_run": round(min(args.calibration_samples, len(lengths)) * per_sample)},
-        "unigram_ppl": float(torch.tensor(unigram_nll(tokenizer, calibration, heldout, config.vocab_size)).exp()),
+        "unigram_ppl": unigram_perplexity(np.asarray(token_stream(tokenizer, calibration)),
+                                          heldout[:, 1:].numpy().ravel(), config.vocab_size),
         "conversions": {f"{s} {n}": t for (s, n), t in times.items()},
         "rows": rows, "convert_seconds": convert_seconds,
         "eval_seconds": time.perf_counter() - started - convert_seconds,
