@@ -2,9 +2,10 @@
 DeepSeek-V3: 256 experts, hidden 7168, moe_intermediate 2048, 256 x 2048 tokens routed top-8).
 
 Runs ktq's own `calibrate_layer` with its stage clock once per --chunk (experts solved at a time), with the GPU
-peak against the plan's working set for that chunk; with --profile, the kernels of one chunk under torch.profiler
-(the top CUDA kernels by time); then ktgrid's inverse factor against GPTQ's own (cholesky, cholesky_inverse,
-cholesky) on the same eight Hessians, time and largest difference.
+peak against the plan's working set for that chunk; then one chunk's gate/up solve by part, on a GPU with ktgrid's
+Triton kernels against PyTorch's loops (time, and rows with the same steps and codes), with --profile its top CUDA
+kernels; then ktgrid's triangular inverse and inverse factor against PyTorch's and GPTQ's own (cholesky,
+cholesky_inverse, cholesky) on the same eight Hessians, time and largest difference.
 
     python benchmarks/cpu_experts_profile.py --out results/cpu-experts-profile.txt [--experts 256 --chunk 44 96]
 
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--chunk", type=int, nargs="+", default=[44], help="experts solved at a time, each a run")
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--profile", action="store_true", help="also the top kernels of one chunk (slow to tabulate)")
+    parser.add_argument("--profile", action="store_true", help="also the top kernels of one chunk's gate/up solve")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     lines: list[str] = []
@@ -117,14 +118,6 @@ def main() -> None:
             say(f"  GPU peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB; the plan's chunk working set "
                 f"{stacked_bytes(chunk, args.hidden, args.inter) / 1e9:.1f} GB")
 
-    if args.profile:
-        chunk = args.chunk[0]
-        one = [w[:chunk] for w in weights]
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            calibrate_layer(Resident(*one), routed_inputs(parts, device), act, args.bits, 1, chunk, host)
-        say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
-
     # one chunk's gate/up solve by part: the clipping search, the inverse factors, and the whole of it (the column
     # loop and its lazy updates are the rest), on the chunk's weights and one Hessian from the routed tokens
     chunk = args.chunk[0]
@@ -144,6 +137,23 @@ def main() -> None:
     whole = timed(lambda: ktgrid.quantize_to_grid(gate_up, hessians(), args.bits))
     say(f"gate/up solve of {chunk} experts: {whole:.2f} s; clipping search {clip:.2f} s, inverse factors "
         f"{inverse:.2f} s, the rest (column loop, lazy updates, layout copies) {whole - clip - inverse:.2f} s")
+    if device.type == "cuda":  # the Triton kernels against PyTorch's loops, same chunk, same run
+        loops = timed(lambda: ktgrid.quantize_to_grid(gate_up, hessians(), args.bits, kernels=False))
+        clip_loops = timed(lambda: ktgrid.clipped_steps(gate_up.float(), diag, args.bits, 1, kernels=False))
+        kernel = ktgrid.quantize_to_grid(gate_up, hessians(), args.bits)
+        torch_loops = ktgrid.quantize_to_grid(gate_up, hessians(), args.bits, kernels=False)
+        same_steps = (kernel.scales == torch_loops.scales).all(dim=2)
+        same_codes = (kernel.codes == torch_loops.codes).all(dim=2)
+        say(f"  with Triton kernels {whole:.2f} s, PyTorch's loops {loops:.2f} s: {loops / whole:.2f}x; clipping "
+            f"search {clip:.3f} s against {clip_loops:.3f} s: {clip_loops / clip:.1f}x")
+        say(f"  rows with the same steps {same_steps.float().mean().item():.6f}; of those, rows with the same codes "
+            f"{same_codes[same_steps].float().mean().item():.6f}")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                ktgrid.quantize_to_grid(gate_up, hessians(), args.bits)
+                sync()
+            say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
 
     # the triangular inverse inside it: ktgrid's by halves against one triangular solve against the identity, on 8
     # Cholesky factors of the chunk's Hessian

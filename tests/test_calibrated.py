@@ -15,7 +15,15 @@ import torch
 from conftest import mtimes, tree_files
 from faults import ForkServer
 from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
-from ktq.calibrated.ktgrid import LEAF, _inverse_factor, _lower_inverse, clipped_steps, quantize_to_grid
+from ktq.calibrated import grid_kernels
+from ktq.calibrated.ktgrid import (
+    LEAF,
+    _inverse_factor,
+    _lower_inverse,
+    _round_block,
+    clipped_steps,
+    quantize_to_grid,
+)
 from ktq.calibrated.output import dequantized_layer
 from ktq.cpu.layout import Layout
 from ktq.cpu.scan import recognise
@@ -403,6 +411,38 @@ def test_block_loop_gives_the_codes_of_textbook_gptq():
     for bits in (4, 8):
         codes = quantize_to_grid(weights, hessians.clone(), bits).codes
         assert torch.equal(codes.double(), _textbook_gptq(weights, hessians, bits))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or grid_kernels.triton is None, reason="needs a GPU and Triton")
+def test_triton_kernels_compute_what_ktgrids_pytorch_loops_do():
+    """On a GPU: the column loop's kernel gives PyTorch's codes and errors to the bit, on a whole block and a
+    narrower one of strided views as the solve passes them; the clipping search's kernel the same steps, but for
+    rows whose best ratios tie to the last bits (its sums run in another order: at most 1 in 1000 rows)."""
+    generator = torch.Generator().manual_seed(8)
+    hessian = torch.randn((300, 300), generator=generator)
+    hessian = hessian @ hessian.T / 300 + torch.eye(300)
+    factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    wt = torch.randn((3, 300, 600), generator=generator).cuda()
+    hinv = factor.expand(3, 300, 300).contiguous().cuda()
+    steps = (torch.rand((3, 300, 600), generator=generator) * 0.1 + 0.05).cuda()
+    for bits, (i1, i2) in zip((4, 8), ((0, 128), (256, 300))):
+        levels = LEVELS[bits]
+        out = []
+        for round_block in (grid_kernels.round_block, _round_block):
+            codes = torch.empty((3, 300, 600), dtype=torch.int8, device="cuda")
+            err = torch.empty((3, 128, 600), device="cuda")
+            round_block(wt[:, i1:i2].clone(), hinv[:, i1:i2, i1:i2], steps[:, i1:i2], levels, codes[:, i1:i2],
+                        err[:, :i2 - i1])
+            out.append((codes[:, i1:i2], err[:, :i2 - i1]))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        assert out[0][0].abs().max() == levels
+    weights = (torch.randn((4, 512, 2048), generator=generator) * torch.rand((4, 512, 1), generator=generator)).cuda()
+    importance = torch.exp(torch.randn((4, 2048), generator=generator)).cuda()
+    for bits, groups in ((4, 1), (8, 2)):
+        kernel = clipped_steps(weights, importance, bits, groups)
+        torch_loops = clipped_steps(weights, importance, bits, groups, kernels=False)
+        assert kernel.shape == torch_loops.shape == (4, 512, groups)
+        assert (kernel != torch_loops).float().mean() <= 1e-3
 
 
 def test_lower_inverse_by_halves_is_the_inverse():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ktq.calibrated import grid_kernels
 from ktq.kernels.ktformat import BY_BITS
 from ktq.precision import matmul_precision
 
@@ -54,14 +55,18 @@ class GridCodes:
             target[first - matrices.start:last - matrices.start].copy_(part.dequantize(bits))
 
 
-def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, groups: int,
+                  kernels: bool = True) -> torch.Tensor:
     """Grid steps [B, R, G] (value of code 1) for weights [B, R, C] fp32 split into `groups` column groups: per row
-    and group, the clipping ratio with the least sum over columns of importance [B, C] x (w - rtn(w))^2."""
+    and group, the clipping ratio with the least sum over columns of importance [B, C] x (w - rtn(w))^2. On a GPU
+    one Triton kernel (grid_kernels) unless `kernels` is False."""
+    levels = BY_BITS[bits].max_code
+    if kernels and grid_kernels.usable(weights):
+        return grid_kernels.clipped_steps(weights, importance, CLIP_RATIOS, levels, groups)
     b, r, c = weights.shape
     w = weights.view(b, r, groups, c // groups)
     imp = importance.view(b, 1, groups, c // groups)
     amax = w.abs().amax(dim=3)
-    levels = BY_BITS[bits].max_code
     best_err = torch.full_like(amax, float("inf"))
     best = amax / levels
     work = torch.empty_like(w)  # one buffer for every ratio: fresh memory is slow to touch, and this is the size of w
@@ -77,16 +82,18 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
 
 
 def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits: int, groups: int = 1,
-                     dampening: float = 0.01) -> GridCodes:
+                     dampening: float = 0.01, kernels: bool = True) -> GridCodes:
     """Codes for weights [B, R, C] (any float dtype; not modified) against hessians [B, C, C] fp32 (consumed:
     overwritten by their inverse factors), or by round to nearest on the clipped steps when hessians is None. A
-    Hessian that is zero or not positive definite even after more dampening gives round-to-nearest for its matrix."""
+    Hessian that is zero or not positive definite even after more dampening gives round-to-nearest for its matrix.
+    On a GPU the clipping search and the column loop run as Triton kernels (grid_kernels) unless `kernels` is
+    False (PyTorch's loops, for comparison)."""
     w = weights.to(torch.float32, copy=True)
     del weights  # the caller's copy may go as soon as it is dropped there
     b, r, c = w.shape
     levels = BY_BITS[bits].max_code
     if hessians is None:
-        steps = clipped_steps(w, torch.ones((b, c), device=w.device), bits, groups)
+        steps = clipped_steps(w, torch.ones((b, c), device=w.device), bits, groups, kernels)
         codes = _round(w, steps.repeat_interleave(c // groups, dim=2), levels)
         return GridCodes(codes.to(torch.int8), steps / BY_BITS[bits].code_step, groups,
                          torch.ones(b, dtype=torch.bool, device=w.device))
@@ -98,7 +105,7 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     alive = (~dead).sum(dim=1)
     mean = torch.where(alive > 0, diag.sum(dim=1) / alive.clamp_min(1), torch.ones_like(diag[:, 0]))
     diag.copy_(torch.where(dead, mean[:, None], diag))
-    steps = clipped_steps(w, diag, bits, groups)
+    steps = clipped_steps(w, diag, bits, groups, kernels)
     perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # static activation order
     hinv, fallback = _inverse_factor(hessians, perm, dampening)
     del hessians, diag
@@ -110,23 +117,31 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     del w
     group_of = perm // (c // groups)  # [B, C]: the step group of each column, in the solved order
     codes_t = torch.empty((b, c, r), dtype=torch.int8, device=wt.device)
-    q = torch.empty((b, BLOCK, r), dtype=torch.float32, device=wt.device)
-    err = torch.empty_like(q)
+    err = torch.empty((b, BLOCK, r), dtype=torch.float32, device=wt.device)
+    round_block = grid_kernels.round_block if kernels and grid_kernels.usable(wt) else _round_block
     for i1 in range(0, c, BLOCK):
         i2 = min(i1 + BLOCK, c)
-        w1, h1 = wt[:, i1:i2], hinv[:, i1:i2, i1:i2]
         s1 = torch.gather(steps.mT, 1, group_of[:, i1:i2, None].expand(b, i2 - i1, r))  # [B, block, R]
-        # one column at a time, in few kernels: on a GPU this loop's cost is the launches, not the arithmetic
-        for i in range(i2 - i1):
-            qi = torch.div(w1[:, i], s1[:, i], out=q[:, i]).round_().clamp_(-levels, levels)
-            ei = torch.addcmul(w1[:, i], qi, s1[:, i], value=-1, out=err[:, i]).div_(h1[:, i, i, None])
-            w1[:, i + 1:].addcmul_(h1[:, i, i + 1:, None], ei[:, None, :], value=-1)
-        codes_t[:, i1:i2].copy_(q[:, :i2 - i1])
+        round_block(wt[:, i1:i2], hinv[:, i1:i2, i1:i2], s1, levels, codes_t[:, i1:i2], err[:, :i2 - i1])
         wt[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].mT, err[:, :i2 - i1], alpha=-1)
     del wt, hinv
     codes = torch.empty((b, r, c), dtype=torch.int8, device=codes_t.device).scatter_(
         2, perm[:, None, :].expand(b, r, c), codes_t.mT)
     return GridCodes(codes, steps / BY_BITS[bits].code_step, groups, fallback | (alive == 0))
+
+
+def _round_block(w1: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, levels: int, codes: torch.Tensor,
+                 err: torch.Tensor) -> None:
+    """GPTQ's column loop over one block of columns of a batch of matrices (w1 [B, n, R], each column one
+    contiguous row of R weights; worked on in place): each column rounded onto its steps s1 [B, n, R], its error
+    divided by the inverse factor h1 [B, n, n]'s diagonal and carried into the block's later columns. codes int8
+    and err (the scaled errors, for the lazy update of the later blocks) [B, n, R] written. On a GPU
+    grid_kernels.round_block does the same in one kernel."""
+    for i in range(w1.shape[1]):
+        qi = torch.div(w1[:, i], s1[:, i]).round_().clamp_(-levels, levels)
+        ei = torch.addcmul(w1[:, i], qi, s1[:, i], value=-1, out=err[:, i]).div_(h1[:, i, i, None])
+        w1[:, i + 1:].addcmul_(h1[:, i, i + 1:, None], ei[:, None, :], value=-1)
+        codes[:, i].copy_(qi)
 
 
 def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Triton kernels for ktgrid's two hot loops on a GPU: the clipping search and GPTQ's column loop within a block.
+
+In PyTorch both are chains of small elementwise kernels: the clipping search makes ~16 passes over the weights for
+each of its 13 ratios (0.58 s of a 3.5 s DeepSeek-V3 gate/up chunk on an H100), and the column loop six launches per
+column, its in-block update reading and writing the whole block once per column (~17 GB per 128-column block of 64
+gate/up matrices). Here each program keeps its part in registers: one row-group of weights read twice (its largest
+magnitude, then every ratio's error at once), or one tile of rows through all of a block's columns.
+
+Each value is computed with the operations of ktgrid's PyTorch code, in the same order, rounded the same way:
+IEEE division (div_rn, not Triton's approximate `/`), rint (torch.round: half to even), no fused multiply-adds
+(`enable_fp_fusion=False`; PyTorch's addcmul rounds the product before the sum). The column loop is bit-identical to
+PyTorch's; the clipping search's sums run in another order, so a ratio whose error ties another's to the last bits
+may be chosen differently (benchmarks/cpu_experts_profile.py counts such rows against PyTorch's, same run).
+
+Triton comes with PyTorch's CUDA wheels; without it (or on the CPU) ktgrid runs its PyTorch code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU-only PyTorch: ktgrid keeps its PyTorch loops
+    triton = None
+
+TILE_ROWS = 32  # rows of a block each column-loop program carries through the block's columns
+CLIP_COLUMNS = 256  # columns of a row-group each clipping-search step takes, for all ratios at once
+RATIO_SLOTS = 16  # the clipping ratios padded to a power of two (Triton's tensor sizes)
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    return triton is not None and tensor.is_cuda
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_block_kernel(w_ptr, h_ptr, s_ptr, code_ptr, err_ptr, n, rows, levels,
+                            w_sb, w_sc, h_sb, h_sc, s_sb, s_sc, c_sb, c_sc, e_sb, e_sc,
+                            BLOCK: tl.constexpr, TILE: tl.constexpr):
+        """One matrix's tile of TILE rows through a block's n columns (each column one row of the [n, rows]
+        layouts), as ktgrid._round_block: the tile's weights stay in registers, updated column by column; each
+        column's steps and inverse factor row are read as it comes, its codes and scaled errors written."""
+        b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements in large chunks
+        r = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        col = tl.arange(0, BLOCK)
+        in_rows = r < rows
+        w = tl.load(w_ptr + b * w_sb + col[:, None] * w_sc + r[None, :],
+                    mask=(col[:, None] < n) & in_rows[None, :], other=0.0)
+        h_row = h_ptr + b * h_sb
+        for i in range(n):
+            wi = tl.sum(tl.where((col == i)[:, None], w, 0.0), axis=0)  # column i: exact (the rest are zeros)
+            si = tl.load(s_ptr + b * s_sb + i * s_sc + r, mask=in_rows, other=1.0)
+            qi = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(wi, si)), -levels), levels)
+            ei = tl.math.div_rn(wi - qi * si, tl.load(h_row + i * h_sc + i))
+            hi = tl.load(h_row + i * h_sc + col, mask=(col > i) & (col < n), other=0.0)
+            w = w - hi[:, None] * ei[None, :]
+            tl.store(code_ptr + b * c_sb + i * c_sc + r, qi.to(tl.int8), mask=in_rows)
+            tl.store(err_ptr + b * e_sb + i * e_sc + r, ei, mask=in_rows)
+
+    @triton.jit
+    def _clip_kernel(w_ptr, imp_ptr, ratio_ptr, step_ptr, rows, groups, width, levels, tiny,
+                     COUNT: tl.constexpr, SLOTS: tl.constexpr, COLUMNS: tl.constexpr):
+        """The step of one row-group (`width` contiguous columns of a [B, R, C] matrix batch) as
+        ktgrid.clipped_steps: its largest magnitude, then the importance-weighted error of every ratio."""
+        pid = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements in large chunks
+        g = pid % groups
+        b = pid // (groups * rows)
+        row = w_ptr + (pid // groups) * (groups * width) + g * width
+        imp = imp_ptr + b * (groups * width) + g * width
+        offs = tl.arange(0, COLUMNS)
+        amax = tl.zeros((COLUMNS,), dtype=tl.float32)
+        for c0 in range(0, width, COLUMNS):
+            amax = tl.maximum(amax, tl.abs(tl.load(row + c0 + offs, mask=c0 + offs < width, other=0.0)))
+        top = tl.max(amax, axis=0)
+        k = tl.arange(0, SLOTS)
+        ratios = tl.load(ratio_ptr + k, mask=k < COUNT, other=1.0)
+        # PyTorch divides by a Python number as a product with its reciprocal
+        steps = tl.maximum(top * ratios * tl.math.div_rn(1.0, levels), tiny)
+        err = tl.zeros((SLOTS,), dtype=tl.float32)
+        for c0 in range(0, width, COLUMNS):
+            inside = c0 + offs < width
+            w = tl.load(row + c0 + offs, mask=inside, other=0.0)[None, :]
+            q = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(w, steps[:, None])), -levels), levels)
+            d = q * steps[:, None] - w
+            err += tl.sum(d * d * tl.load(imp + c0 + offs, mask=inside, other=0.0)[None, :], axis=1)
+        err = tl.where(k < COUNT, err, float("inf"))
+        # the first of the least errors, as ktgrid's strict `<` over the ratios in order keeps it
+        best = tl.min(err, axis=0)
+        first = tl.min(tl.where(err == best, k, SLOTS), axis=0)
+        tl.store(step_ptr + pid, tl.sum(tl.where(k == first, steps, 0.0), axis=0))
+
+
+def round_block(w1: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, levels: int, codes: torch.Tensor,
+                err: torch.Tensor) -> None:
+    """ktgrid._round_block on a GPU: w1 / s1 [B, n, R] and h1 [B, n, n] fp32 (rows contiguous; w1 not modified),
+    codes int8 and err fp32 [B, n, R] written."""
+    b, n, rows = w1.shape
+    for t in (w1, h1, s1, codes, err):
+        assert t.stride(-1) == 1, "rows must be contiguous"
+    grid = (triton.cdiv(rows, TILE_ROWS), b)
+    _round_block_kernel[grid](w1, h1, s1, codes, err, n, rows, float(levels),
+                              w1.stride(0), w1.stride(1), h1.stride(0), h1.stride(1), s1.stride(0), s1.stride(1),
+                              codes.stride(0), codes.stride(1), err.stride(0), err.stride(1),
+                              BLOCK=triton.next_power_of_2(n), TILE=TILE_ROWS, enable_fp_fusion=False)
+
+
+def clipped_steps(w: torch.Tensor, importance: torch.Tensor, ratios: tuple[float, ...], levels: int,
+                  groups: int) -> torch.Tensor:
+    """ktgrid.clipped_steps on a GPU: w [B, R, C] fp32 contiguous, importance [B, C]; steps [B, R, groups]."""
+    b, r, c = w.shape
+    w, importance = w.contiguous(), importance.to(torch.float32).contiguous()
+    steps = torch.empty((b, r, groups), dtype=torch.float32, device=w.device)
+    table = torch.tensor(ratios, dtype=torch.float32, device=w.device)
+    _clip_kernel[(b * r * groups,)](w, importance, table, steps, r, groups, c // groups, float(levels),
+                                    torch.finfo(torch.float32).tiny, COUNT=len(ratios), SLOTS=RATIO_SLOTS,
+                                    COLUMNS=CLIP_COLUMNS, enable_fp_fusion=False)
+    return steps
