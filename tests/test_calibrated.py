@@ -431,8 +431,8 @@ def test_triton_kernels_compute_what_ktgrids_pytorch_loops_do():
         for round_block in (grid_kernels.round_block, _round_block):
             codes = torch.empty((3, 300, 600), dtype=torch.int8, device="cuda")
             err = torch.empty((3, 128, 600), device="cuda")
-            round_block(wt[:, i1:i2].clone(), hinv[:, i1:i2, i1:i2], steps[:, i1:i2], levels, codes[:, i1:i2],
-                        err[:, :i2 - i1])
+            round_block(wt[:, i1:i2].clone(), hinv[:, i1:i2, i1:i2], steps[:, i1:i2] * 7 / levels, levels,
+                        codes[:, i1:i2], err[:, :i2 - i1])
             out.append((codes[:, i1:i2], err[:, :i2 - i1]))
         assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
         assert out[0][0].abs().max() == levels
