@@ -4,8 +4,8 @@ DeepSeek-V3: 256 experts, hidden 7168, moe_intermediate 2048, 256 x 2048 tokens 
 Runs ktq's own `calibrate_layer` with its stage clock once per --chunk (experts solved at a time), with the GPU
 peak against the plan's working set for that chunk; then one chunk's gate/up solve by part, on a GPU with ktgrid's
 Triton kernels against PyTorch's loops (time, and rows with the same steps and codes), with --profile its top CUDA
-kernels; then ktgrid's triangular inverse and inverse factor against PyTorch's and GPTQ's own (cholesky,
-cholesky_inverse, cholesky) on the same eight Hessians, time and largest difference.
+kernels; then ktgrid's feedback factor against GPTQ's inverse factor (cholesky, cholesky_inverse, cholesky) on the same
+eight Hessians, time and largest difference.
 
     python benchmarks/cpu_experts_profile.py --out results/cpu-experts-profile.txt [--experts 256 --chunk 44 96]
 
@@ -118,7 +118,7 @@ def main() -> None:
             say(f"  GPU peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB; the plan's chunk working set "
                 f"{stacked_bytes(chunk, args.hidden, args.inter) / 1e9:.1f} GB")
 
-    # one chunk's gate/up solve by part: the clipping search, the inverse factors, and the whole of it (the column
+    # one chunk's gate/up solve by part: the clipping search, the feedback factors, and the whole of it (the column
     # loop and its lazy updates are the rest), on the chunk's weights and one Hessian from the routed tokens
     chunk = args.chunk[0]
     gate_up = torch.cat([weights[0][:chunk], weights[1][:chunk]], dim=1)
@@ -133,10 +133,10 @@ def main() -> None:
     order = torch.argsort(diag, dim=1, descending=True, stable=True)
     # each timing includes making its inputs (one copy of the chunk's weights or Hessians: milliseconds)
     clip = timed(lambda: ktgrid.clipped_steps(gate_up.float(), diag, args.bits, 1))
-    inverse = timed(lambda: ktgrid._inverse_factor(hessians(), order, 0.01))
+    factor = timed(lambda: ktgrid._feedback_factor(hessians(), order, 0.01))
     whole = timed(lambda: ktgrid.quantize_to_grid(gate_up, hessians(), args.bits))
-    say(f"gate/up solve of {chunk} experts: {whole:.2f} s; clipping search {clip:.2f} s, inverse factors "
-        f"{inverse:.2f} s, the rest (column loop, lazy updates, layout copies) {whole - clip - inverse:.2f} s")
+    say(f"gate/up solve of {chunk} experts: {whole:.2f} s; clipping search {clip:.2f} s, feedback factors "
+        f"{factor:.2f} s, the rest (column loop, lazy updates, layout copies) {whole - clip - factor:.2f} s")
     if device.type == "cuda":  # the Triton kernels against PyTorch's loops, same chunk, same run
         loops = timed(lambda: ktgrid.quantize_to_grid(gate_up, hessians(), args.bits, kernels=False))
         clip_loops = timed(lambda: ktgrid.clipped_steps(gate_up.float(), diag, args.bits, 1, kernels=False))
@@ -155,23 +155,8 @@ def main() -> None:
                 sync()
             say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
 
-    # the triangular inverse inside it: ktgrid's by halves against one triangular solve against the identity, on 8
-    # Cholesky factors of the chunk's Hessian
-    eye = torch.eye(hessian.shape[0], device=device)
-    lower = torch.linalg.cholesky(hessian.expand(8, *hessian.shape) + 0.01 * hessian.diagonal().mean() * eye)
-    solved = timed(lambda: [torch.linalg.solve_triangular(m, eye, upper=False) for m in lower])
-    halves = timed(lambda: [ktgrid._lower_inverse(m) for m in lower])
-    reference = torch.linalg.solve_triangular(lower[0].double(), eye.double(), upper=False)
-
-    def error(inverse: torch.Tensor) -> float:
-        return (inverse.double() - reference).abs().max().item() / reference.abs().max().item()
-
-    say(f"triangular inverse of 8 x {lower.shape[1]}^2: solve_triangular {solved:.3f} s, by halves {halves:.3f} s: "
-        f"{solved / halves:.2f}x; largest error against float64 "
-        f"{error(torch.linalg.solve_triangular(lower[0], eye, upper=False)):.1e} and "
-        f"{error(ktgrid._lower_inverse(lower[0])):.1e} of the largest entry")
-
-    # the inverse factor of 8 gate/up Hessians: ktgrid's against GPTQ's own three factorisations, the same matrices
+    # the feedback factor of 8 gate/up Hessians against GPTQ's own inverse factor (cholesky, cholesky_inverse,
+    # cholesky), the same matrices; the largest difference of ours from GPTQ's inverted (float64) and column-scaled
     b, c = 8, args.hidden
     x = torch.cat([p[0] for p in parts])[:16384].float()
     base = (x.T @ x / x.shape[0]).expand(b, c, c).clone()
@@ -181,12 +166,14 @@ def main() -> None:
     def gptq_factor():
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(base)), upper=True)
 
-    ours = ktgrid._inverse_factor(base.clone(), order, 0.0)[0]
-    theirs = gptq_factor()
-    say(f"inverse factor, {b} x {c}^2: ktgrid {timed(lambda: ktgrid._inverse_factor(base.clone(), order, 0.0)):.3f} s, "
-        f"GPTQ's cholesky + cholesky_inverse + cholesky {timed(gptq_factor):.3f} s, the copy alone "
-        f"{timed(base.clone):.3f} s; largest difference {(ours - theirs).abs().max() / theirs.abs().max():.1e} "
-        "of the largest entry")
+    ours = ktgrid._feedback_factor(base.clone(), order, 0.0)[0][0].double()
+    inverse = torch.linalg.inv(gptq_factor()[0].double())
+    expected = inverse / inverse.diagonal()
+    ours_s = timed(lambda: ktgrid._feedback_factor(base.clone(), order, 0.0))
+    difference = (ours - expected).abs().max() / expected.abs().max()
+    say(f"feedback factor, {b} x {c}^2: ktgrid {ours_s:.3f} s, GPTQ's inverse factor (cholesky + cholesky_inverse + "
+        f"cholesky) {timed(gptq_factor):.3f} s, the copy alone {timed(base.clone):.3f} s; largest difference "
+        f"{difference:.1e} of the largest entry")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
 

@@ -17,9 +17,7 @@ from faults import ForkServer
 from gpu_models import chat_rows, run_ktq, run_ktq_capture, write_jsonl
 from ktq.calibrated import grid_kernels
 from ktq.calibrated.ktgrid import (
-    LEAF,
-    _inverse_factor,
-    _lower_inverse,
+    _feedback_factor,
     _round_block,
     clipped_steps,
     quantize_to_grid,
@@ -420,20 +418,20 @@ def test_triton_kernels_compute_what_ktgrids_pytorch_loops_do():
     rows whose best ratios tie to the last bits (its sums run in another order: at most 1 in 1000 rows)."""
     generator = torch.Generator().manual_seed(8)
     hessian = torch.randn((300, 300), generator=generator)
-    hessian = hessian @ hessian.T / 300 + torch.eye(300)
-    factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    wt = torch.randn((3, 300, 600), generator=generator).cuda()
-    hinv = factor.expand(3, 300, 300).contiguous().cuda()
+    hessian = (hessian @ hessian.T / 300 + torch.eye(300)).expand(3, 300, 300).contiguous()
+    feedback = _feedback_factor(hessian, torch.arange(300).expand(3, 300), 0.01)[0].cuda()
+    weights = torch.randn((3, 300, 600), generator=generator).cuda()
+    with_feedback = weights + 0.1 * torch.randn((3, 300, 600), generator=generator).cuda()
     steps = (torch.rand((3, 300, 600), generator=generator) * 0.1 + 0.05).cuda()
     for bits, (i1, i2) in zip((4, 8), ((0, 128), (256, 300))):
         levels = LEVELS[bits]
         out = []
         for round_block in (grid_kernels.round_block, _round_block):
             codes = torch.empty((3, 300, 600), dtype=torch.int8, device="cuda")
-            err = torch.empty((3, 128, 600), device="cuda")
-            round_block(wt[:, i1:i2].clone(), hinv[:, i1:i2, i1:i2], steps[:, i1:i2] * 7 / levels, levels,
-                        codes[:, i1:i2], err[:, :i2 - i1])
-            out.append((codes[:, i1:i2], err[:, :i2 - i1]))
+            errors = torch.empty((3, 128, 600), device="cuda")
+            round_block(with_feedback[:, i1:i2].clone(), weights[:, i1:i2], feedback[:, i1:i2, i1:i2],
+                        steps[:, i1:i2] * 7 / levels, levels, codes[:, i1:i2], errors[:, :i2 - i1])
+            out.append((codes[:, i1:i2], errors[:, :i2 - i1]))
         assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
         assert out[0][0].abs().max() == levels
     weights = (torch.randn((4, 512, 2048), generator=generator) * torch.rand((4, 512, 1), generator=generator)).cuda()
@@ -445,35 +443,21 @@ def test_triton_kernels_compute_what_ktgrids_pytorch_loops_do():
         assert (kernel != torch_loops).float().mean() <= 1e-3
 
 
-def test_lower_inverse_by_halves_is_the_inverse():
-    """1100 rows split unevenly down to blocks of at most LEAF: as close to float64's inverse as a triangular solve
-    gets, and exactly zero above the diagonal."""
-    generator = torch.Generator().manual_seed(7)
-    x = torch.randn((2200, 1100), generator=generator) * torch.exp(torch.randn(1100, generator=generator) * 0.7)
-    hessian = x.T @ x / 2200
-    hessian.diagonal().add_(0.01 * hessian.diagonal().mean())
-    lower = torch.linalg.cholesky(hessian)
-    eye = torch.eye(1100, dtype=torch.float64)
-    reference = torch.linalg.solve_triangular(lower.double(), eye, upper=False)
-    solved = torch.linalg.solve_triangular(lower, eye.float(), upper=False)
-    halves = _lower_inverse(lower)
-    assert 1100 > 2 * LEAF
-    error = (halves.double() - reference).abs().max()
-    assert error <= 2 * (solved.double() - reference).abs().max() + 1e-7 * reference.abs().max()
-    assert torch.equal(halves.triu(1), torch.zeros_like(halves))
-
-
-def test_inverse_factor_is_gptqs_and_gives_up_on_indefinite_matrices():
+def test_feedback_factor_is_the_inverse_of_gptqs_and_gives_up_on_indefinite_matrices():
+    """The feedback factor is A = U^-1 (U GPTQ's upper Cholesky factor of H^-1) with each column divided by its
+    diagonal, reached from one Cholesky factorisation of the reordered, dampened Hessian."""
     generator = torch.Generator().manual_seed(4)
-    x = torch.randn((512, 64), generator=generator)
+    x = torch.randn((512, 64), generator=generator) * torch.exp(torch.randn(64, generator=generator))
     good = x.T @ x / 512
     bad = -torch.eye(64)  # no dampening makes it positive definite
     order = torch.stack([torch.randperm(64, generator=generator), torch.arange(64)])
-    factor, fallback = _inverse_factor(torch.stack([good, bad]), order, 0.01)
-    h = good[order[0]][:, order[0]]
+    factor, fallback = _feedback_factor(torch.stack([good, bad]), order, 0.01)
+    h = good[order[0]][:, order[0]].double()
     h.diagonal().add_(0.01 * h.diagonal().mean())
-    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())), upper=True)
+    inverse = torch.linalg.inv(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True))
+    expected = inverse / inverse.diagonal()
     assert torch.allclose(factor[0].double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    assert torch.equal(factor[0].diagonal(), torch.ones(64)) and torch.equal(factor[0].tril(-1), torch.zeros(64, 64))
     assert torch.equal(factor[1], torch.eye(64)) and fallback.tolist() == [False, True]
 
 

@@ -1,7 +1,7 @@
 """Triton kernels for ktgrid's two hot loops on a GPU: the clipping search and GPTQ's column loop within a block.
 
 In PyTorch both are chains of small elementwise kernels: the clipping search makes ~16 passes over the weights for
-each of its 13 ratios (0.58 s of a 3.5 s DeepSeek-V3 gate/up chunk on an H100), and the column loop six launches per
+each of its 13 ratios (0.58 s of a 3.5 s DeepSeek-V3 gate/up chunk on an H100), and the column loop five launches per
 column, its in-block update reading and writing the whole block once per column (~17 GB per 128-column block of 64
 gate/up matrices). Here each program keeps its part in registers: one row-group of weights read twice (its largest
 magnitude, then every ratio's error at once), or one tile of rows through all of a block's columns.
@@ -38,26 +38,27 @@ def usable(tensor: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _round_block_kernel(w_ptr, h_ptr, s_ptr, code_ptr, err_ptr, n, rows, levels,
-                            w_sb, w_sc, h_sb, h_sc, s_sb, s_sc, c_sb, c_sc, e_sb, e_sc,
+    def _round_block_kernel(v_ptr, w_ptr, f_ptr, s_ptr, code_ptr, err_ptr, n, rows, levels,
+                            v_sb, v_sc, w_sb, w_sc, f_sb, f_sc, s_sb, s_sc, c_sb, c_sc, e_sb, e_sc,
                             BLOCK: tl.constexpr, TILE: tl.constexpr):
         """One matrix's tile of TILE rows through a block's n columns (each column one row of the [n, rows]
-        layouts), as ktgrid._round_block: the tile's weights stay in registers, updated column by column; each
-        column's steps and inverse factor row are read as it comes, its codes and scaled errors written."""
+        layouts), as ktgrid._round_block: the tile's weights with their feedback stay in registers, updated column
+        by column; each column's steps, own weights and feedback row are read as it comes, its codes and errors
+        written."""
         b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements in large chunks
         r = tl.program_id(0) * TILE + tl.arange(0, TILE)
         col = tl.arange(0, BLOCK)
         in_rows = r < rows
-        w = tl.load(w_ptr + b * w_sb + col[:, None] * w_sc + r[None, :],
+        v = tl.load(v_ptr + b * v_sb + col[:, None] * v_sc + r[None, :],
                     mask=(col[:, None] < n) & in_rows[None, :], other=0.0)
-        h_row = h_ptr + b * h_sb
+        f_row = f_ptr + b * f_sb
         for i in range(n):
-            wi = tl.sum(tl.where((col == i)[:, None], w, 0.0), axis=0)  # column i: exact (the rest are zeros)
+            vi = tl.sum(tl.where((col == i)[:, None], v, 0.0), axis=0)  # column i: exact (the rest are zeros)
             si = tl.load(s_ptr + b * s_sb + i * s_sc + r, mask=in_rows, other=1.0)
-            qi = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(wi, si)), -levels), levels)
-            ei = tl.math.div_rn(wi - qi * si, tl.load(h_row + i * h_sc + i))
-            hi = tl.load(h_row + i * h_sc + col, mask=(col > i) & (col < n), other=0.0)
-            w = w - hi[:, None] * ei[None, :]
+            qi = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(vi, si)), -levels), levels)
+            ei = tl.load(w_ptr + b * w_sb + i * w_sc + r, mask=in_rows, other=0.0) - qi * si
+            fi = tl.load(f_row + i * f_sc + col, mask=(col > i) & (col < n), other=0.0)
+            v = v + fi[:, None] * ei[None, :]
             tl.store(code_ptr + b * c_sb + i * c_sc + r, qi.to(tl.int8), mask=in_rows)
             tl.store(err_ptr + b * e_sb + i * e_sc + r, ei, mask=in_rows)
 
@@ -94,18 +95,17 @@ if triton is not None:
         tl.store(step_ptr + pid, tl.sum(tl.where(k == first, steps, 0.0), axis=0))
 
 
-def round_block(w1: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, levels: int, codes: torch.Tensor,
-                err: torch.Tensor) -> None:
-    """ktgrid._round_block on a GPU: w1 / s1 [B, n, R] and h1 [B, n, n] fp32 (rows contiguous; w1 not modified),
-    codes int8 and err fp32 [B, n, R] written."""
-    b, n, rows = w1.shape
-    for t in (w1, h1, s1, codes, err):
-        assert t.stride(-1) == 1, "rows must be contiguous"
-    grid = (triton.cdiv(rows, TILE_ROWS), b)
-    _round_block_kernel[grid](w1, h1, s1, codes, err, n, rows, float(levels),
-                              w1.stride(0), w1.stride(1), h1.stride(0), h1.stride(1), s1.stride(0), s1.stride(1),
-                              codes.stride(0), codes.stride(1), err.stride(0), err.stride(1),
-                              BLOCK=triton.next_power_of_2(n), TILE=TILE_ROWS, enable_fp_fusion=False)
+def round_block(v1: torch.Tensor, w1: torch.Tensor, f1: torch.Tensor, s1: torch.Tensor, levels: int,
+                codes: torch.Tensor, errors: torch.Tensor) -> None:
+    """ktgrid._round_block on a GPU: v1 / w1 / s1 [B, n, R] and f1 [B, n, n] fp32 (rows contiguous; v1 not
+    modified), codes int8 and errors fp32 [B, n, R] written."""
+    b, n, rows = v1.shape
+    tensors = (v1, w1, f1, s1, codes, errors)
+    assert all(t.stride(-1) == 1 for t in tensors), "rows must be contiguous"
+    strides = [stride for t in tensors for stride in (t.stride(0), t.stride(1))]
+    _round_block_kernel[(triton.cdiv(rows, TILE_ROWS), b)](*tensors, n, rows, float(levels), *strides,
+                                                           BLOCK=triton.next_power_of_2(n), TILE=TILE_ROWS,
+                                                           enable_fp_fusion=False)
 
 
 def clipped_steps(w: torch.Tensor, importance: torch.Tensor, ratios: tuple[float, ...], levels: int,

@@ -11,7 +11,8 @@ fraction of the mean diagonal (columns no calibration token reached are rounded 
 
 Scales come first, per row and part, by a clipping search: the step that minimises the round-to-nearest error
 weighted by the Hessian's diagonal (the inputs' energy per column), among shrinking clipping ratios; then GPTQ
-rounds column by column and carries each column's error into the columns not yet rounded.
+rounds column by column and carries each column's error into the columns not yet rounded, with feedback taken from
+the Hessian's Cholesky factor alone (_feedback_factor: no inverse of it, unlike GPTQModifier).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from ktq.kernels.ktformat import BY_BITS
 from ktq.precision import matmul_precision
 
 BLOCK = 128  # columns per lazy-update block, as GPTQModifier.block_size
-LEAF = 512  # the triangular inverse's blocks solved directly (_lower_inverse): the fastest of 256 / 512 / 1024 here
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 down to 0.7 of each row's largest magnitude
 
 
@@ -83,13 +83,12 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
 
 def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits: int, groups: int = 1,
                      dampening: float = 0.01, kernels: bool = True) -> GridCodes:
-    """Codes for weights [B, R, C] (any float dtype; not modified) against hessians [B, C, C] fp32 (consumed:
-    overwritten by their inverse factors), or by round to nearest on the clipped steps when hessians is None. A
-    Hessian that is zero or not positive definite even after more dampening gives round-to-nearest for its matrix.
-    On a GPU the clipping search and the column loop run as Triton kernels (grid_kernels) unless `kernels` is
-    False (PyTorch's loops, for comparison)."""
+    """Codes for weights [B, R, C] (any float dtype; not modified, read again block by block) against hessians
+    [B, C, C] fp32 (consumed: overwritten by their feedback factors), or by round to nearest on the clipped steps
+    when hessians is None. A Hessian that is zero or not positive definite even after more dampening gives
+    round-to-nearest for its matrix. On a GPU the clipping search and the column loop run as Triton kernels
+    (grid_kernels) unless `kernels` is False (PyTorch's loops, for comparison)."""
     w = weights.to(torch.float32, copy=True)
-    del weights  # the caller's copy may go as soon as it is dropped there
     b, r, c = w.shape
     levels = BY_BITS[bits].max_code
     if hessians is None:
@@ -107,40 +106,47 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     diag.copy_(torch.where(dead, mean[:, None], diag))
     steps = clipped_steps(w, diag, bits, groups, kernels)
     perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # static activation order
-    hinv, fallback = _inverse_factor(hessians, perm, dampening)
+    feedback, fallback = _feedback_factor(hessians, perm, dampening)
     del hessians, diag
     # Columns in the solved order, each one contiguous row of R weights ([B, C, R]): the loop below reads and
-    # writes whole columns, which on a GPU a [B, R, C] layout turns into strided accesses at a fraction of the speed
+    # writes whole columns, which on a GPU a [B, R, C] layout turns into strided accesses at a fraction of the speed.
+    # They hold the weights plus the feedback of the columns already rounded.
     wt = torch.empty((b, c, r), dtype=torch.float32, device=w.device)
     for j in range(b):
         wt[j].copy_(w[j].index_select(1, perm[j]).T)
     del w
     group_of = perm // (c // groups)  # [B, C]: the step group of each column, in the solved order
     codes_t = torch.empty((b, c, r), dtype=torch.int8, device=wt.device)
-    err = torch.empty((b, BLOCK, r), dtype=torch.float32, device=wt.device)
+    original = torch.empty((b, BLOCK, r), dtype=torch.float32, device=wt.device)
+    errors = torch.empty_like(original)
     round_block = grid_kernels.round_block if kernels and grid_kernels.usable(wt) else _round_block
     for i1 in range(0, c, BLOCK):
         i2 = min(i1 + BLOCK, c)
-        s1 = torch.gather(steps.mT, 1, group_of[:, i1:i2, None].expand(b, i2 - i1, r))  # [B, block, R]
-        round_block(wt[:, i1:i2], hinv[:, i1:i2, i1:i2], s1, levels, codes_t[:, i1:i2], err[:, :i2 - i1])
-        wt[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].mT, err[:, :i2 - i1], alpha=-1)
-    del wt, hinv
+        n = i2 - i1
+        s1 = torch.gather(steps.mT, 1, group_of[:, i1:i2, None].expand(b, n, r))  # [B, block, R]
+        # the block's own weights, exact from the caller's (the feedback needs each column's error against them)
+        original[:, :n].copy_(torch.gather(weights, 2, perm[:, None, i1:i2].expand(b, r, n)).mT)
+        round_block(wt[:, i1:i2], original[:, :n], feedback[:, i1:i2, i1:i2], s1, levels, codes_t[:, i1:i2],
+                    errors[:, :n])
+        wt[:, i2:].baddbmm_(feedback[:, i1:i2, i2:].mT, errors[:, :n])
+    del wt, feedback
     codes = torch.empty((b, r, c), dtype=torch.int8, device=codes_t.device).scatter_(
         2, perm[:, None, :].expand(b, r, c), codes_t.mT)
     return GridCodes(codes, steps / BY_BITS[bits].code_step, groups, fallback | (alive == 0))
 
 
-def _round_block(w1: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, levels: int, codes: torch.Tensor,
-                 err: torch.Tensor) -> None:
-    """GPTQ's column loop over one block of columns of a batch of matrices (w1 [B, n, R], each column one
-    contiguous row of R weights; worked on in place): each column rounded onto its steps s1 [B, n, R], its error
-    divided by the inverse factor h1 [B, n, n]'s diagonal and carried into the block's later columns. codes int8
-    and err (the scaled errors, for the lazy update of the later blocks) [B, n, R] written. On a GPU
+def _round_block(v1: torch.Tensor, w1: torch.Tensor, f1: torch.Tensor, s1: torch.Tensor, levels: int,
+                 codes: torch.Tensor, errors: torch.Tensor) -> None:
+    """GPTQ's column loop over one block of columns of a batch of matrices, each column one contiguous row of R
+    weights: v1 [B, n, R] the weights with the feedback so far (worked on in place), w1 [B, n, R] the weights
+    themselves, f1 [B, n, n] the block's feedback factor (_feedback_factor), s1 [B, n, R] the steps. Each column
+    is rounded onto its steps and its error against the weight itself carried into the block's later columns.
+    codes int8 and errors fp32 (for the feedback into later blocks) [B, n, R] written. On a GPU
     grid_kernels.round_block does the same in one kernel."""
-    for i in range(w1.shape[1]):
-        qi = torch.div(w1[:, i], s1[:, i]).round_().clamp_(-levels, levels)
-        ei = torch.addcmul(w1[:, i], qi, s1[:, i], value=-1, out=err[:, i]).div_(h1[:, i, i, None])
-        w1[:, i + 1:].addcmul_(h1[:, i, i + 1:, None], ei[:, None, :], value=-1)
+    for i in range(v1.shape[1]):
+        qi = torch.div(v1[:, i], s1[:, i]).round_().clamp_(-levels, levels)
+        ei = torch.addcmul(w1[:, i], qi, s1[:, i], value=-1, out=errors[:, i])
+        v1[:, i + 1:].addcmul_(f1[:, i, i + 1:, None], ei[:, None, :])
         codes[:, i].copy_(qi)
 
 
@@ -148,34 +154,20 @@ def _round(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.clamp(torch.round(w / step), -levels, levels)
 
 
-def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """L^-1 of a lower triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], blocks of
-    at most LEAF solved against the identity (LAPACK's blocked trtri, which PyTorch does not expose). One triangular
-    solve against the whole identity does 1.5x the arithmetic at a solve's rate: 2.5x the time at 4096^2 on a
-    2-core EPYC (benchmarks/cpu_experts_profile.py prints both, same run). Its products are in whatever precision
-    the caller set: _inverse_factor holds full fp32."""
-    n = lower.shape[0]
-    if n <= LEAF:
-        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
-    k = n // 2
-    out = torch.zeros_like(lower)
-    out[:k, :k] = first = _lower_inverse(lower[:k, :k])
-    out[k:, k:] = second = _lower_inverse(lower[k:, k:])
-    torch.matmul(second, lower[k:, :k] @ first, out=out[k:, :k]).neg_()
-    return out
+def _feedback_factor(hessians: torch.Tensor, order: torch.Tensor,
+                     dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's error feedback for each matrix, written over `hessians` [B, C, C] fp32: its Hessian reordered by
+    `order` [B, C] and dampened; and which matrices got none instead [B] (those still not positive definite at ten
+    times the dampening: rounded to nearest).
 
-
-def _inverse_factor(hessians: torch.Tensor, order: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's Hinv: for each matrix, the upper Cholesky factor U (U^T U = H^-1) of its Hessian reordered by
-    `order` [B, C] and dampened, written over `hessians` [B, C, C] fp32; and which matrices got the identity
-    instead [B]: those still not positive definite at ten times the dampening, rounded to nearest.
-
-    One Cholesky factorisation and one triangular inverse per matrix, not GPTQ's three factorisations
-    (cholesky, cholesky_inverse, cholesky): with J the reversal of the columns, J H J = L L^T gives
-    H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive diagonal, so it is U itself
-    (with L^-1 from a triangular solve, 2.9x faster than GPTQ's at 7168^2 on an H200, benchmarks/
-    cpu_experts_profile.py; L^-1 now comes by halves, _lower_inverse). One matrix at a time: a few C^2 temporaries,
-    not three [B, C, C] copies."""
+    GPTQ factorises H^-1 = U^T U (U upper triangular) and, column by column, rounds v_k (the weight w_k plus the
+    feedback so far) to q_k and subtracts U_kj (v_k - q_k) / U_kk from every later v_j. Written with the weights'
+    own errors e_i = w_i - q_i instead, that is v_k = w_k + sum_{i<k} A_ik / A_kk e_i, where A = U^-1: the upper
+    triangular factor of H = A A^T. So no inverse is needed: with J the reversal of the columns, J H J = L L^T gives
+    A = J L J, and the feedback factor F_ik = A_ik / A_kk is A with each column divided by its diagonal (ones on
+    it). One Cholesky factorisation per matrix against GPTQModifier's three (cholesky, cholesky_inverse, cholesky);
+    the same codes as textbook GPTQ but for the order of the sums (tests/test_calibrated.py). One matrix at a time: a
+    few C^2 temporaries, not [B, C, C] copies."""
     b, c, _ = hessians.shape
     eye = torch.eye(c, dtype=hessians.dtype, device=hessians.device)
     fallback = torch.zeros(b, dtype=torch.bool)
@@ -187,14 +179,14 @@ def _inverse_factor(hessians: torch.Tensor, order: torch.Tensor, dampening: floa
             for attempt in (dampening, 10 * dampening):
                 h.diagonal().add_((attempt - added) * mean)
                 added = attempt
-                chol, info = torch.linalg.cholesky_ex(h)
-                inverse = _lower_inverse(chol)
-                if bool((info == 0) & torch.isfinite(inverse).all()):
-                    factor = inverse
+                lower, info = torch.linalg.cholesky_ex(h)
+                if bool((info == 0) & torch.isfinite(lower).all()):
+                    factor = lower
                     break
             if factor is None:
                 fallback[j] = True
                 hessians[j].copy_(eye)
             else:
-                hessians[j].copy_(factor.flip(0, 1))
+                upper = hessians[j].copy_(factor.flip(0, 1))
+                upper.div_(upper.diagonal().clone())
     return hessians, fallback.to(hessians.device)
