@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ktq.calibrated.ktgrid import GridCodes, quantize_to_grid
+from ktq.calibrated.ktgrid import BLOCK, GridCodes, quantize_to_grid
 from ktq.calibrated.routed import RoutedInputs, RoutedRows
 from ktq.held_buffers import HeldBuffers
 from ktq.precision import tf32_products
@@ -53,14 +53,16 @@ def _store(target: GridCodes, first: int, part: GridCodes) -> None:
 
 def stacked_bytes(experts: int, hidden: int, intermediate: int) -> int:
     """What the solve of a chunk of experts holds besides the layer's weights: per expert its gate/up Hessian (then
-    its inverse factor) and ten bytes per weight of its gate and up projections (ktgrid's fp32 copy and a second
-    fp32 buffer, the codes; the down solve and its Hessian need less); per chunk, the factorisation's temporaries
-    (a few Hessians of one expert) and one batch of routed tokens on its way through."""
+    its feedback factor) and ten bytes per weight of its gate and up projections (ktgrid's fp32 copy and a second
+    fp32 buffer, the codes; the down solve and its Hessian need less), and four fp32 buffers of one block of
+    columns (ktgrid's column loop: the block's own weights gathered, their steps, their errors, one spare); per
+    chunk, the factorisation's temporaries (a few Hessians of one expert) and one batch of routed tokens on its way
+    through."""
     return experts * expert_solve_bytes(hidden, intermediate) + chunk_solve_bytes(hidden, intermediate)
 
 
 def expert_solve_bytes(hidden: int, intermediate: int) -> int:
-    return 4 * hidden * hidden + 10 * 2 * hidden * intermediate
+    return 4 * hidden * hidden + 10 * 2 * hidden * intermediate + 4 * 4 * BLOCK * max(2 * intermediate, hidden)
 
 
 def chunk_solve_bytes(hidden: int, intermediate: int) -> int:
@@ -179,7 +181,7 @@ def calibrate_layer(layer_experts, inputs: RoutedInputs, act_fn, bits: int, numa
         lap("read")
         hessians = gate_up_hessians(block, hidden)
         lap("gate/up hessians")
-        # ktgrid turns the Hessians into their inverse factors in place
+        # ktgrid turns the Hessians into their feedback factors in place
         gu = quantize_to_grid(gate_up, hessians, bits, dampening=DAMPENING)
         del hessians
         lap("gate/up solve")
