@@ -8,7 +8,7 @@ magnitude, then every ratio's error at once), or one tile of rows through all of
 
 Each value is computed with the operations of ktgrid's PyTorch code, in the same order, rounded the same way:
 IEEE division (div_rn, not Triton's approximate `/`), rint (torch.round: half to even), no fused multiply-adds
-(`enable_fp_fusion=False`; PyTorch's addcmul rounds the product before the sum). The column loop is bit-identical to
+(`enable_fp_fusion=False`; ktgrid's loop rounds each product before its sum). The column loop is bit-identical to
 PyTorch's; the clipping search's sums run in another order, so a ratio whose error ties another's to the last bits
 may be chosen differently (benchmarks/cpu_experts_profile.py counts such rows against PyTorch's, same run).
 
@@ -56,9 +56,9 @@ if triton is not None:
             vi = tl.sum(tl.where((col == i)[:, None], v, 0.0), axis=0)  # column i: exact (the rest are zeros)
             si = tl.load(s_ptr + b * s_sb + i * s_sc + r, mask=in_rows, other=1.0)
             qi = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(vi, si)), -levels), levels)
-            ei = tl.load(w_ptr + b * w_sb + i * w_sc + r, mask=in_rows, other=0.0) - qi * si
+            ei = qi * si - tl.load(w_ptr + b * w_sb + i * w_sc + r, mask=in_rows, other=0.0)
             fi = tl.load(f_row + i * f_sc + col, mask=(col > i) & (col < n), other=0.0)
-            v = v + fi[:, None] * ei[None, :]
+            v = v - fi[:, None] * ei[None, :]
             tl.store(code_ptr + b * c_sb + i * c_sc + r, qi.to(tl.int8), mask=in_rows)
             tl.store(err_ptr + b * e_sb + i * e_sc + r, ei, mask=in_rows)
 

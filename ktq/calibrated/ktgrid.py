@@ -128,7 +128,7 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
         original[:, :n].copy_(torch.gather(weights, 2, perm[:, None, i1:i2].expand(b, r, n)).mT)
         round_block(wt[:, i1:i2], original[:, :n], feedback[:, i1:i2, i1:i2], s1, levels, codes_t[:, i1:i2],
                     errors[:, :n])
-        wt[:, i2:].baddbmm_(feedback[:, i1:i2, i2:].mT, errors[:, :n])
+        wt[:, i2:].baddbmm_(feedback[:, i1:i2, i2:].mT, errors[:, :n], alpha=-1)
     del wt, feedback
     codes = torch.empty((b, r, c), dtype=torch.int8, device=codes_t.device).scatter_(
         2, perm[:, None, :].expand(b, r, c), codes_t.mT)
@@ -140,13 +140,14 @@ def _round_block(v1: torch.Tensor, w1: torch.Tensor, f1: torch.Tensor, s1: torch
     """GPTQ's column loop over one block of columns of a batch of matrices, each column one contiguous row of R
     weights: v1 [B, n, R] the weights with the feedback so far (worked on in place), w1 [B, n, R] the weights
     themselves, f1 [B, n, n] the block's feedback factor (_feedback_factor), s1 [B, n, R] the steps. Each column
-    is rounded onto its steps and its error against the weight itself carried into the block's later columns.
-    codes int8 and errors fp32 (for the feedback into later blocks) [B, n, R] written. On a GPU
-    grid_kernels.round_block does the same in one kernel."""
+    is rounded onto its steps and its error (rounded minus the weight itself) carried into the block's later
+    columns. codes int8 and errors fp32 (for the feedback into later blocks) [B, n, R] written. On a GPU
+    grid_kernels.round_block does the same in one kernel. Each product is rounded before its sum (no addcmul with
+    value 1, which CUDA may fuse into one multiply-add), as the kernel computes it."""
     for i in range(v1.shape[1]):
         qi = torch.div(v1[:, i], s1[:, i]).round_().clamp_(-levels, levels)
-        ei = torch.addcmul(w1[:, i], qi, s1[:, i], value=-1, out=errors[:, i])
-        v1[:, i + 1:].addcmul_(f1[:, i, i + 1:, None], ei[:, None, :])
+        ei = torch.mul(qi, s1[:, i], out=errors[:, i]).sub_(w1[:, i])
+        v1[:, i + 1:].addcmul_(f1[:, i, i + 1:, None], ei[:, None, :], value=-1)
         codes[:, i].copy_(qi)
 
 
@@ -162,7 +163,7 @@ def _feedback_factor(hessians: torch.Tensor, order: torch.Tensor,
 
     GPTQ factorises H^-1 = U^T U (U upper triangular) and, column by column, rounds v_k (the weight w_k plus the
     feedback so far) to q_k and subtracts U_kj (v_k - q_k) / U_kk from every later v_j. Written with the weights'
-    own errors e_i = w_i - q_i instead, that is v_k = w_k + sum_{i<k} A_ik / A_kk e_i, where A = U^-1: the upper
+    own errors e_i = q_i - w_i instead, that is v_k = w_k - sum_{i<k} A_ik / A_kk e_i, where A = U^-1: the upper
     triangular factor of H = A A^T. So no inverse is needed: with J the reversal of the columns, J H J = L L^T gives
     A = J L J, and the feedback factor F_ik = A_ik / A_kk is A with each column divided by its diagonal (ones on
     it). One Cholesky factorisation per matrix against GPTQModifier's three (cholesky, cholesky_inverse, cholesky);
