@@ -1,9 +1,11 @@
 """ktgrid's calibrated codes against those of an earlier revision of ktgrid, same run, same inputs: the share of
 equal codes, the GPTQ objective sum_rows (w - q) H (w - q)^T of each, and the time of each.
 
-For changes that should alter the codes only in the last bits of the arithmetic (an other factorisation, another
+For changes that should alter the codes only in the last bits of the arithmetic (another factorisation, another
 order of the sums): the objectives should agree to ~1e-5. The earlier ktgrid.py is read from git (`git show
-REV:ktq/calibrated/ktgrid.py`) and imported beside the installed ktq (it imports only torch and ktq's kernels).
+REV:ktq/calibrated/ktgrid.py`) and imported beside the installed ktq: its own imports come from this tree (from
+68c97c4 on that includes grid_kernels, the Triton kernels, so on a GPU the two share them). Each is run once before
+it is timed (Triton compiles its kernels on the first call).
 
     python benchmarks/ktgrid_against_revision.py --rev db1097e --out results/ktgrid-vs-db1097e.txt
 """
@@ -70,6 +72,7 @@ def main() -> None:
     for bits in (4, 8):
         seconds, results = [], []
         for module in (ktgrid, earlier):
+            module.quantize_to_grid(weights[:1], hessians[:1].clone(), bits)  # warm-up
             start = time.perf_counter()
             results.append(module.quantize_to_grid(weights, hessians.clone(), bits))
             if device == "cuda":

@@ -399,8 +399,9 @@ def _textbook_gptq(weights: torch.Tensor, hessians: torch.Tensor, bits: int, dam
 
 
 def test_block_loop_gives_the_codes_of_textbook_gptq():
-    """The lazy blocks, the column-major layout and the one-factorisation inverse change the order of the sums
-    only: on a well-conditioned problem every code equals float64 GPTQ's (300 columns: a partial last block)."""
+    """The lazy blocks, the column-major layout and the feedback from the Hessian's own Cholesky factor change the
+    order of the sums only: on a well-conditioned problem every code equals float64 GPTQ's (300 columns: a partial
+    last block)."""
     generator = torch.Generator().manual_seed(3)
     mix = torch.randn((300, 300), generator=generator) * torch.exp(torch.randn(300, generator=generator))
     x = torch.randn((4096, 300), generator=generator) @ mix
@@ -434,13 +435,38 @@ def test_triton_kernels_compute_what_ktgrids_pytorch_loops_do():
             out.append((codes[:, i1:i2], errors[:, :i2 - i1]))
         assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
         assert out[0][0].abs().max() == levels
-    weights = (torch.randn((4, 512, 2048), generator=generator) * torch.rand((4, 512, 1), generator=generator)).cuda()
-    importance = torch.exp(torch.randn((4, 2048), generator=generator)).cuda()
+    # 640 columns: row-groups of 640 and 320, neither a whole number of the kernel's 256-column steps; a zero row
+    weights = torch.randn((4, 512, 640), generator=generator) * torch.rand((4, 512, 1), generator=generator)
+    weights[0, 0] = 0
+    weights, importance = weights.cuda(), torch.exp(torch.randn((4, 640), generator=generator)).cuda()
     for bits, groups in ((4, 1), (8, 2)):
         kernel = clipped_steps(weights, importance, bits, groups)
         torch_loops = clipped_steps(weights, importance, bits, groups, kernels=False)
         assert kernel.shape == torch_loops.shape == (4, 512, groups)
         assert (kernel != torch_loops).float().mean() <= 1e-3
+
+
+def test_dead_columns_and_an_indefinite_hessian_in_the_batch():
+    """bf16 weights; a Hessian with columns no token reached (rounded as they are, with the mean energy: textbook
+    GPTQ on that Hessian), one that is not positive definite (round to nearest on its steps, flagged) and a plain
+    one, solved together: each as if alone."""
+    generator = torch.Generator().manual_seed(9)
+    mix = torch.randn((160, 160), generator=generator) * torch.exp(torch.randn(160, generator=generator))
+    x = torch.randn((2048, 160), generator=generator) @ mix
+    good = x.T @ x / len(x)
+    dead = good.clone()
+    for column in (5, 77, 150):
+        dead[column, :] = dead[:, column] = 0
+    treated = dead.clone()
+    alive = treated.diagonal() != 0
+    treated.diagonal()[~alive] = treated.diagonal()[alive].mean()
+    weights = torch.randn((3, 40, 160), generator=generator).bfloat16()
+    result = quantize_to_grid(weights, torch.stack([dead, -torch.eye(160), good]), 4)
+    assert result.rounded.tolist() == [False, True, False]
+    assert torch.equal(result.codes[0].double(), _textbook_gptq(weights[:1].float(), treated[None], 4)[0])
+    assert torch.equal(result.codes[2].double(), _textbook_gptq(weights[2:].float(), good[None], 4)[0])
+    steps = (result.scales[1] * STEP[4]).expand(40, 160)
+    assert torch.equal(result.codes[1].float(), torch.clamp(torch.round(weights[1].float() / steps), -7, 7))
 
 
 def test_feedback_factor_is_the_inverse_of_gptqs_and_gives_up_on_indefinite_matrices():

@@ -10,7 +10,8 @@ Each value is computed with the operations of ktgrid's PyTorch code, in the same
 IEEE division (div_rn, not Triton's approximate `/`), rint (torch.round: half to even), no fused multiply-adds
 (`enable_fp_fusion=False`; ktgrid's loop rounds each product before its sum). The column loop is bit-identical to
 PyTorch's; the clipping search's sums run in another order, so a ratio whose error ties another's to the last bits
-may be chosen differently (benchmarks/cpu_experts_profile.py counts such rows against PyTorch's, same run).
+may be chosen differently (benchmarks/cpu_experts_profile.py counts such rows against PyTorch's, same run). Both
+for finite inputs: Triton's minimum and maximum drop a NaN that torch.clamp would keep.
 
 Triton comes with PyTorch's CUDA wheels; without it (or on the CPU) ktgrid runs its PyTorch code.
 """
@@ -112,6 +113,7 @@ def clipped_steps(w: torch.Tensor, importance: torch.Tensor, ratios: tuple[float
                   groups: int) -> torch.Tensor:
     """ktgrid.clipped_steps on a GPU: w [B, R, C] fp32 contiguous, importance [B, C]; steps [B, R, groups]."""
     b, r, c = w.shape
+    assert len(ratios) <= RATIO_SLOTS and c % groups == 0, (len(ratios), c, groups)
     w, importance = w.contiguous(), importance.to(torch.float32).contiguous()
     steps = torch.empty((b, r, groups), dtype=torch.float32, device=w.device)
     table = torch.tensor(ratios, dtype=torch.float32, device=w.device)

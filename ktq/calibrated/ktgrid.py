@@ -181,13 +181,11 @@ def _feedback_factor(hessians: torch.Tensor, order: torch.Tensor,
                 h.diagonal().add_((attempt - added) * mean)
                 added = attempt
                 lower, info = torch.linalg.cholesky_ex(h)
-                if bool((info == 0) & torch.isfinite(lower).all()):
-                    factor = lower
+                factor = lower.flip(0, 1)
+                factor.div_(factor.diagonal().clone())
+                if bool((info == 0) & torch.isfinite(factor).all()):  # a pivot that underflowed: not finite
                     break
-            if factor is None:
-                fallback[j] = True
-                hessians[j].copy_(eye)
-            else:
-                upper = hessians[j].copy_(factor.flip(0, 1))
-                upper.div_(upper.diagonal().clone())
+                factor = None
+            hessians[j].copy_(eye if factor is None else factor)
+            fallback[j] = factor is None
     return hessians, fallback.to(hessians.device)
