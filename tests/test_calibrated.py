@@ -21,6 +21,7 @@ from ktq.calibrated.ktgrid import (
     _round_block,
     clipped_steps,
     quantize_to_grid,
+    warm_up,
 )
 from ktq.calibrated.output import dequantized_layer
 from ktq.cpu.layout import Layout
@@ -444,6 +445,7 @@ def test_triton_kernels_compute_what_ktgrids_pytorch_loops_do():
         torch_loops = clipped_steps(weights, importance, bits, groups, kernels=False)
         assert kernel.shape == torch_loops.shape == (4, 512, groups)
         assert (kernel != torch_loops).float().mean() <= 1e-3
+    warm_up(4, 2, "cuda")  # the engine's compile while samples are captured: the kernels for 1 and 2 groups
 
 
 def test_dead_columns_and_an_indefinite_hessian_in_the_batch():

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from ktq.calibrated.ktgrid import warm_up
 from ktq.calibrated.output import CalibratedCpuOutput, dequantized_experts
 from ktq.calibrated.routed import RoutedInputs
 from ktq.calibrated.solve import (
@@ -74,7 +75,8 @@ class CalibratedExperts:
     # ---- the engine's calls -----------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Nothing to prepare: its solve compiles no kernels."""
+        """On a GPU the solve's Triton kernels compile now, while the samples are captured."""
+        warm_up(self.bits, self.numa, self.device)
 
     def pending(self, index: int) -> bool:
         return index in self.output.layout.layers and not self.output.done(index)

@@ -135,6 +135,20 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     return GridCodes(codes, steps / BY_BITS[bits].code_step, groups, fallback | (alive == 0))
 
 
+def warm_up(bits: int, groups: int, device) -> None:
+    """On a GPU, the Triton kernels compiled on a small problem of the same kind (whole blocks, sizes that are
+    multiples of 16, one column group and `groups`): Triton compiles on its first call, seconds the first layer
+    would otherwise wait for. Nothing elsewhere."""
+    device = torch.device(device)
+    if not grid_kernels.usable(torch.empty(0, device=device)):
+        return
+    generator = torch.Generator(device=device).manual_seed(0)
+    for g in sorted({1, groups}):
+        x = torch.randn((512, 256), device=device, generator=generator)
+        weights = torch.randn((2, 64, 256), device=device, generator=generator).bfloat16()
+        quantize_to_grid(weights, (x.T @ x / 512).expand(2, 256, 256).clone(), bits, groups=g)
+
+
 def _round_block(v1: torch.Tensor, w1: torch.Tensor, f1: torch.Tensor, s1: torch.Tensor, levels: int,
                  codes: torch.Tensor, errors: torch.Tensor) -> None:
     """GPTQ's column loop over one block of columns of a batch of matrices, each column one contiguous row of R
