@@ -32,8 +32,8 @@ CLIP_COLUMNS = 256  # columns of a row-group each clipping-search step takes, fo
 RATIO_SLOTS = 16  # the clipping ratios padded to a power of two (Triton's tensor sizes)
 
 
-def usable(tensor: torch.Tensor) -> bool:
-    return triton is not None and tensor.is_cuda
+def usable(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
 
 
 if triton is not None:

@@ -61,7 +61,7 @@ def clipped_steps(weights: torch.Tensor, importance: torch.Tensor, bits: int, gr
     and group, the clipping ratio with the least sum over columns of importance [B, C] x (w - rtn(w))^2. On a GPU
     one Triton kernel (grid_kernels) unless `kernels` is False."""
     levels = BY_BITS[bits].max_code
-    if kernels and grid_kernels.usable(weights):
+    if kernels and grid_kernels.usable(weights.device):
         return grid_kernels.clipped_steps(weights, importance, CLIP_RATIOS, levels, groups)
     b, r, c = weights.shape
     w = weights.view(b, r, groups, c // groups)
@@ -119,7 +119,7 @@ def quantize_to_grid(weights: torch.Tensor, hessians: torch.Tensor | None, bits:
     codes_t = torch.empty((b, c, r), dtype=torch.int8, device=wt.device)
     original = torch.empty((b, BLOCK, r), dtype=torch.float32, device=wt.device)
     errors = torch.empty_like(original)
-    round_block = grid_kernels.round_block if kernels and grid_kernels.usable(wt) else _round_block
+    round_block = grid_kernels.round_block if kernels and grid_kernels.usable(wt.device) else _round_block
     for i1 in range(0, c, BLOCK):
         i2 = min(i1 + BLOCK, c)
         n = i2 - i1
@@ -140,7 +140,7 @@ def warm_up(bits: int, groups: int, device) -> None:
     multiples of 16, one column group and `groups`): Triton compiles on its first call, seconds the first layer
     would otherwise wait for. Nothing elsewhere."""
     device = torch.device(device)
-    if not grid_kernels.usable(torch.empty(0, device=device)):
+    if not grid_kernels.usable(device):
         return
     generator = torch.Generator(device=device).manual_seed(0)
     for g in sorted({1, groups}):
