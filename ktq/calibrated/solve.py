@@ -56,9 +56,8 @@ def stacked_bytes(experts: int, hidden: int, intermediate: int) -> int:
     its feedback factor) and ten bytes per weight of its gate and up projections (ktgrid's fp32 copy and a second
     fp32 buffer, the codes; the down solve and its Hessian need less), and four buffers of one block of columns of
     at most fp32 each (ktgrid's column loop: the block's own weights as gathered and in fp32, their steps, their
-    errors); per
-    chunk, the factorisation's temporaries (a few Hessians of one expert) and one batch of routed tokens on its way
-    through."""
+    errors); per chunk, the factorisation's temporaries (a few Hessians of one expert) and one batch of routed
+    tokens on its way through."""
     return experts * expert_solve_bytes(hidden, intermediate) + chunk_solve_bytes(hidden, intermediate)
 
 
