@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from gpu_bench import PEAK_RSS, agreement, gb, log, peak_rss, prepare, run, sample_parser
+from gpu_bench import PEAK_RSS, agreement, gb, log, peak_rss, peak_rss_split, prepare, run, sample_parser
 
 CAPS = {"cap24": 24 * 2**30, "cap48": 48 * 2**30, "cpu24": 24 * 2**30}
 CPU_OUTPUT = ("cpu", "cpu24", "cpuchunked")  # runs with --cpu-output
@@ -101,7 +101,8 @@ def main() -> None:
         row = {"wall": wall, "stages": report["stages"], "moe_layers": moe,
                "moe_layer_seconds": {layer: round(sum(stages.values()), 1) for layer, stages in moe.items()},
                "peak_gpu_bytes": report["peak_gpu_bytes"], "plan_gpu_peak_bytes": report["plan"]["gpu_peak_bytes"],
-               "peak_rss_bytes": peak_rss(proc), "plan_cpu_peak_bytes": report["plan"]["cpu_peak_bytes"],
+               "peak_rss_bytes": peak_rss(proc), "peak_rss_split": peak_rss_split(proc),
+               "plan_cpu_peak_bytes": report["plan"]["cpu_peak_bytes"],
                "plan_seconds": report["plan"].get("seconds_total"),
                "plan_sizes": {k: report["plan"].get(k) for k in ("expert_chunk", "sample_group", "cache_device",
                                                                   "cpu_chunk")},
@@ -151,6 +152,10 @@ def table(results: dict, args) -> None:
             parts = r.get("cpu_expert_stages", {}).get(layer)
             if parts:
                 lines.append("  - of which cpu experts: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+        split = r.get("peak_rss_split")
+        if split:
+            lines.append(f"- {name} host peak at {split['seconds']} s: anonymous {gb(split['RssAnon'])}, files "
+                         f"{gb(split['RssFile'])}, shared (PyTorch's pinned) {gb(split['RssShmem'])}")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     log(args.out, "\n".join(lines))
 

@@ -109,14 +109,37 @@ def loss_agreement(ours: dict, theirs: dict) -> float | None:
     return max(abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-12) for k in theirs)
 
 
-PEAK_RSS = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_module(sys.argv[0], "
-            "run_name='__main__', alter_sys=True)\nfinally:\n    print('peak_rss', resource.getrusage("
-            "resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)\n")
+# runs a module as `python -m` would, then prints its peak RSS; a thread samples /proc/self/status five times a
+# second and prints, at the highest VmRSS it saw, how that RSS splits (anonymous, file-backed, shared: PyTorch's
+# pinned memory is shared) and when it came (seconds from the start)
+PEAK_RSS = """import json, resource, runpy, sys, threading, time
+PEAK, START = {"VmRSS": 0}, time.perf_counter()
+def watch():
+    while True:
+        now = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+               if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+        if now["VmRSS"] > PEAK["VmRSS"]:
+            PEAK.update(now, seconds=round(time.perf_counter() - START, 1))
+        time.sleep(0.2)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    print("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+    print("peak_rss_split", json.dumps(PEAK), file=sys.stderr)
+"""
 
 
 def peak_rss(proc: subprocess.CompletedProcess) -> int | None:
     found = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("peak_rss ")]
     return int(found[-1]) if found else None
+
+
+def peak_rss_split(proc: subprocess.CompletedProcess) -> dict | None:
+    """PEAK_RSS's sample at the highest VmRSS: bytes by kind and the seconds from the start."""
+    found = [line.split(" ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("peak_rss_split ")]
+    return json.loads(found[-1]) if found else None
 
 
 def gb(value) -> str:
