@@ -155,7 +155,7 @@ def table(results: dict, args) -> None:
         split = r.get("peak_rss_split")
         if split:
             lines.append(f"- {name} host peak at {split['seconds']} s: anonymous {gb(split['RssAnon'])}, files "
-                         f"{gb(split['RssFile'])}, shared (PyTorch's pinned) {gb(split['RssShmem'])}")
+                         f"{gb(split['RssFile'])}, shared {gb(split['RssShmem'])}")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     log(args.out, "\n".join(lines))
 

@@ -110,8 +110,8 @@ def loss_agreement(ours: dict, theirs: dict) -> float | None:
 
 
 # runs a module as `python -m` would, then prints its peak RSS; a thread samples /proc/self/status five times a
-# second and prints, at the highest VmRSS it saw, how that RSS splits (anonymous, file-backed, shared: PyTorch's
-# pinned memory is shared) and when it came (seconds from the start)
+# second and prints, at the highest VmRSS it saw, how that RSS splits (anonymous, file-backed, shared: memory from
+# PyTorch's pinned allocator counts as shared) and when it came (seconds from the start)
 PEAK_RSS = """import json, resource, runpy, sys, threading, time
 PEAK, START = {"VmRSS": 0}, time.perf_counter()
 def watch():
