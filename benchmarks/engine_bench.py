@@ -34,6 +34,7 @@ from gpu_bench import PEAK_RSS, agreement, gb, log, peak_rss, peak_rss_split, pr
 CAPS = {"cap24": 24 * 2**30, "cap48": 48 * 2**30, "cpu24": 24 * 2**30}
 CPU_OUTPUT = ("cpu", "cpu24", "cpuchunked")  # runs with --cpu-output
 CPU_STAGES = re.compile(r"layer (\d+) CPU experts, \d+ at a time: (.*)$")
+WRITTEN_BEHIND = re.compile(r"(model\.layers\.\d+) written behind: (.*)$")
 
 
 def capped(cap: int) -> str:
@@ -57,14 +58,15 @@ def losses(a: dict, b: dict) -> dict | None:
             "sum_ratio": sum(a.values()) / sum(b.values())}
 
 
-def cpu_expert_stages(log_file: Path) -> dict[str, dict[str, float]]:
-    """The CPU-expert solve's sub-stages of each layer, from the lines ktq logs (ktq.calibrated.artifact)."""
+def logged_stages(log_file: Path, pattern: re.Pattern, layer_name: str) -> dict[str, dict[str, float]]:
+    """Seconds by stage of each layer from the lines of ktq's log that `pattern` matches (group 1 the layer,
+    formatted by `layer_name`; group 2 "stage 1.23 s, ...")."""
     found = {}
     for line in log_file.read_text().splitlines() if log_file.exists() else []:
-        match = CPU_STAGES.search(line)
+        match = pattern.search(line)
         if match:
-            found[f"model.layers.{match[1]}"] = {part.rsplit(" ", 2)[0]: float(part.rsplit(" ", 2)[1])
-                                                 for part in match[2].split(", ")}
+            found[layer_name.format(match[1])] = {part.rsplit(" ", 2)[0]: float(part.rsplit(" ", 2)[1])
+                                                  for part in match[2].split(", ")}
     return found
 
 
@@ -106,7 +108,9 @@ def main() -> None:
                "plan_seconds": report["plan"].get("seconds_total"),
                "plan_sizes": {k: report["plan"].get(k) for k in ("expert_chunk", "sample_group", "cache_device",
                                                                   "cpu_chunk")},
-               "digests": shard_digests(out), "cpu_expert_stages": cpu_expert_stages(out / "ktq_gpu.log"),
+               "digests": shard_digests(out),
+               "cpu_expert_stages": logged_stages(out / "ktq_gpu.log", CPU_STAGES, "model.layers.{}"),
+               "written_behind": logged_stages(out / "ktq_gpu.log", WRITTEN_BEHIND, "{}"),
                "cpu_digests": shard_digests(args.work / f"{name}-cpu")}
         base = args.work / "base"
         if name != "base" and base.exists():
@@ -152,6 +156,10 @@ def table(results: dict, args) -> None:
             parts = r.get("cpu_expert_stages", {}).get(layer)
             if parts:
                 lines.append("  - of which cpu experts: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+            behind = r.get("written_behind", {}).get(layer)
+            if behind:
+                lines.append("  - written behind the next stages: "
+                             + ", ".join(f"{k} {v:.1f}" for k, v in behind.items()))
         split = r.get("peak_rss_split")
         if split:
             lines.append(f"- {name} host peak at {split['seconds']} s: anonymous {gb(split['RssAnon'])}, files "

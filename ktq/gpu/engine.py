@@ -155,6 +155,21 @@ class Engine:
             writing.result()
         return time.perf_counter() - start
 
+    def _write(self, index: int, pending: list[Artifact]) -> dict[str, float]:
+        """Each pending artifact's layer written: the seconds each took."""
+        times = {}
+        for artifact in pending:
+            start = time.perf_counter()
+            artifact.write(index)
+            times[artifact.stages[1]] = time.perf_counter() - start
+        return times
+
+    def _write_behind(self, index: int, pending: list[Artifact]) -> None:
+        """_write on the writer thread, its times logged: they overlap the next stages, whose times hold them."""
+        times = self._write(index, pending)
+        logger.info(f"{self.model.layer_names[index]} written behind: "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+
     def routed_by_layer(self) -> dict[int, list[int]]:
         """The routed calibration tokens of every expert, by decoder layer index (for the placement file)."""
         return {index: self.routed[path] for index, path in enumerate(self.model.experts_path) if path in self.routed}
@@ -216,11 +231,10 @@ class Engine:
             times[artifact.stages[0]], clock = time.perf_counter() - clock, time.perf_counter()
         self.prefetch(self._next_moe_layer(index))
         if self._writer is None:
-            for artifact in pending:
-                artifact.write(index)
-                times[artifact.stages[1]], clock = time.perf_counter() - clock, time.perf_counter()
+            times.update(self._write(index, pending))
+            clock = time.perf_counter()
         elif pending:
-            self._writing = self._writer.submit(lambda: [artifact.write(index) for artifact in pending])
+            self._writing = self._writer.submit(self._write_behind, index, pending)
         if propagate:
             if is_moe:
                 source = self.artifacts[0]
