@@ -34,7 +34,7 @@ from gpu_bench import PEAK_RSS, agreement, gb, log, peak_rss, peak_rss_split, pr
 CAPS = {"cap24": 24 * 2**30, "cap48": 48 * 2**30, "cpu24": 24 * 2**30}
 CPU_OUTPUT = ("cpu", "cpu24", "cpuchunked")  # runs with --cpu-output
 CPU_STAGES = re.compile(r"layer (\d+) CPU experts, \d+ at a time: (.*)$")
-WRITTEN_BEHIND = re.compile(r"(model\.layers\.\d+) written behind: (.*)$")
+WRITTEN_BEHIND = re.compile(r"model\.layers\.(\d+) written behind: (.*)$")
 
 
 def capped(cap: int) -> str:
@@ -58,15 +58,15 @@ def losses(a: dict, b: dict) -> dict | None:
             "sum_ratio": sum(a.values()) / sum(b.values())}
 
 
-def logged_stages(log_file: Path, pattern: re.Pattern, layer_name: str) -> dict[str, dict[str, float]]:
-    """Seconds by stage of each layer from the lines of ktq's log that `pattern` matches (group 1 the layer,
-    formatted by `layer_name`; group 2 "stage 1.23 s, ...")."""
+def logged_stages(log_file: Path, pattern: re.Pattern) -> dict[str, dict[str, float]]:
+    """Seconds by stage of each layer from the lines of ktq's log that `pattern` matches (group 1 the layer's
+    number, group 2 "stage 1.23 s, ...")."""
     found = {}
     for line in log_file.read_text().splitlines() if log_file.exists() else []:
         match = pattern.search(line)
         if match:
-            found[layer_name.format(match[1])] = {part.rsplit(" ", 2)[0]: float(part.rsplit(" ", 2)[1])
-                                                  for part in match[2].split(", ")}
+            found[f"model.layers.{match[1]}"] = {part.rsplit(" ", 2)[0]: float(part.rsplit(" ", 2)[1])
+                                                 for part in match[2].split(", ")}
     return found
 
 
@@ -109,8 +109,8 @@ def main() -> None:
                "plan_sizes": {k: report["plan"].get(k) for k in ("expert_chunk", "sample_group", "cache_device",
                                                                   "cpu_chunk")},
                "digests": shard_digests(out),
-               "cpu_expert_stages": logged_stages(out / "ktq_gpu.log", CPU_STAGES, "model.layers.{}"),
-               "written_behind": logged_stages(out / "ktq_gpu.log", WRITTEN_BEHIND, "{}"),
+               "cpu_expert_stages": logged_stages(out / "ktq_gpu.log", CPU_STAGES),
+               "written_behind": logged_stages(out / "ktq_gpu.log", WRITTEN_BEHIND),
                "cpu_digests": shard_digests(args.work / f"{name}-cpu")}
         base = args.work / "base"
         if name != "base" and base.exists():
